@@ -1,0 +1,1 @@
+"""imram-min: IMRAM (Chen et al., CVPR 2020) in PyTorch, exported to ONNX."""
