@@ -5,7 +5,7 @@ Chen, Ding, Liu, Han and Sun, CVPR 2020. The whole method in one file, top to bo
 1. ``IMRAMConfig``: the hyper-parameters, with the defaults of the original code.
 2. ``ImageEncoder``: precomputed region features -> region embeddings.
 3. ``TextEncoder``: token ids -> word embeddings (bi-GRU, the two directions averaged).
-4. ``attend``: the cross-modal attention unit (CAU).
+4. ``attention_weights`` / ``attend``: the cross-modal attention unit (CAU).
 5. ``MemoryDistillation``: the memory distillation unit (MDU).
 6. ``recurrent_attention_memory``: K steps of CAU + MDU, one routine for both directions.
    Text-IMRAM is words attending regions, Image-IMRAM is regions attending words.
@@ -156,26 +156,36 @@ class TextEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- cross-modal attention unit
-def normalize_raw_attention(raw: torch.Tensor, how: str, query_mask: torch.Tensor | None) -> torch.Tensor:
-    """Normalise raw scores s_ij over the query axis (the last one).
+def attention_weights(sims: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
+                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of each query item over the context items, from raw scores s_ij = <q_i, c_j>.
 
-    raw: (..., n_context, n_query). query_mask: (..., 1, n_query) bool, False on padding; padded
-    query items take no part in the normalisation. ``clipped_l2norm`` is the paper's
-    s_ij = [s_ij]_+ / sqrt(sum_i [s_ij]_+^2), with the original's LeakyReLU(0.1) as [.]_+.
+    sims: (..., n_query, n_context). query_mask (..., n_query) / context_mask (..., n_context):
+    bool, False on padding. Two normalisations, as the original:
+      1. over the *query* axis by ``cfg.raw_feature_norm``; ``clipped_l2norm`` is the paper's
+         s_ij <- [s_ij]_+ / sqrt(sum_i [s_ij]_+^2), with LeakyReLU(0.1) as [.]_+ like the code.
+         Padded query items take no part in it.
+      2. a_ij = softmax_j(lambda * s_ij) over the *context* axis, padded context items excluded.
+    Returns a: (..., n_query, n_context).
     """
+    how = cfg.raw_feature_norm
     if query_mask is not None:
-        raw = raw.masked_fill(~query_mask, 0.0)
+        sims = sims.masked_fill(~query_mask[..., :, None], 0.0)
     if how.startswith("clipped"):
-        raw = F.leaky_relu(raw, 0.1)
+        sims = F.leaky_relu(sims, 0.1)
     if how in ("l2norm", "clipped_l2norm"):
-        return l2norm(raw, dim=-1)
-    if how in ("l1norm", "clipped_l1norm"):
-        return l1norm(raw, dim=-1)
-    if how == "softmax":
+        sims = l2norm(sims, dim=-2)
+    elif how in ("l1norm", "clipped_l1norm"):
+        sims = l1norm(sims, dim=-2)
+    elif how == "softmax":
         if query_mask is not None:
-            raw = raw.masked_fill(~query_mask, float("-inf"))
-        return raw.softmax(-1)
-    return raw  # "clipped", "no_norm"
+            sims = sims.masked_fill(~query_mask[..., :, None], float("-inf"))
+        sims = sims.softmax(-2)
+    # "clipped" and "no_norm" stop here
+    logits = cfg.lambda_softmax * sims
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask[..., None, :], float("-inf"))
+    return logits.softmax(-1)
 
 
 def attend(query: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
@@ -183,16 +193,9 @@ def attend(query: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
     """Cross-modal attention unit: each query item gathers the context items it matches.
 
     query: (..., n_query, d); context: (..., n_context, d) (leading dims broadcast).
-    query_mask (..., n_query) / context_mask (..., n_context): bool, False on padding.
-    Returns attended (..., n_query, d) = sum_j a_ij c_j and the weights a (..., n_query, n_context),
-    a_ij = softmax_j(lambda * normalised s_ij), s_ij = <c_j, q_i>.
+    Returns attended (..., n_query, d), c_i = sum_j a_ij c_j, and the weights a (..., n_query, n_context).
     """
-    raw = context @ query.transpose(-1, -2)  # (..., n_context, n_query)
-    qm = None if query_mask is None else query_mask.unsqueeze(-2)
-    logits = cfg.lambda_softmax * normalize_raw_attention(raw, cfg.raw_feature_norm, qm).transpose(-1, -2)
-    if context_mask is not None:
-        logits = logits.masked_fill(~context_mask.unsqueeze(-2), float("-inf"))
-    weights = logits.softmax(-1)  # (..., n_query, n_context)
+    weights = attention_weights(query @ context.transpose(-1, -2), cfg, query_mask, context_mask)
     return weights @ context, weights
 
 
