@@ -171,6 +171,10 @@ def attention_weights(sims: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Te
     how = cfg.raw_feature_norm
     if query_mask is not None:
         sims = sims.masked_fill(~query_mask[..., :, None], 0.0)
+    if context_mask is not None:
+        # A padded context item's column is all zeros; its norm over the query axis would have an
+        # infinite gradient (0/0 = NaN in training). Any non-zero filler will do: step 2 drops it.
+        sims = sims.masked_fill(~context_mask[..., None, :], 1.0)
     if how.startswith("clipped"):
         sims = F.leaky_relu(sims, 0.1)
     if how in ("l2norm", "clipped_l2norm"):

@@ -1,0 +1,158 @@
+"""imram_min.fast gives the scores of imram_min.model (and of the reference loop), in less arithmetic."""
+from __future__ import annotations
+
+import itertools
+import pathlib
+import sys
+
+import pytest
+import torch
+
+_HERE = pathlib.Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import reference as ref  # noqa: E402
+from imram_min import fast  # noqa: E402
+from imram_min.model import RAW_FEATURE_NORMS  # noqa: E402
+from test_model import (F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,  # noqa: E402
+                        shuffled_1_to_40)  # noqa: E402
+
+SWEEP = list(itertools.product(IMRAM_MODES, (1, 2, 3), (False, True), RAW_FEATURE_NORMS))
+SWEEP_IDS = [f"{m}-K{k}-{'nonorm' if n else 'norm'}-{r}" for m, k, n, r in SWEEP]
+
+
+def embed(model, feats, tokens, lengths):
+    with torch.no_grad():
+        return model.encode_images(feats), model.encode_captions(tokens, lengths)
+
+
+@pytest.mark.parametrize("mode,n_steps,no_IMRAM_norm,raw_feature_norm", SWEEP, ids=SWEEP_IDS)
+def test_fast_equals_model_float64(mode, n_steps, no_IMRAM_norm, raw_feature_norm):
+    model = make_model(F64, mode=mode, n_steps=n_steps, no_IMRAM_norm=no_IMRAM_norm,
+                       raw_feature_norm=raw_feature_norm)
+    feats, tokens, lengths = make_inputs([3, 1, 7, 4, 2], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        got = fast.similarity(model, r, w, lengths)
+        expected = model.similarity(r, w, lengths)
+    assert got.shape == (3, 5) and got.dtype == F64
+    assert max_diff(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("mode,n_steps,no_IMRAM_norm,raw_feature_norm", SWEEP, ids=SWEEP_IDS)
+def test_fast_float32_matches_reference_and_model(mode, n_steps, no_IMRAM_norm, raw_feature_norm):
+    model = make_model(F32, mode=mode, n_steps=n_steps, no_IMRAM_norm=no_IMRAM_norm,
+                       raw_feature_norm=raw_feature_norm)
+    feats, tokens, lengths = make_inputs([3, 1, 7, 4, 2], dtype=F32)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        got = fast.similarity(model, r, w, lengths)
+        model_sims = model.similarity(r, w, lengths)
+    assert got.dtype == F32
+    assert max_diff(got, ref.similarity(model, r, w, lengths)) <= 1e-5
+    assert max_diff(got, model_sims) <= 1e-5
+
+
+LONG_SWEEP = ([("full", r) for r in RAW_FEATURE_NORMS]
+              + [(m, r) for m in ("text", "image") for r in ("clipped_l2norm", "softmax")])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode,raw_feature_norm", LONG_SWEEP, ids=[f"{m}-{r}" for m, r in LONG_SWEEP])
+def test_fast_for_caption_lengths_1_to_40(mode, raw_feature_norm, dtype):
+    model = make_model(dtype, mode=mode, n_steps=3, raw_feature_norm=raw_feature_norm)
+    feats, tokens, lengths = make_inputs(shuffled_1_to_40(), n_img=2, n_region=6, dtype=dtype)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        got = fast.similarity(model, r, w, lengths)
+        expected = model.similarity(r, w, lengths)
+    assert max_diff(got, expected) <= {F64: 1e-12, F32: 1e-5}[dtype]
+    if dtype == F32:
+        assert max_diff(got, ref.similarity(model, r, w, lengths)) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", IMRAM_MODES)
+def test_fast_step_scores_equal_model_step_scores(mode):
+    model = make_model(F64, mode=mode, n_steps=3)
+    feats, tokens, lengths = make_inputs([4, 1, 6, 2], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        got = fast.fast_step_scores(model, r, w, lengths)
+        expected = model.step_scores(r, w, lengths)
+    assert set(got) == set(expected)
+    for k in expected:
+        assert got[k].shape == expected[k].shape == (3, 3, 4)
+        assert max_diff(got[k], expected[k]) <= 1e-12
+
+
+@pytest.mark.parametrize("max_elems", [1, 200, 1000, 5000])
+@pytest.mark.parametrize("mode", IMRAM_MODES)
+def test_fast_in_small_blocks_equals_model(mode, max_elems):
+    model = make_model(F64, mode=mode, n_steps=2)
+    feats, tokens, lengths = make_inputs(shuffled_1_to_40(3), n_img=3, n_region=4, dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        got = fast.similarity(model, r, w, lengths, max_elems=max_elems)
+        expected = model.similarity(r, w, lengths)
+    assert max_diff(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", IMRAM_MODES)
+def test_fast_ignores_word_embeddings_past_each_length(mode):
+    model = make_model(F64, mode=mode, n_steps=3)
+    feats, tokens, lengths = make_inputs([2, 6, 1, 4], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    pad = (torch.arange(w.shape[1])[None] >= lengths[:, None])[..., None]
+    garbage = w + pad * torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 10
+    with torch.no_grad():
+        assert max_diff(fast.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
+
+
+@pytest.mark.parametrize("no_txtnorm", [False, True])
+def test_fast_mean_mode_equals_model(no_txtnorm):
+    model = make_model(F64, mode="mean", no_txtnorm=no_txtnorm)
+    feats, tokens, lengths = make_inputs([3, 1, 7, 4], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        assert max_diff(fast.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
+
+
+GRAD_SWEEP = list(itertools.product(IMRAM_MODES, RAW_FEATURE_NORMS))
+
+
+@pytest.mark.parametrize("mode,raw_feature_norm", GRAD_SWEEP, ids=[f"{m}-{r}" for m, r in GRAD_SWEEP])
+def test_fast_gradients_match_reference_loop(mode, raw_feature_norm):
+    model = make_model(F64, mode=mode, n_steps=2, raw_feature_norm=raw_feature_norm)
+    feats, tokens, lengths = make_inputs([3, 1, 5, 2], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
+    (fast.similarity(model, r1, w1, lengths) * probe).sum().backward()
+    r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
+    (ref.similarity(model, r2, w2, lengths) * probe).sum().backward()
+    assert torch.isfinite(r1.grad).all() and torch.isfinite(w1.grad).all(), NAN_GRAD_MSG
+    assert max_diff(r1.grad, r2.grad) <= 1e-10
+    assert max_diff(w1.grad, w2.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("mode", IMRAM_MODES)
+def test_fast_parameter_gradients_equal_model(mode, checkpoint):
+    model = make_model(F64, mode=mode, n_steps=3)
+    feats, tokens, lengths = make_inputs([3, 1, 5, 2], dtype=F64)
+    probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def grads(score_fn):
+        model.zero_grad()
+        sims = score_fn(model.encode_images(feats), model.encode_captions(tokens, lengths))
+        (sims * probe).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads(lambda r, w: model.similarity(r, w, lengths))
+    got = grads(lambda r, w: fast.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint))
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.isfinite(expected[name]).all() and torch.isfinite(got[name]).all(), f"{name}: {NAN_GRAD_MSG}"
+        assert max_diff(got[name], expected[name]) <= 1e-10, name
