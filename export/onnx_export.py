@@ -1,0 +1,370 @@
+"""Export an IMRAM checkpoint to three ONNX graphs + vocabulary + manifest (a "model dir").
+
+    python -m export RUN/best.pt --out MODEL_DIR [--opset 17] [--matcher plain|fast]
+
+MODEL_DIR/
+    image_encoder.onnx  region_feats (n_img, n_region, img_dim) f32 -> region_embs (n_img, n_region, d) f32
+    text_encoder.onnx   tokens (n_cap, n_word) i64, lengths (n_cap,) i64 -> word_embs (n_cap, n_word, d) f32
+    matcher.onnx        region_embs, word_embs, lengths -> sims (n_img, n_cap) f32  (mode and K fixed)
+    vocab.json          SCAN vocabulary JSON (runtime.text.Vocabulary)
+    manifest.json       format version, model config, graph inputs/outputs, opset, versions, SHA-256 of each file
+
+How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(..., dynamo=False)``):
+
+* The image encoder is the model's own ``ImageEncoder``.
+* The text encoder is ``TextEncoderGraph``, an export-friendly equivalent of ``TextEncoder``
+  built from its weights. The model packs the padded batch (pack_padded_sequence) so that the
+  backward GRU direction starts at each caption's own last word. Here each direction is a plain
+  unidirectional GRU: the forward one runs over the padded batch as is (a position only sees
+  the words before it, so padding after the caption changes nothing), the backward one over
+  each caption reversed *within its own length* (an index gather: position t reads word
+  len-1-t, padding stays at the end), and its outputs are gathered back the same way.
+  Positions past each length are set to exact zeros with a Where. No packed sequences, no
+  sequence_lens, no Python-side use of the lengths: nothing of the example batch is baked in.
+* The matcher is built by ``build_matcher``, THE one place that chooses the formulation:
+  "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``.
+
+Why the TorchScript exporter: the dynamo exporter took ~30x longer, recorded the example's
+n_word in the output shape, and its optimiser dropped the ``+ 1e-8`` of l2norm (0/0 = NaN on
+zero padding rows). The graphs are checked with ``onnx.checker.check_model(full_check=True)``
+and, unless ``verify=False``, compared with PyTorch under ONNX Runtime on a batch of other sizes.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from imram_min.model import IMRAM, TextEncoder, l2norm, mean_pooled_similarity
+from runtime.text import PAD, Vocabulary
+
+FORMAT = "imram-min-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # GRU with linear_before_reset, Trilu-free; 14 is the oldest we test
+MAX_OPSET = 20  # the newest the TorchScript exporter writes
+MATCHER_FORMS = ("plain", "fast")
+DEFAULT_MATCHER = "fast"  # imram_min.fast: exact, ~6x fewer FLOPs at d = 1024
+VERIFY_TOL = 1e-4  # export-time sanity check (the tests hold the graphs to 1e-5)
+
+FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx", "matcher": "matcher.onnx"}
+VOCAB_FILE, MANIFEST_FILE = "vocab.json", "manifest.json"
+_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
+os.umask(_UMASK)
+
+
+class ExportError(RuntimeError):
+    """The exported graphs do not check out (invalid ONNX, or ONNX Runtime disagrees with PyTorch)."""
+
+
+# --------------------------------------------------------------------------- graph signatures
+def graph_signatures(img_dim: int, embed_size: int) -> dict:
+    """Inputs and outputs of each graph: {graph: {"inputs": [...], "outputs": [...]}}, each item
+    {"name", "dtype", "shape"} with symbolic dims as strings. The manifest records exactly this."""
+    def t(name, dtype, *shape):
+        return {"name": name, "dtype": dtype, "shape": list(shape)}
+    return {
+        "image_encoder": {"inputs": [t("region_feats", "float32", "n_img", "n_region", img_dim)],
+                          "outputs": [t("region_embs", "float32", "n_img", "n_region", embed_size)]},
+        "text_encoder": {"inputs": [t("tokens", "int64", "n_cap", "n_word"), t("lengths", "int64", "n_cap")],
+                         "outputs": [t("word_embs", "float32", "n_cap", "n_word", embed_size)]},
+        "matcher": {"inputs": [t("region_embs", "float32", "n_img", "n_region", embed_size),
+                               t("word_embs", "float32", "n_cap", "n_word", embed_size),
+                               t("lengths", "int64", "n_cap")],
+                    "outputs": [t("sims", "float32", "n_img", "n_cap")]},
+    }
+
+
+def _dynamic_axes(signature: dict) -> dict:
+    """{tensor name: {axis: symbol}} for torch.onnx.export, from a graph signature."""
+    axes = {}
+    for item in signature["inputs"] + signature["outputs"]:
+        axes[item["name"]] = {i: s for i, s in enumerate(item["shape"]) if isinstance(s, str)}
+    return axes
+
+
+# --------------------------------------------------------------------------- export-friendly modules
+class ImageEncoderGraph(nn.Module):
+    """region_feats (n_img, n_region, img_dim) -> region_embs (n_img, n_region, d): the model's encoder."""
+
+    def __init__(self, model: IMRAM):
+        super().__init__()
+        self.img_enc = model.img_enc
+
+    def forward(self, region_feats: torch.Tensor) -> torch.Tensor:
+        return self.img_enc(region_feats)
+
+
+def _unidirectional_gru(rnn: nn.GRU, layer: int, reverse: bool) -> nn.GRU:
+    """A one-layer, one-direction GRU holding a copy of one (layer, direction) of ``rnn``'s weights."""
+    gru = nn.GRU(rnn.input_size if layer == 0 else rnn.hidden_size * (2 if rnn.bidirectional else 1),
+                 rnn.hidden_size, num_layers=1, bias=rnn.bias, batch_first=True)
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if rnn.bias else [])
+    with torch.no_grad():
+        for name in names:
+            getattr(gru, name + "_l0").copy_(getattr(rnn, name + suffix))
+    return gru
+
+
+class TextEncoderGraph(nn.Module):
+    """tokens (n_cap, n_word) int64 + lengths (n_cap,) int64 -> word_embs (n_cap, n_word, d).
+
+    Equal to ``TextEncoder`` (packed bi-GRU) for every length 1..n_word in the batch, with no
+    packing: per layer a forward GRU over the padded batch and, if bidirectional, a backward
+    GRU run forward over each caption reversed within its own length (``reverse_within_length``).
+    Outputs are exact zeros past each length. Weights are copied from ``txt_enc``.
+    """
+
+    def __init__(self, txt_enc: TextEncoder):
+        super().__init__()
+        rnn = txt_enc.rnn
+        if rnn.dropout and txt_enc.training:
+            raise ValueError("export the text encoder in eval mode (GRU dropout)")
+        self.bi_gru, self.no_txtnorm, self.embed_size = txt_enc.bi_gru, txt_enc.no_txtnorm, txt_enc.embed_size
+        self.embed = txt_enc.embed
+        self.forward_grus = nn.ModuleList(_unidirectional_gru(rnn, k, False) for k in range(rnn.num_layers))
+        self.backward_grus = nn.ModuleList(_unidirectional_gru(rnn, k, True) for k in range(rnn.num_layers)) \
+            if rnn.bidirectional else None
+
+    @staticmethod
+    def reverse_within_length(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x (n_cap, n_word, c) -> x[b, index[b, t]]: with ``index`` from ``reversal_index`` each
+        caption reversed within its length, padding left in place. Its own inverse."""
+        return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, n_word)
+        lengths = lengths.to(tokens.device)[:, None]  # (n_cap, 1)
+        valid = positions < lengths  # (n_cap, n_word)
+        index = torch.where(valid, lengths - 1 - positions, positions)  # len-1-t inside, t on padding
+        x = self.embed(tokens)  # (n_cap, n_word, word_dim)
+        for k, gru in enumerate(self.forward_grus):
+            out, _ = gru(x)  # (n_cap, n_word, d)
+            if self.backward_grus is not None:
+                back, _ = self.backward_grus[k](self.reverse_within_length(x, index))
+                out = torch.cat([out, self.reverse_within_length(back, index)], -1)  # (n_cap, n_word, 2d)
+            x = out
+        if self.bi_gru:
+            x = (x[..., : self.embed_size] + x[..., self.embed_size:]) / 2
+        if not self.no_txtnorm:
+            x = l2norm(x)
+        return torch.where(valid[..., None], x, torch.zeros_like(x))
+
+
+class PlainMatcher(nn.Module):
+    """(region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,)) -> sims (n_img, n_cap).
+
+    ``model.step_scores`` summed over steps and directions, on the whole padded batch (padding
+    is masked inside, so the result does not depend on it); "mean" mode: the baseline.
+    """
+
+    def __init__(self, model: IMRAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.model.cfg.mode == "mean":
+            return mean_pooled_similarity(region_embs, word_embs, lengths)
+        steps = self.model.step_scores(region_embs, word_embs, lengths)
+        return sum(s.sum(0) for s in steps.values())
+
+
+def build_matcher(model: IMRAM, form: str = DEFAULT_MATCHER) -> nn.Module:
+    """THE one place that wraps the model's matcher for export: "plain" (model.py) or "fast" (fast.py)."""
+    if form == "plain":
+        return PlainMatcher(model)
+    if form == "fast":
+        from imram_min.fast import FastMatcher
+        return FastMatcher(model)
+    raise ValueError(f"matcher form must be one of {MATCHER_FORMS}, got {form!r}")
+
+
+# --------------------------------------------------------------------------- example inputs
+def example_inputs(model: IMRAM, seed: int = 0, n_img: int = 2, n_region: int = 3, n_cap: int = 4,
+                   n_word: int = 5) -> dict:
+    """A small random batch for tracing and checking, sizes all different and > 1 (so no dim is
+    specialised): {"region_feats", "tokens", "lengths", "region_embs", "word_embs"} as tensors.
+    Lengths run from 1 to n_word; tokens past each length are <pad>."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    region_feats = torch.randn(n_img, n_region, cfg.img_dim, generator=g)
+    lengths = torch.linspace(n_word, 1, n_cap).round().to(torch.int64)
+    tokens = torch.randint(min(4, cfg.vocab_size - 1), cfg.vocab_size, (n_cap, n_word), generator=g)  # no specials
+    tokens[torch.arange(n_word)[None, :] >= lengths[:, None]] = PAD
+    with torch.no_grad():
+        region_embs = model.encode_images(region_feats)
+        word_embs = model.encode_captions(tokens, lengths)
+    return {"region_feats": region_feats, "tokens": tokens, "lengths": lengths,
+            "region_embs": region_embs, "word_embs": word_embs}
+
+
+# --------------------------------------------------------------------------- export
+def _export_graph(module: nn.Module, args: tuple, path: str, signature: dict, opset: int) -> None:
+    """torch.onnx.export (TorchScript exporter) with the signature's names and dynamic axes."""
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice and tracer notes
+        torch.onnx.export(module, args, path, dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=[i["name"] for i in signature["inputs"]],
+                          output_names=[o["name"] for o in signature["outputs"]],
+                          dynamic_axes=_dynamic_axes(signature))
+    graph = onnx.load(path)
+    graph.producer_name, graph.doc_string = "imram-min export", module.__class__.__doc__.strip().split("\n")[0]
+    for values, items in ((graph.graph.input, signature["inputs"]), (graph.graph.output, signature["outputs"])):
+        for value, item in zip(values, items):  # declare the signature's shapes (the exporter may invent names)
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in item["shape"]:
+                dim = dims.add()
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = size
+    onnx.save(graph, path)
+
+
+def check_graph(path: str, signature: dict | None = None) -> None:
+    """onnx.checker full check, plus: inputs/outputs named, typed and shaped as ``signature``."""
+    graph = onnx.load(path)
+    onnx.checker.check_model(graph, full_check=True)
+    if signature is None:
+        return
+    for kind in ("inputs", "outputs"):
+        found = graph.graph.input if kind == "inputs" else graph.graph.output
+        got = [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value
+                          for d in v.type.tensor_type.shape.dim]} for v in found]
+        if got != signature[kind]:
+            raise ExportError(f"{os.path.basename(path)}: {kind} are {got}, expected {signature[kind]}")
+
+
+def verify_graphs(model: IMRAM, folder: str, matcher: nn.Module, tol: float = VERIFY_TOL) -> dict:
+    """Run the graphs of ``folder`` under ONNX Runtime (CPU) on a batch of other sizes than the
+    export example and compare with PyTorch. Returns {graph: max abs difference}; raises ExportError."""
+    import onnxruntime as ort
+
+    batch = example_inputs(model, seed=1, n_img=3, n_region=4, n_cap=5, n_word=7)
+    with torch.no_grad():
+        expected = {"image_encoder": batch["region_embs"], "text_encoder": batch["word_embs"],
+                    "matcher": matcher(batch["region_embs"], batch["word_embs"], batch["lengths"])}
+    feeds = {"image_encoder": {"region_feats": batch["region_feats"]},
+             "text_encoder": {"tokens": batch["tokens"], "lengths": batch["lengths"]},
+             "matcher": {"region_embs": batch["region_embs"], "word_embs": batch["word_embs"],
+                         "lengths": batch["lengths"]}}
+    diffs = {}
+    for name, file in FILES.items():
+        session = ort.InferenceSession(os.path.join(folder, file), providers=["CPUExecutionProvider"])
+        got = session.run(None, {k: v.numpy() for k, v in feeds[name].items()})[0]
+        diff = float(np.abs(got - expected[name].numpy()).max())
+        if not np.isfinite(got).all() or not diff <= tol:
+            raise ExportError(f"{file}: ONNX Runtime differs from PyTorch by {diff:.3g} (tolerance {tol:g})")
+        diffs[name] = diff
+    return diffs
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(obj):
+    """``obj`` as plain JSON data (anything unknown as its str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                 matcher: str = DEFAULT_MATCHER, verify: bool = True, source: dict | None = None) -> dict:
+    """Write the model dir (see the module docstring) atomically; returns the manifest.
+
+    Everything is written into a temporary folder next to ``out_dir`` first. If ``out_dir`` does
+    not exist the folder is renamed to it (one atomic step); otherwise each file replaces its old
+    version (os.replace), manifest.json last, and other files in ``out_dir`` are left alone.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    if len(vocab) != model.cfg.vocab_size:
+        raise ValueError(f"vocabulary has {len(vocab)} words but the model has vocab_size={model.cfg.vocab_size}")
+    model = model.cpu().eval()
+    cfg = model.cfg
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    signatures = graph_signatures(cfg.img_dim, cfg.embed_size)
+    matcher_module = build_matcher(model, matcher).eval()
+    ex = example_inputs(model)
+
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        _export_graph(ImageEncoderGraph(model), (ex["region_feats"],),
+                      os.path.join(tmp, FILES["image_encoder"]), signatures["image_encoder"], opset)
+        _export_graph(TextEncoderGraph(model.txt_enc), (ex["tokens"], ex["lengths"]),
+                      os.path.join(tmp, FILES["text_encoder"]), signatures["text_encoder"], opset)
+        _export_graph(matcher_module, (ex["region_embs"], ex["word_embs"], ex["lengths"]),
+                      os.path.join(tmp, FILES["matcher"]), signatures["matcher"], opset)
+        for name, file in FILES.items():
+            check_graph(os.path.join(tmp, file), signatures[name])
+        diffs = verify_graphs(model, tmp, matcher_module) if verify else None
+        vocab.save(os.path.join(tmp, VOCAB_FILE))
+
+        files = {f: {"sha256": sha256_file(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
+                 for f in [*FILES.values(), VOCAB_FILE]}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_config": cfg.to_dict(),
+            "matcher": {"mode": cfg.mode, "n_steps": cfg.n_steps, "form": matcher},
+            "graphs": {name: {"file": FILES[name], **signatures[name]} for name in FILES},
+            "vocab": {"file": VOCAB_FILE, "size": len(vocab)},
+            "opset": opset,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "exporter": "torch.onnx.export(dynamo=False)",
+            "verification": {"max_abs_diff": diffs, "provider": "CPUExecutionProvider"} if verify else None,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": _jsonable(source or {}),
+            "files": files,
+        }
+        with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        for file in [*files, MANIFEST_FILE]:
+            os.chmod(os.path.join(tmp, file), 0o666 & ~_UMASK)  # mkdtemp made a private folder
+        os.chmod(tmp, 0o777 & ~_UMASK)
+
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+        else:
+            if not os.path.isdir(out_dir):
+                raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+            for file in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the others
+                os.replace(os.path.join(tmp, file), os.path.join(out_dir, file))
+            os.rmdir(tmp)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                      matcher: str = DEFAULT_MATCHER, verify: bool = True) -> dict:
+    """Load a project checkpoint (imram_min.checkpoint) and ``export_model`` it; returns the manifest."""
+    from imram_min.checkpoint import load_model
+
+    model, vocab, meta = load_model(checkpoint, "cpu")
+    source = {"checkpoint": os.path.basename(os.fspath(checkpoint)), "checkpoint_sha256": sha256_file(checkpoint),
+              "meta": {k: v for k, v in meta.items() if k != "config"}}
+    return export_model(model, vocab, out_dir, opset=opset, matcher=matcher, verify=verify, source=source)

@@ -1,0 +1,334 @@
+"""Score images against captions with an exported model dir: numpy + ONNX Runtime, no torch.
+
+    from runtime import Scorer
+    scorer = Scorer("runs/default/model")               # device="auto": CUDA if offered, else CPU
+    sims = scorer.score(region_feats, ["a dog on a sofa", ...])   # (n_img, n_cap) float32
+
+A model dir is what ``python -m export`` writes: image_encoder.onnx, text_encoder.onnx,
+matcher.onnx, vocab.json and manifest.json. Loading it checks the manifest's format and the
+SHA-256 of every file it lists, so a half-copied or edited model dir is refused.
+
+Bounded memory (``score``): captions are tokenised exactly as in training (runtime.text),
+sorted by length and cut into shards of ``shard`` captions, each padded only to its own longest
+caption and encoded once; images are read ``shard`` at a time (a np.memmap streams from disk),
+encoded, and scored against every caption shard. The largest tensor of one matcher call is
+about shard^2 * max(n_region, n_word) * 2d values; the default shard keeps that near
+PAIR_BUDGET values. Padding never changes a score (the matcher masks it exactly), so the
+result does not depend on the shard size beyond float rounding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .text import Vocabulary, VocabularyError
+
+DEFAULT_MODEL_DIR = os.path.join("runs", "default", "model")  # where the README's main command puts it
+FORMAT = "imram-min-onnx"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+GRAPHS = ("image_encoder", "text_encoder", "matcher")
+DEVICES = ("auto", "cpu", "cuda")
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+PAIR_BUDGET = 1 << 24  # values in the largest per-pair tensor of one matcher call (64 MB in float32)
+MAX_SHARD = 256  # images / captions per shard, at most
+CHECK_BYTES = 64 << 20  # features read per chunk by the NaN/Inf scan
+
+
+class ModelDirError(ValueError):
+    """A model dir that is missing, incomplete or altered (the message names the file)."""
+
+
+class InputError(ValueError):
+    """Region features or captions that cannot be scored (the message says which and where)."""
+
+
+class DeviceError(ValueError):
+    """The requested device is not available in this onnxruntime."""
+
+
+# --------------------------------------------------------------------------- model dir
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
+    """Read MODEL_DIR/manifest.json, check its format and (``verify``) every listed file's SHA-256."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise ModelDirError(f"{model_dir}: no such model folder (make one with python -m export CKPT --out DIR)")
+    path = os.path.join(model_dir, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ModelDirError(f"{path}: missing; not a model folder written by python -m export") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}: cannot read the manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: not an {FORMAT} manifest")
+    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is not supported "
+                            f"(this runtime reads {SUPPORTED_FORMAT_VERSIONS})")
+    try:
+        files = manifest["files"]
+        needed = [manifest["graphs"][g]["file"] for g in GRAPHS] + [manifest["vocab"]["file"]]
+        cfg = manifest["model_config"]
+        cfg["img_dim"], cfg["embed_size"], cfg["mode"], cfg["n_steps"]
+    except (KeyError, TypeError) as e:
+        raise ModelDirError(f"{path}: incomplete manifest (no {e})") from None
+    for name in needed:
+        if name not in files:
+            raise ModelDirError(f"{path}: lists no hash for {name}")
+    for name, info in files.items():
+        file = os.path.join(model_dir, name)
+        if os.path.basename(name) != name:
+            raise ModelDirError(f"{path}: file name {name!r} is not a plain name")
+        if not os.path.isfile(file):
+            raise ModelDirError(f"{file}: missing from the model folder")
+        if verify:
+            try:
+                digest = sha256_file(file)
+            except OSError as e:
+                raise ModelDirError(f"{file}: cannot read ({e.strerror})") from None
+            if digest != info.get("sha256"):
+                raise ModelDirError(f"{file}: SHA-256 {digest[:12]}... does not match the manifest "
+                                    f"({str(info.get('sha256'))[:12]}...); the file was changed or damaged")
+    return manifest
+
+
+def resolve_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers for "auto" (CUDA when onnxruntime offers it, else CPU), "cpu" or "cuda"."""
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise DeviceError(f"device cuda: this onnxruntime has no {CUDA} (it offers {', '.join(available)}); "
+                          f"install onnxruntime-gpu or use --device cpu")
+    if device == "cuda" or (device == "auto" and CUDA in available):
+        return [CUDA, CPU]
+    return [CPU]
+
+
+# --------------------------------------------------------------------------- input checks
+def check_region_feats(region_feats, img_dim: int, name: str = "region features") -> np.ndarray:
+    """Check (n_img, n_region, img_dim) float features with no NaN/Inf; returns them as an ndarray
+    (a memmap stays a memmap: the NaN/Inf scan reads it in chunks). Raises InputError."""
+    if not isinstance(region_feats, np.ndarray):
+        region_feats = np.asarray(region_feats)
+    if region_feats.dtype.hasobject:
+        raise InputError(f"{name}: holds Python objects; expected a float array")
+    if region_feats.ndim != 3:
+        raise InputError(f"{name}: expected shape (n_img, n_region, {img_dim}), got {region_feats.shape} "
+                         f"({region_feats.ndim} dimensions)")
+    n_img, n_region, dim = region_feats.shape
+    if dim != img_dim:
+        raise InputError(f"{name}: features have size {dim}, the model expects {img_dim} "
+                         f"(shape {region_feats.shape})")
+    if not np.issubdtype(region_feats.dtype, np.floating):
+        raise InputError(f"{name}: expected float features, got dtype {region_feats.dtype}")
+    if n_img == 0:
+        raise InputError(f"{name}: no images (shape {region_feats.shape})")
+    if n_region == 0:
+        raise InputError(f"{name}: no regions per image (shape {region_feats.shape})")
+    step = max(1, CHECK_BYTES // max(1, n_region * dim * 4))
+    for i in range(0, n_img, step):
+        bad = ~np.isfinite(np.asarray(region_feats[i:i + step], dtype=np.float32)).reshape(-1, n_region * dim).all(1)
+        if bad.any():
+            raise InputError(f"{name}: image {i + int(np.argmax(bad))} has NaN or Inf features"
+                             f"{'' if region_feats.dtype == np.float32 else ' (as float32)'}")
+    return region_feats
+
+
+def check_captions(captions: Sequence[str], name: str = "captions") -> list[str]:
+    """Captions as a list of stripped strings; none may be blank. Raises InputError."""
+    if isinstance(captions, str):
+        raise InputError(f"{name}: expected a list of captions, got one string")
+    captions = list(captions)
+    if not captions:
+        raise InputError(f"{name}: no captions")
+    out = []
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise InputError(f"{name}: caption {i} is a {type(caption).__name__}, expected a string")
+        out.append(caption.strip())
+    blank = [i for i, c in enumerate(out) if not c]
+    if blank:
+        raise InputError(f"{name}: blank captions at {list_some(blank)}")
+    return out
+
+
+def list_some(items: Sequence[int], n: int = 10) -> str:
+    """'1, 4, 9' or '1, 4, ... (25 in all)'."""
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown if len(items) <= n else f"{shown}, ... ({len(items)} in all)"
+
+
+# --------------------------------------------------------------------------- the scorer
+class Scorer:
+    """The three ONNX graphs of a model dir, with tokenisation and sharded all-pairs scoring.
+
+    model_dir: a folder written by ``python -m export``. device: "auto" (CUDA when onnxruntime
+    offers it, else CPU), "cpu" or "cuda" (DeviceError if unavailable). shard: images and
+    captions per shard (None: from PAIR_BUDGET). threads: ONNX Runtime intra-op threads (None:
+    its default). Attributes: manifest, config (the model config dict), vocab, img_dim,
+    embed_size, mode, n_steps, device ("cpu"/"cuda"), provider (the provider in use).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, device: str = "auto",
+                 shard: int | None = None, threads: int | None = None):
+        if shard is not None and shard < 1:
+            raise ValueError(f"shard must be >= 1, got {shard}")
+        self.model_dir, self.shard = os.fspath(model_dir), shard
+        self.manifest = load_manifest(self.model_dir)
+        self.config = self.manifest["model_config"]
+        self.img_dim, self.embed_size = int(self.config["img_dim"]), int(self.config["embed_size"])
+        self.mode, self.n_steps = self.config["mode"], int(self.config["n_steps"])
+        vocab_path = os.path.join(self.model_dir, self.manifest["vocab"]["file"])
+        try:
+            self.vocab = Vocabulary.load(vocab_path)
+        except (OSError, VocabularyError) as e:
+            raise ModelDirError(str(e)) from None
+        if len(self.vocab) != int(self.config["vocab_size"]):
+            raise ModelDirError(f"{vocab_path}: {len(self.vocab)} words, the model has {self.config['vocab_size']}")
+
+        providers = resolve_providers(device)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.sessions, self.io = {}, {}
+        for g in GRAPHS:
+            spec = self.manifest["graphs"][g]
+            path = os.path.join(self.model_dir, spec["file"])
+            try:
+                session = ort.InferenceSession(path, options, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ModelDirError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+            names = [i.name for i in session.get_inputs()]
+            if names != [i["name"] for i in spec["inputs"]]:
+                raise ModelDirError(f"{path}: inputs {names} differ from the manifest's")
+            self.sessions[g] = session
+        used = self.sessions["matcher"].get_providers()
+        if CUDA in providers and CUDA not in used:
+            if device == "cuda":
+                raise DeviceError(f"device cuda: {CUDA} is installed but failed to start (no GPU or CUDA libraries?)")
+            self.sessions = {g: ort.InferenceSession(os.path.join(self.model_dir, self.manifest["graphs"][g]["file"]),
+                                                     options, providers=[CPU]) for g in GRAPHS}
+            used = [CPU]
+        self.provider = used[0]
+        self.device = "cuda" if self.provider == CUDA else "cpu"
+
+    def __repr__(self) -> str:
+        return (f"Scorer({self.model_dir!r}, mode={self.mode}, K={self.n_steps}, d={self.embed_size}, "
+                f"device={self.device})")
+
+    # ------------------------------------------------------------------ the graphs
+    def _run(self, graph: str, **inputs) -> np.ndarray:
+        return self.sessions[graph].run(None, inputs)[0]
+
+    def shard_size(self, n_region: int, n_word: int) -> int:
+        """Images = captions per shard: ``self.shard``, or the largest keeping one matcher call's
+        biggest tensor (shard^2 * max(n_region, n_word) * 2d values) within PAIR_BUDGET."""
+        if self.shard is not None:
+            return self.shard
+        per_pair = max(n_region, n_word, 1) * 2 * self.embed_size
+        return max(1, min(MAX_SHARD, math.isqrt(max(1, PAIR_BUDGET // per_pair))))
+
+    def encode_images(self, region_feats, check: bool = True) -> np.ndarray:
+        """(n_img, n_region, img_dim) float -> region embeddings (n_img, n_region, d) float32, in shards."""
+        if check:
+            region_feats = check_region_feats(region_feats, self.img_dim)
+        n_img, n_region, _ = region_feats.shape
+        step = self.shard_size(n_region, 1)
+        out = np.empty((n_img, n_region, self.embed_size), dtype=np.float32)
+        for i in range(0, n_img, step):
+            feats = np.ascontiguousarray(region_feats[i:i + step], dtype=np.float32)
+            out[i:i + step] = self._run("image_encoder", region_feats=feats)
+        return out
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> tokens (n_cap, n_word) int64 padded with <pad>=0, lengths (n_cap,) int64,
+        exactly as training encodes them ([<start>] + ids + [<end>])."""
+        padded, lengths = self.vocab.encode_batch(captions)
+        return (np.asarray(padded, dtype=np.int64).reshape(len(captions), -1),
+                np.asarray(lengths, dtype=np.int64))
+
+    def encode_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """tokens (n_cap, n_word) int64 + lengths (n_cap,) -> word embeddings (n_cap, n_word, d) float32,
+        zeros past each length."""
+        return self._run("text_encoder", tokens=np.ascontiguousarray(tokens, dtype=np.int64),
+                         lengths=np.ascontiguousarray(lengths, dtype=np.int64))
+
+    def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> (word_embs (n_cap, n_word_max, d) float32 with zeros past each length, lengths (n_cap,) int64).
+
+        Encoded in shards of captions of similar length, then laid out padded to the longest."""
+        captions = check_captions(captions)
+        tokens, lengths = self.tokenize(captions)
+        out = np.zeros((len(captions), tokens.shape[1], self.embed_size), dtype=np.float32)
+        for idx, embs, _ in self._caption_shards(tokens, lengths, self.shard_size(1, tokens.shape[1])):
+            out[idx, :embs.shape[1]] = embs
+        return out, lengths
+
+    def match(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One matcher call: region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d),
+        lengths (n_cap,) -> sims (n_img, n_cap) float32. No sharding: keep the batch small."""
+        return self._run("matcher", region_embs=np.ascontiguousarray(region_embs, dtype=np.float32),
+                         word_embs=np.ascontiguousarray(word_embs, dtype=np.float32),
+                         lengths=np.ascontiguousarray(lengths, dtype=np.int64))
+
+    def _caption_shards(self, tokens: np.ndarray, lengths: np.ndarray, step: int):
+        """Yield (caption indices, word_embs (n, n_word_shard, d), lengths (n,)) for shards of ``step``
+        captions of similar length (longest first), each padded only to its own longest caption."""
+        order = np.argsort(-lengths, kind="stable")
+        for j in range(0, len(order), step):
+            idx = order[j:j + step]
+            lens = lengths[idx]
+            yield idx, self.encode_tokens(tokens[idx, :int(lens.max())], lens), lens
+
+    # ------------------------------------------------------------------ all pairs
+    def score(self, region_feats, captions: Sequence[str], out: np.ndarray | None = None,
+              progress: Callable[[int, int], None] | None = None, check: bool = True) -> np.ndarray:
+        """Similarities (n_img, n_cap) float32 of every image with every caption.
+
+        region_feats: (n_img, n_region, img_dim) float array or memmap (read a shard at a time).
+        captions: list of strings. out: an (n_img, n_cap) float32 array to fill (e.g. a memmap),
+        else a new array. progress(done, total) is called after each block of work.
+        """
+        if check:
+            region_feats = check_region_feats(region_feats, self.img_dim)
+        captions = check_captions(captions)
+        n_img, n_region, _ = region_feats.shape
+        tokens, lengths = self.tokenize(captions)
+        step = self.shard_size(n_region, tokens.shape[1])
+        n_cap_shards, n_img_shards = -(-len(captions) // step), -(-n_img // step)
+        total, done = n_cap_shards * (1 + n_img_shards), 0
+        if out is None:
+            out = np.empty((n_img, len(captions)), dtype=np.float32)
+        elif out.shape != (n_img, len(captions)) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {(n_img, len(captions))}, got {out.dtype} {out.shape}")
+        caption_shards = []
+        for shard in self._caption_shards(tokens, lengths, step):
+            caption_shards.append(shard)
+            done += 1
+            if progress:
+                progress(done, total)
+        for i in range(0, n_img, step):
+            region_embs = self.encode_images(region_feats[i:i + step], check=False)
+            for idx, word_embs, lens in caption_shards:
+                out[i:i + step, idx] = self.match(region_embs, word_embs, lens)
+                done += 1
+                if progress:
+                    progress(done, total)
+        return out

@@ -1,0 +1,112 @@
+"""Shared test fixtures: tiny random models, a tiny synthetic data folder, its checkpoint and export.
+
+Import the fixtures into a test module (``from fixtures import tiny_data, tiny_checkpoint,
+tiny_model_dir  # noqa: F401``). They are session-scoped and cached in this module, so the data,
+the checkpoint and the export are made once per test session whichever modules use them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
+from runtime.text import PAD, Vocabulary  # noqa: E402
+
+IMG_DIM = 24  # region feature size of the tiny models and of the tiny data folder
+TINY = dict(img_dim=IMG_DIM, word_dim=12, embed_size=32, n_steps=2)  # a small, fast IMRAMConfig
+N_TEST_IMAGES = 6  # test split of the tiny data folder (5 captions each)
+_CACHE: dict = {}
+
+
+def _once(key: str, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+# --------------------------------------------------------------------------- models and batches
+def tiny_vocab(n_words: int = 36) -> Vocabulary:
+    """The 4 specials + words w0, w1, ...: len == n_words + 4."""
+    return Vocabulary(f"w{i}" for i in range(n_words))
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 40, **overrides) -> IMRAM:
+    """A randomly initialised IMRAM (eval mode, CPU, float32) with the TINY config plus ``overrides``."""
+    torch.manual_seed(seed)
+    model = IMRAM(IMRAMConfig(vocab_size=vocab_size, **{**TINY, **overrides})).eval()
+    with torch.no_grad():  # fresh biases are zero or tiny; random ones exercise the graphs better
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return model
+
+
+def random_tokens(lengths, vocab_size: int, n_word: int | None = None, seed: int = 0):
+    """tokens (n_cap, n_word) int64 with random word ids (no specials) inside each length and <pad>
+    after it, lengths (n_cap,) int64. n_word defaults to max(lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    n_word = int(lengths.max()) if n_word is None else n_word
+    tokens = torch.randint(4, vocab_size, (len(lengths), n_word), generator=g)
+    tokens[torch.arange(n_word)[None, :] >= lengths[:, None]] = PAD
+    return tokens, lengths
+
+
+def random_feats(n_img: int, n_region: int, img_dim: int = IMG_DIM, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_img, n_region, img_dim, generator=g)
+
+
+def lengths_1_to_40(seed: int = 0) -> list[int]:
+    """The 40 lengths 1..40 in a shuffled order (longest neither first nor last)."""
+    order = np.random.default_rng(seed).permutation(np.arange(1, 41))
+    return [int(x) for x in order]
+
+
+# --------------------------------------------------------------------------- session fixtures
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> pathlib.Path:
+    """A synthetic data folder (imram_min.data): train 12 / dev 2 / test N_TEST_IMAGES images, img_dim IMG_DIM."""
+    def make():
+        from imram_min.data import make_synthetic
+        out = tmp_path_factory.mktemp("tiny_data")
+        make_synthetic(out, seed=3, n_train=12, n_dev=2, n_test=N_TEST_IMAGES, img_dim=IMG_DIM)
+        return out
+    return _once("data", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> pathlib.Path:
+    """A project checkpoint (imram_min.checkpoint) of a random tiny model with the data folder's vocabulary."""
+    def make():
+        from imram_min.checkpoint import save_checkpoint
+        from imram_min.data import load_vocab
+        vocab = load_vocab(tiny_data)
+        path = tmp_path_factory.mktemp("tiny_ckpt") / "best.pt"
+        save_checkpoint(path, tiny_model(seed=1, vocab_size=len(vocab)), vocab, meta={"note": "random tiny model"})
+        return path
+    return _once("checkpoint", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> pathlib.Path:
+    """The tiny checkpoint exported by the CLI entry point (``python -m export CKPT --out DIR``, in-process)."""
+    def make():
+        from export.__main__ import main
+        out = tmp_path_factory.mktemp("tiny_export") / "model"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([os.fspath(tiny_checkpoint), "--out", os.fspath(out)]) == 0
+        return out
+    return _once("model_dir", make)

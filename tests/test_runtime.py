@@ -1,0 +1,320 @@
+"""Specification of runtime/ (Scorer and ``python -m runtime.score``): torch-free, equal to PyTorch, strict on input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from fixtures import (IMG_DIM, N_TEST_IMAGES, ROOT, tiny_checkpoint, tiny_data, tiny_model_dir)  # noqa: F401
+from imram_min.checkpoint import load_model
+from imram_min.data import encode_captions_batch, load_captions
+from runtime.score import DEFAULT_MODEL_DIR, main, top_k_captions, top_k_images
+from runtime.scorer import Scorer
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):  # noqa: F811
+    return Scorer(tiny_model_dir, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_data):  # noqa: F811
+    """(path of test_ims.npy, path of test_caps.txt, features, captions) of the tiny data folder."""
+    ims, caps = tiny_data / "test_ims.npy", tiny_data / "test_caps.txt"
+    return ims, caps, np.load(ims), load_captions(tiny_data, "test")
+
+
+def torch_sims(checkpoint, feats, captions) -> np.ndarray:
+    """PyTorch similarities of features x captions, tokenised as training does."""
+    model, vocab, _ = load_model(checkpoint)
+    tokens, lengths = encode_captions_batch(captions, vocab)
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(feats, np.float32)), torch.from_numpy(tokens),
+                     torch.from_numpy(lengths)).numpy()
+
+
+def score_cli(args, capsys):
+    """Run ``python -m runtime.score`` in-process -> (exit status, stdout, stderr)."""
+    try:
+        code = main([os.fspath(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- API
+def test_default_model_dir_is_runs_default_model():
+    assert DEFAULT_MODEL_DIR == os.path.join("runs", "default", "model")
+
+
+def test_scorer_is_importable_from_runtime(tiny_model_dir):  # noqa: F811
+    import runtime
+    assert runtime.Scorer is Scorer
+
+
+def test_scorer_score_equals_pytorch(scorer, tiny_checkpoint, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    sims = scorer.score(feats, captions)
+    assert sims.shape == (N_TEST_IMAGES, len(captions)) and sims.dtype == np.float32
+    assert np.abs(sims - torch_sims(tiny_checkpoint, feats, captions)).max() <= TOL
+
+
+def test_scorer_encoders_equal_pytorch(scorer, tiny_checkpoint, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    model, vocab, _ = load_model(tiny_checkpoint)
+    tokens, lengths = encode_captions_batch(captions, vocab)
+    word_embs, lens = scorer.encode_captions(captions)
+    with torch.no_grad():
+        expected_w = model.encode_captions(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
+        expected_r = model.encode_images(torch.from_numpy(feats)).numpy()
+    assert (lens == lengths).all() and word_embs.shape == expected_w.shape
+    assert np.abs(word_embs - expected_w).max() <= TOL
+    assert np.abs(scorer.encode_images(feats) - expected_r).max() <= TOL
+
+
+def test_scores_do_not_depend_on_the_shard_size(tiny_model_dir, scorer, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    one = Scorer(tiny_model_dir, device="cpu", shard=1, threads=1).score(feats, captions)
+    assert np.abs(one - scorer.score(feats, captions)).max() <= 1e-6
+
+
+def test_scorer_reads_a_memmap_a_shard_at_a_time(scorer, test_split):
+    ims, _, feats, captions = test_split
+    mm = np.load(ims, mmap_mode="r")
+    assert np.abs(scorer.score(mm, captions) - scorer.score(feats, captions)).max() == 0
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 2, 1024])
+def test_top_k_helpers_rank_by_score_then_index(rows_per_block, monkeypatch):
+    monkeypatch.setattr("runtime.score.RANK_ROWS", rows_per_block)  # the running top-k across row blocks
+    sims = np.array([[0.1, 0.5, 0.5, 0.2], [0.9, 0.0, 0.5, 0.2], [0.9, 0.3, 0.1, 0.2]], np.float32)
+    rows = [(i, idx.tolist(), s.tolist()) for i, idx, s in top_k_captions(sims, 2)]
+    assert [r[1] for r in rows] == [[1, 2], [0, 2], [0, 1]]
+    assert np.array([r[2] for r in rows]).tolist() == sims[[[0, 0], [1, 1], [2, 2]], [[1, 2], [0, 2], [0, 1]]].tolist()
+    idx, scores = top_k_images(sims, 2)
+    assert idx.tolist() == [[1, 2], [0, 2], [0, 1], [0, 1]]
+    assert scores.tolist() == np.take_along_axis(sims.T, idx, 1).tolist()
+    assert top_k_images(sims, 9)[0].shape == (4, 3)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_writes_sims_and_prints_rankings_of_them(tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    ims, caps, feats, captions = test_split
+    out = tmp_path / "sims.npy"
+    code, stdout, err = score_cli([ims, caps, "--model", tiny_model_dir, "--output", out, "--top-k", "3", "--json",
+                                   "--device", "cpu"], capsys)
+    assert code == 0
+    sims = np.load(out)
+    assert sims.dtype == np.float32 and sims.shape == (N_TEST_IMAGES, len(captions))
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert len(lines) == N_TEST_IMAGES + len(captions)
+    for row in lines[:N_TEST_IMAGES]:
+        assert [t["caption"] for t in row["top"]] == np.argsort(-sims[row["image"]], kind="stable")[:3].tolist()
+        assert row["top"][0]["text"] == captions[row["top"][0]["caption"]]
+    for row in lines[N_TEST_IMAGES:]:
+        assert [t["image"] for t in row["top"]] == np.argsort(-sims[:, row["caption"]], kind="stable")[:3].tolist()
+    assert sorted(os.listdir(tmp_path)) == ["sims.npy"]  # no temporaries left
+
+
+def test_cli_text_output_lists_top_k_per_image_and_per_caption(tiny_model_dir, test_split, capsys):  # noqa: F811
+    ims, caps, _, captions = test_split
+    code, stdout, _ = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "2", "--quiet"], capsys)
+    assert code == 0
+    lines = stdout.splitlines()
+    assert sum(line.startswith("image ") for line in lines) == N_TEST_IMAGES
+    assert sum(line.startswith("caption ") for line in lines) == len(captions)
+    assert sum(line.startswith("  1. ") for line in lines) == N_TEST_IMAGES + len(captions)
+    assert sum(line.startswith("  3. ") for line in lines) == 0
+
+
+def test_cli_device_auto_says_which_provider_on_stderr(tiny_model_dir, test_split, capsys):  # noqa: F811
+    ims, caps, _, _ = test_split
+    code, _, err = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "0"], capsys)
+    assert code == 0
+    provider = "CUDAExecutionProvider" if HAS_CUDA else "CPUExecutionProvider"
+    assert err.splitlines()[0].startswith(f"device: {'cuda' if HAS_CUDA else 'cpu'} ({provider}")
+    assert "scoring: 100%" in err  # the progress bar
+
+
+def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, tiny_model_dir, test_split,  # noqa: F811
+                                                    tmp_path, capsys):
+    evaluate = pytest.importorskip("imram_min.evaluate")
+    ims, caps, _, captions = test_split
+    ref = tmp_path / "eval_sims.npy"
+    evaluate.main([os.fspath(tiny_checkpoint), "--data", os.fspath(tiny_data), "--split", "test",
+                   "--save-sims", os.fspath(ref), "--device", "cpu"])
+    capsys.readouterr()
+    code, stdout, _ = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "5", "--json",
+                                 "--output", tmp_path / "sims.npy"], capsys)
+    assert code == 0
+    expected = np.load(ref)
+    assert np.abs(np.load(tmp_path / "sims.npy") - expected).max() <= TOL
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    for row in lines[:N_TEST_IMAGES]:
+        assert [t["caption"] for t in row["top"]] == np.argsort(-expected[row["image"]], kind="stable")[:5].tolist()
+    for row in lines[N_TEST_IMAGES:]:
+        assert [t["image"] for t in row["top"]] == np.argsort(-expected[:, row["caption"]], kind="stable")[:5].tolist()
+
+
+def test_runtime_runs_with_torch_unimportable(tiny_model_dir, test_split, tmp_path):  # noqa: F811
+    ims, caps, feats, captions = test_split
+    out = tmp_path / "sims.npy"
+    code = ("import sys, runpy\n"
+            "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+            "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch not blocked')\n"
+            "from runtime import Scorer\n"
+            "import numpy as np\n"
+            f"s = Scorer({os.fspath(tiny_model_dir)!r}, device='cpu').score(np.load({os.fspath(ims)!r}), ['a dog'])\n"
+            "assert s.shape == (%d, 1)\n"
+            "sys.argv = ['runtime.score', %r, %r, '--model', %r, '--output', %r]\n"
+            "runpy.run_module('runtime.score', run_name='__main__', alter_sys=True)\n"
+            % (N_TEST_IMAGES, os.fspath(ims), os.fspath(caps), os.fspath(tiny_model_dir), os.fspath(out)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(out).shape == (N_TEST_IMAGES, len(captions))
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    if HAS_CUDA:
+        pytest.skip("onnxruntime here offers CUDAExecutionProvider")
+    ims, caps, _, _ = test_split
+    code, stdout, err = score_cli([ims, caps, "--model", tiny_model_dir, "--device", "cuda",
+                                   "--output", tmp_path / "s.npy"], capsys)
+    assert code == 2 and err.startswith("error: ") and "CUDAExecutionProvider" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "s.npy").exists()
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2, no file
+def _write_npy(path, array, allow_pickle=False):
+    np.save(path, array, allow_pickle=allow_pickle)
+    return path
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _good_feats(n=3):
+    return np.random.default_rng(0).standard_normal((n, 4, IMG_DIM)).astype(np.float32)
+
+
+def _bad_feats(where, value):
+    feats = _good_feats(5)
+    feats[where] = value
+    return feats
+
+
+BAD_IMAGES = {  # name: (make(tmp_path) -> IMAGES path, words the message must contain)
+    "missing": (lambda d: d / "nope.npy", ["no such file"]),
+    "unreadable_folder": (lambda d: (d / "dir.npy").mkdir() or d / "dir.npy", ["folder"]),
+    "not_numpy": (lambda d: _write_bytes(d / "x.npy", b"hello, not numpy"), ["not a .npy"]),
+    "npz_archive": (lambda d: np.savez(d / "x.npz", a=_good_feats()) or d / "x.npz", [".npz"]),
+    "pickled_objects": (lambda d: _write_npy(d / "o.npy", np.array([{"a": 1}, None], dtype=object), True),
+                        ["pickled"]),
+    "wrong_rank": (lambda d: _write_npy(d / "r.npy", _good_feats()[0]), ["expected shape", "2 dimensions"]),
+    "wrong_feature_size": (lambda d: _write_npy(d / "s.npy", np.zeros((2, 4, IMG_DIM + 1), np.float32)),
+                           [str(IMG_DIM + 1), f"expects {IMG_DIM}"]),
+    "integer_dtype": (lambda d: _write_npy(d / "i.npy", np.zeros((2, 4, IMG_DIM), np.int32)), ["float", "int32"]),
+    "nan": (lambda d: _write_npy(d / "n.npy", _bad_feats((3, 1, 2), np.nan)), ["image 3", "NaN"]),
+    "inf": (lambda d: _write_npy(d / "f.npy", _bad_feats((1, 0, 0), -np.inf)), ["image 1", "Inf"]),
+    "no_images": (lambda d: _write_npy(d / "e.npy", np.zeros((0, 4, IMG_DIM), np.float32)), ["no images"]),
+}
+
+BAD_CAPTIONS = {  # name: (bytes of CAPTIONS.txt or None for a missing file, words the message must contain)
+    "missing": (None, ["no such file"]),
+    "empty": (b"", ["empty"]),
+    "not_utf8": (b"a red dog\na blue cat\nbad \xff\xfe byte\n", ["line 3", "UTF-8"]),
+    "blank_lines": (b"a red dog\n\na blue cat\n   \nlast\n", ["blank lines 2, 4"]),
+}
+
+
+def _assert_one_error_line(code, stdout, err, out_path, words):
+    assert code == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and stdout == ""
+    for word in words:
+        assert word in err, (word, err)
+    assert not out_path.exists()
+    assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images_file(case, tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    make, words = BAD_IMAGES[case]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = make(inputs)
+    out = tmp_path / "sims.npy"
+    code, stdout, err = score_cli([images, test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
+    _assert_one_error_line(code, stdout, err, out, words)
+
+
+@pytest.mark.parametrize("case", list(BAD_CAPTIONS))
+def test_bad_captions_file(case, tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    data, words = BAD_CAPTIONS[case]
+    caps = tmp_path / "in" / "caps.txt"
+    caps.parent.mkdir()
+    if data is not None:
+        caps.write_bytes(data)
+    out = tmp_path / "sims.npy"
+    code, stdout, err = score_cli([test_split[0], caps, "--model", tiny_model_dir, "--output", out], capsys)
+    _assert_one_error_line(code, stdout, err, out, words)
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing_file", "sha256_mismatch", "no_manifest", "no_folder"])
+def test_bad_model_dir(case, tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    model = _copy_model(tiny_model_dir, tmp_path / "in" / "model")
+    if case == "missing_file":
+        os.remove(model / "matcher.onnx")
+        words = ["matcher.onnx", "missing"]
+    elif case == "sha256_mismatch":
+        with open(model / "text_encoder.onnx", "ab") as f:
+            f.write(b"\0")
+        words = ["text_encoder.onnx", "SHA-256"]
+    elif case == "no_manifest":
+        os.remove(model / "manifest.json")
+        words = ["manifest.json"]
+    else:
+        model = tmp_path / "in" / "elsewhere"
+        words = ["no such model folder"]
+    out = tmp_path / "sims.npy"
+    code, stdout, err = score_cli([test_split[0], test_split[1], "--model", model, "--output", out], capsys)
+    _assert_one_error_line(code, stdout, err, out, words)
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "is_a_folder"])
+def test_unwritable_output_is_refused_before_scoring(case, tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "no" / "such" / "sims.npy" if case == "missing_folder" else tmp_path / "adir"
+    if case == "is_a_folder":
+        out.mkdir()
+    code, stdout, err = score_cli([test_split[0], test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
+    assert code == 2 and err.startswith("error: --output") and len(err.splitlines()) == 1
+    assert stdout == "" and "device:" not in err  # refused before the model was even loaded
+    assert not (tmp_path / "no").exists() and (case == "missing_folder" or os.listdir(out) == [])
+
+
+def test_bad_input_in_a_real_process_is_one_line_exit_2(tiny_model_dir, test_split, tmp_path):  # noqa: F811
+    images = _write_npy(tmp_path / "n.npy", _bad_feats((4, 2, 0), np.nan))
+    out = tmp_path / "sims.npy"
+    proc = subprocess.run([sys.executable, "-m", "runtime.score", images, test_split[1], "--model", tiny_model_dir,
+                           "--output", out], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {images}: image 4 has NaN or Inf features"]
+    assert proc.stdout == "" and not out.exists()
