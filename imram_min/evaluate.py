@@ -1,0 +1,273 @@
+"""Evaluate a checkpoint on a split: cross-modal retrieval with the SCAN protocol.
+
+    python -m imram_min.evaluate RUN/best.pt --data DIR --split test [--fold5] [--json OUT.json]
+                                             [--save-sims SIMS.npy] [--device auto] [--batch-size 128]
+
+Steps: encode every image of the split once and every caption (batched), score all
+(image, caption) pairs in shards (``similarities``), then rank:
+
+* i2t (image -> text, caption retrieval): for image i the rank of its best-ranked ground-truth
+  caption; the ground truth of image i is captions cpi*i .. cpi*i + cpi-1 (cpi = captions per
+  image, 5 or 1).
+* t2i (text -> image, image retrieval): for caption j the rank of its image j // cpi.
+
+Rank and ties: the rank of a ground truth is the number of candidates that score *strictly
+higher* than it (0 = first). A tie with the ground truth therefore counts in its favour; for
+i2t the best ground-truth caption is the one with the highest score, so other ground-truth
+captions never count against it. Without ties this is exactly SCAN's argsort-based rank.
+
+Metrics: R@K = 100 * mean(rank < K) for K = 1, 5, 10; medr = floor(median(rank)) + 1;
+meanr = mean(rank) + 1; rsum = the sum of the six recalls.
+
+``--fold5``: the COCO 1K protocol. The split's images are cut into 5 equal folds (1000 images
+each for the 5000-image COCO test split) with their captions, each fold is evaluated on its
+own, and the metrics are averaged over the folds (rsum = mean of the folds' rsums). Without
+it the whole split is one retrieval pool (COCO 5K, Flickr30K 1K).
+
+Memory: the caption embeddings are held padded to the split's longest caption, (n_cap, n_word,
+d) float32 on the CPU, as the original does; shards are moved to the device one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from imram_min.checkpoint import atomic_save_npy, atomic_write_json, load_model
+from imram_min.data import PrecompDataset
+from imram_min.model import IMRAM
+
+
+# --------------------------------------------------------------------------- scoring
+def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """THE single call site of pair scoring, for evaluation and for training (train.py imports it).
+
+    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
+    Differentiable. Switch to ``imram_min.fast.similarity`` here and both paths follow.
+    """
+    return model.similarity(region_embs, word_embs, lengths)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def encode_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed each image of ``dataset`` once and all its captions.
+
+    Returns, on the CPU: region_embs (n_images, n_region, d) float32, word_embs (n_captions,
+    n_word_max, d) float32 with zeros past each caption's length, lengths (n_captions,) int64.
+    """
+    model.eval()
+    device = torch.device(device)
+    n_img, n_cap = dataset.n_images, len(dataset.tokens)
+    region_embs = []
+    for i in tqdm(range(0, n_img, batch_size), desc="encode images", disable=not progress, leave=False):
+        feats = torch.from_numpy(np.array(dataset.images[i:i + batch_size], dtype=np.float32))
+        region_embs.append(model.encode_images(feats.to(device)).float().cpu())
+    region_embs = torch.cat(region_embs) if region_embs else torch.zeros(0, dataset.images.shape[1], model.cfg.embed_size)
+
+    lengths = torch.tensor([len(t) for t in dataset.tokens], dtype=torch.int64)
+    n_word = int(lengths.max()) if n_cap else 0
+    word_embs = torch.zeros(n_cap, n_word, model.cfg.embed_size)
+    for j in tqdm(range(0, n_cap, batch_size), desc="encode captions", disable=not progress, leave=False):
+        lens = lengths[j:j + batch_size]
+        tokens = torch.zeros(len(lens), int(lens.max()), dtype=torch.int64)  # <pad> = 0
+        for row, ids in enumerate(dataset.tokens[j:j + batch_size]):
+            tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+        out = model.encode_captions(tokens.to(device), lens)
+        word_embs[j:j + len(lens), :out.shape[1]] = out.float().cpu()
+    return region_embs, word_embs, lengths
+
+
+@torch.no_grad()
+def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                 device: str | torch.device = "cpu", shard_size: int = 128, progress: bool = False) -> np.ndarray:
+    """All pair scores (n_img, n_cap) float32, computed in shards of ``shard_size`` images x captions.
+
+    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
+    device; each caption shard is trimmed to its own longest caption before it is scored.
+    """
+    model.eval()
+    device = torch.device(device)
+    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
+    sims = np.zeros((n_img, n_cap), dtype=np.float32)
+    regions = region_embs.to(device)
+    lengths = lengths.cpu()
+    n_shards = math.ceil(n_img / shard_size) * math.ceil(n_cap / shard_size)
+    with tqdm(total=n_shards, desc="similarities", disable=not progress, leave=False) as bar:
+        for j in range(0, n_cap, shard_size):
+            lens = lengths[j:j + shard_size]
+            words = word_embs[j:j + shard_size, :int(lens.max())].to(device)
+            for i in range(0, n_img, shard_size):
+                block = score_pairs(model, regions[i:i + shard_size], words, lens)
+                sims[i:i + shard_size, j:j + shard_size] = block.float().cpu().numpy()
+                bar.update(1)
+    return sims
+
+
+# --------------------------------------------------------------------------- ranking
+def _check(sims: np.ndarray, caps_per_image: int) -> tuple[int, int]:
+    sims = np.asarray(sims)
+    if sims.ndim != 2 or sims.shape[1] != caps_per_image * sims.shape[0]:
+        raise ValueError(f"sims must be (n_img, {caps_per_image} * n_img), got shape {sims.shape}")
+    if not np.isfinite(sims).all():
+        raise ValueError("sims contains NaN or inf")
+    return sims.shape
+
+
+def i2t_ranks(sims: np.ndarray, caps_per_image: int = 5) -> np.ndarray:
+    """(n_img,) int64: per image, the number of captions scoring strictly higher than its best ground truth."""
+    n_img, _ = _check(sims, caps_per_image)
+    sims = np.asarray(sims)
+    gt = sims.reshape(n_img, n_img, caps_per_image)[np.arange(n_img), np.arange(n_img)].max(1)  # (n_img,)
+    ranks = np.empty(n_img, dtype=np.int64)
+    for i in range(0, n_img, 1024):  # rows in chunks: the bool matrix stays small
+        ranks[i:i + 1024] = (sims[i:i + 1024] > gt[i:i + 1024, None]).sum(1)
+    return ranks
+
+
+def t2i_ranks(sims: np.ndarray, caps_per_image: int = 5) -> np.ndarray:
+    """(n_cap,) int64: per caption, the number of images scoring strictly higher than its own image."""
+    n_img, n_cap = _check(sims, caps_per_image)
+    sims = np.asarray(sims)
+    gt = sims[np.arange(n_cap) // caps_per_image, np.arange(n_cap)]  # (n_cap,)
+    ranks = np.empty(n_cap, dtype=np.int64)
+    for j in range(0, n_cap, 4096):
+        ranks[j:j + 4096] = (sims[:, j:j + 4096] > gt[None, j:j + 4096]).sum(0)
+    return ranks
+
+
+def rank_metrics(ranks: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(R@1, R@5, R@10 in percent, medr, meanr) of 0-based ranks."""
+    ranks = np.asarray(ranks)
+    r1, r5, r10 = (100.0 * float(np.mean(ranks < k)) for k in (1, 5, 10))
+    return r1, r5, r10, float(math.floor(np.median(ranks)) + 1), float(np.mean(ranks) + 1)
+
+
+def i2t(sims: np.ndarray, caps_per_image: int = 5, return_ranks: bool = False):
+    """Image -> text retrieval on sims (n_img, n_cap): (r1, r5, r10, medr, meanr) [, ranks]."""
+    ranks = i2t_ranks(sims, caps_per_image)
+    return (rank_metrics(ranks), ranks) if return_ranks else rank_metrics(ranks)
+
+
+def t2i(sims: np.ndarray, caps_per_image: int = 5, return_ranks: bool = False):
+    """Text -> image retrieval on sims (n_img, n_cap): (r1, r5, r10, medr, meanr) [, ranks]."""
+    ranks = t2i_ranks(sims, caps_per_image)
+    return (rank_metrics(ranks), ranks) if return_ranks else rank_metrics(ranks)
+
+
+def metrics_from_sims(sims: np.ndarray, caps_per_image: int = 5) -> dict:
+    """{"i2t": [r1, r5, r10, medr, meanr], "t2i": [...], "rsum": float, "n_images", "n_captions"}."""
+    a, b = i2t(sims, caps_per_image), t2i(sims, caps_per_image)
+    return {"i2t": list(a), "t2i": list(b), "rsum": float(sum(a[:3]) + sum(b[:3])),
+            "n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1])}
+
+
+def fold_slices(n_images: int, caps_per_image: int, n_folds: int = 5) -> list[tuple[slice, slice]]:
+    """(image slice, caption slice) of each of ``n_folds`` equal folds, in order."""
+    if n_images % n_folds:
+        raise ValueError(f"{n_images} images cannot be cut into {n_folds} equal folds")
+    size = n_images // n_folds
+    return [(slice(k * size, (k + 1) * size), slice(k * size * caps_per_image, (k + 1) * size * caps_per_image))
+            for k in range(n_folds)]
+
+
+def average_folds(folds: list[dict]) -> dict:
+    """Mean of per-fold metric dicts (each metric and rsum averaged), with the folds kept under "folds"."""
+    return {"i2t": np.mean([f["i2t"] for f in folds], 0).tolist(), "t2i": np.mean([f["t2i"] for f in folds], 0).tolist(),
+            "rsum": float(np.mean([f["rsum"] for f in folds])), "folds": folds}
+
+
+def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
+                   fold5: bool = False, return_sims: bool = False, shard_size: int = 128, progress: bool = False) -> dict:
+    """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
+
+    With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
+    within-fold blocks are scored unless ``return_sims`` (then the whole (n_img, n_cap) matrix is
+    scored and returned under "sims", float32).
+    """
+    cpi = dataset.caps_per_image
+    region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress)
+    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
+    sims = None
+    if return_sims or not fold5:
+        sims = similarities(model, region_embs, word_embs, lengths, device, shard_size, progress)
+    if fold5:
+        folds = []
+        for im, ca in fold_slices(n_img, cpi):
+            block = sims[im, ca] if sims is not None else similarities(
+                model, region_embs[im], word_embs[ca], lengths[ca], device, shard_size, progress)
+            folds.append(metrics_from_sims(block, cpi))
+        result = average_folds(folds)
+    else:
+        result = metrics_from_sims(sims, cpi)
+    result.update(n_images=n_img, n_captions=n_cap, caps_per_image=cpi, fold5=fold5)
+    if return_sims:
+        result["sims"] = sims
+    return result
+
+
+def format_table(result: dict, title: str = "") -> str:
+    """A readable table of one result dict (and of its folds, if any)."""
+    head = f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'medr':>8s}{'meanr':>9s}"
+
+    def rows(r):
+        return [f"{name:14s}" + "".join(f"{v:8.2f}" for v in r[key][:4]) + f"{r[key][4]:9.2f}"
+                for name, key in (("image->text", "i2t"), ("text->image", "t2i"))]
+
+    lines = [title] if title else []
+    for k, fold in enumerate(result.get("folds", [])):
+        lines += [f"fold {k}: {fold['n_images']} images, {fold['n_captions']} captions", head, *rows(fold),
+                  f"rsum {fold['rsum']:.2f}", ""]
+    if "folds" in result:
+        lines.append(f"mean over {len(result['folds'])} folds")
+    lines += [head, *rows(result), f"rsum {result['rsum']:.2f}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
+    p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.convert)")
+    p.add_argument("--data", required=True, help="data folder (precomp layout)")
+    p.add_argument("--split", default="test", help="split name: DIR/{split}_ims.npy + DIR/{split}_caps.txt")
+    p.add_argument("--fold5", action="store_true", help="mean over 5 folds of the images (COCO 1K)")
+    p.add_argument("--json", metavar="OUT", help="write the metrics as JSON")
+    p.add_argument("--save-sims", metavar="OUT.npy", help="write the (n_img, n_cap) float32 similarity matrix")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
+    p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
+    p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    model, vocab, meta = load_model(args.checkpoint, device)
+    dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
+    print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
+          f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
+    result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
+                            return_sims=bool(args.save_sims), shard_size=args.shard_size, progress=True)
+    sims = result.pop("sims", None)
+    result["split"] = args.split
+    print(format_table(result, f"{args.split}{' (5-fold mean)' if args.fold5 else ''}: "
+                               f"{result['n_images']} images, {result['n_captions']} captions"))
+    if args.json:
+        atomic_write_json(result, args.json)
+    if args.save_sims:
+        atomic_save_npy(sims.astype(np.float32, copy=False), args.save_sims)
+    return result
+
+
+if __name__ == "__main__":
+    main()
