@@ -1,8 +1,14 @@
 """python -m export CKPT --out MODEL_DIR [--opset N] [--matcher plain|fast] [--no-verify]
+                 [--feature-extractor [--feature-size PX] [--grid N]]
 
 Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json
-(see export/onnx_export.py). A bad checkpoint or argument: one "error: ..." line, exit status 2;
-graphs that fail their check (invalid ONNX, or ONNX Runtime != PyTorch): exit status 1.
+(see export/onnx_export.py). --feature-extractor adds feature_extractor.onnx (EfficientNet-Lite0
+grid features, for models with img_dim 1280) so that ``python -m runtime.score`` takes pictures;
+its size and grid default to those recorded with the checkpoint's training data (features.json
+of the data folder), else 128 px and 4.
+
+A bad checkpoint or argument: one "error: ..." line, exit status 2; graphs that fail their check
+(invalid ONNX, or ONNX Runtime != PyTorch): exit status 1.
 """
 from __future__ import annotations
 
@@ -11,25 +17,40 @@ import os
 import sys
 import time
 
-from .onnx_export import (DEFAULT_MATCHER, DEFAULT_OPSET, MATCHER_FORMS, MAX_OPSET, MIN_OPSET, ExportError,
-                          export_checkpoint)
+from .onnx_export import (DEFAULT_FEATURE_SIZE, DEFAULT_GRID, DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
+                          MATCHER_FORMS, MAX_OPSET, MIN_OPSET, ExportError, ExportSettingsError, export_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export",
-                                description="Export an imram-min checkpoint to ONNX (3 graphs + vocab + manifest).")
+                                description="Export an imram-min checkpoint to ONNX (3 graphs + vocab + manifest, "
+                                            "and optionally a picture feature extractor).")
     p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or made by imram_min.convert)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write (created if needed)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default %(default)s)")
     p.add_argument("--matcher", default=DEFAULT_MATCHER, help="matcher formulation: plain (model.py) or fast (fast.py); "
                                                              "default %(default)s")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--feature-extractor", action="store_true",
+                   help="also export feature_extractor.onnx (EfficientNet-Lite0 grid features; img_dim 1280 models), "
+                        "so the runtime scores image files")
+    p.add_argument("--feature-size", type=int, default=None, metavar="PX",
+                   help="picture side the extractor takes (default: as recorded with the training data, "
+                        f"else {DEFAULT_FEATURE_SIZE})")
+    p.add_argument("--grid", type=int, default=None, metavar="N",
+                   help=f"N x N regions per picture (default: as recorded with the training data, else {DEFAULT_GRID})")
     args = p.parse_args(argv)
     opset, matcher = args.opset, args.matcher
     if not MIN_OPSET <= opset <= MAX_OPSET:
         p.exit(2, f"error: --opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}\n")
     if matcher not in MATCHER_FORMS:
         p.exit(2, f"error: --matcher must be one of {', '.join(MATCHER_FORMS)}, got {matcher!r}\n")
+    if not args.feature_extractor and (args.feature_size is not None or args.grid is not None):
+        p.exit(2, "error: --feature-size and --grid set up the feature extractor: add --feature-extractor\n")
+    if args.feature_size is not None and args.feature_size < 32:
+        p.exit(2, f"error: --feature-size must be at least 32 pixels, got {args.feature_size}\n")
+    if args.grid is not None and args.grid < 1:
+        p.exit(2, f"error: --grid must be >= 1, got {args.grid}\n")
     if not os.path.isfile(args.checkpoint):
         p.exit(2, f"error: {args.checkpoint}: no such checkpoint file\n")
 
@@ -37,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opset=opset, matcher=matcher,
-                                     verify=not args.no_verify)
-    except (CheckpointError, OSError) as e:
+                                     verify=not args.no_verify, feature_extractor=args.feature_extractor,
+                                     feature_size=args.feature_size, grid=args.grid)
+    except (CheckpointError, ExportSettingsError, OSError) as e:
         p.exit(2, "error: " + " ".join(str(e).split()) + "\n")
     except ExportError as e:  # the graphs came out wrong: a bug, not bad input
         p.exit(1, f"error: export check failed: {e}\n")
@@ -46,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     check = manifest["verification"]
     note = "" if check is None else ", ONNX Runtime vs PyTorch max abs diff " + \
         ", ".join(f"{k} {v:.1e}" for k, v in check["max_abs_diff"].items())
+    extractor = ""
+    if FEATURE_EXTRACTOR in manifest["graphs"]:
+        settings = manifest["source"]["feature_settings"]
+        extractor = f", feature extractor {settings['size']} px grid {settings['grid']} (from {settings['from']})"
+        recorded = settings.get("recorded")
+        if recorded:
+            print(f"warning: the training data's features were made at {recorded['size']} px grid {recorded['grid']} "
+                  f"({recorded['from']}); the extractor makes {settings['size']} px grid {settings['grid']}, "
+                  f"which this model was not trained on", file=sys.stderr)
     print(f"wrote {args.out}: mode={cfg['mode']}, K={cfg['n_steps']}, d={cfg['embed_size']}, opset {opset}, "
-          f"matcher {matcher}{note} ({time.perf_counter() - t0:.1f}s)")
+          f"matcher {matcher}{extractor}{note} ({time.perf_counter() - t0:.1f}s)")
     return 0
 
 

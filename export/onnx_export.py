@@ -1,6 +1,7 @@
 """Export an IMRAM checkpoint to three ONNX graphs + vocabulary + manifest (a "model dir").
 
     python -m export RUN/best.pt --out MODEL_DIR [--opset 17] [--matcher plain|fast]
+                     [--feature-extractor [--feature-size PX] [--grid N]]
 
 MODEL_DIR/
     image_encoder.onnx  region_feats (n_img, n_region, img_dim) f32 -> region_embs (n_img, n_region, d) f32
@@ -8,6 +9,10 @@ MODEL_DIR/
     matcher.onnx        region_embs, word_embs, lengths -> sims (n_img, n_cap) f32  (mode and K fixed)
     vocab.json          SCAN vocabulary JSON (runtime.text.Vocabulary)
     manifest.json       format version, model config, graph inputs/outputs, opset, versions, SHA-256 of each file
+  with feature_extractor=True (models with img_dim 1280, trained on imram_min.features grid features):
+    feature_extractor.onnx  images (n_img, 3, size, size) f32, preprocessed by runtime.images
+                            -> region_feats (n_img, grid*grid, 1280) f32; manifest "preprocessing" holds
+                            runtime.images.feature_spec(size, grid) (network, size, grid, normalisation)
 
 How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(..., dynamo=False)``):
 
@@ -23,6 +28,11 @@ How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(.
   sequence_lens, no Python-side use of the lengths: nothing of the example batch is baked in.
 * The matcher is built by ``build_matcher``, THE one place that chooses the formulation:
   "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``.
+* The feature extractor is ``imram_min.features.GridFeatureExtractor``: EfficientNet-Lite0 with
+  the packaged ImageNet weights, then the grid pooling as a MatMul with a constant matrix (equal to
+  the adaptive average pooling of ``extract_features``, and exportable for any size and grid).
+  Its input side is fixed (``size``); the batch is dynamic. Which size and grid: those recorded
+  with the checkpoint's training data (``recorded_feature_settings``), else 128 px and 4 x 4.
 
 Why the TorchScript exporter: the dynamo exporter took ~30x longer, recorded the example's
 n_word in the output shape, and its optimiser dropped the ``+ 1e-8`` of l2norm (0/0 = NaN on
@@ -46,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from imram_min.model import IMRAM, TextEncoder, l2norm, mean_pooled_similarity
+from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
 from runtime.text import PAD, Vocabulary
 
 FORMAT = "imram-min-onnx"
@@ -56,8 +67,11 @@ MAX_OPSET = 20  # the newest the TorchScript exporter writes
 MATCHER_FORMS = ("plain", "fast")
 DEFAULT_MATCHER = "fast"  # imram_min.fast: exact, ~6x fewer FLOPs at d = 1024
 VERIFY_TOL = 1e-4  # export-time sanity check (the tests hold the graphs to 1e-5)
+DEFAULT_FEATURE_SIZE, DEFAULT_GRID = 128, 4  # = imram_min.features.DEFAULT_SIZE, DEFAULT_GRID (a test checks)
 
 FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx", "matcher": "matcher.onnx"}
+FEATURE_EXTRACTOR = "feature_extractor"  # the optional fourth graph
+FEATURE_EXTRACTOR_FILE = "feature_extractor.onnx"
 VOCAB_FILE, MANIFEST_FILE = "vocab.json", "manifest.json"
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
 os.umask(_UMASK)
@@ -65,6 +79,10 @@ os.umask(_UMASK)
 
 class ExportError(RuntimeError):
     """The exported graphs do not check out (invalid ONNX, or ONNX Runtime disagrees with PyTorch)."""
+
+
+class ExportSettingsError(ValueError):
+    """An export that cannot be made as asked (e.g. a feature extractor for a model with img_dim != 1280)."""
 
 
 # --------------------------------------------------------------------------- graph signatures
@@ -83,6 +101,13 @@ def graph_signatures(img_dim: int, embed_size: int) -> dict:
                                t("lengths", "int64", "n_cap")],
                     "outputs": [t("sims", "float32", "n_img", "n_cap")]},
     }
+
+
+def feature_extractor_signature(size: int, grid: int) -> dict:
+    """Inputs and outputs of feature_extractor.onnx: images (n_img, 3, size, size) -> region_feats
+    (n_img, grid*grid, 1280), both float32; the output is the image encoder's input."""
+    return {"inputs": [{"name": "images", "dtype": "float32", "shape": ["n_img", 3, size, size]}],
+            "outputs": [{"name": "region_feats", "dtype": "float32", "shape": ["n_img", grid * grid, FEATURE_DIM]}]}
 
 
 def _dynamic_axes(signature: dict) -> dict:
@@ -249,6 +274,29 @@ def check_graph(path: str, signature: dict | None = None) -> None:
             raise ExportError(f"{os.path.basename(path)}: {kind} are {got}, expected {signature[kind]}")
 
 
+def example_images(size: int, n_img: int = 2, seed: int = 0) -> torch.Tensor:
+    """(n_img, 3, size, size) float32 in [-1, 1): stands in for preprocessed pictures."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_img, 3, size, size, generator=g) * 2 - 1
+
+
+def verify_feature_extractor(extractor: nn.Module, path: str, tol: float = VERIFY_TOL) -> float:
+    """feature_extractor.onnx under ONNX Runtime (CPU) vs PyTorch on 3 random images (the export
+    example had 2); returns the max abs difference, raises ExportError beyond ``tol``."""
+    import onnxruntime as ort
+
+    images = example_images(extractor.size, n_img=3, seed=1)
+    with torch.no_grad():
+        expected = extractor(images).numpy()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})[0]
+    diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+    if not np.isfinite(got).all() or not diff <= tol:
+        raise ExportError(f"{os.path.basename(path)}: ONNX Runtime differs from PyTorch by {diff:.3g} "
+                          f"(tolerance {tol:g}; shapes {got.shape} vs {expected.shape})")
+    return diff
+
+
 def verify_graphs(model: IMRAM, folder: str, matcher: nn.Module, tol: float = VERIFY_TOL) -> dict:
     """Run the graphs of ``folder`` under ONNX Runtime (CPU) on a batch of other sizes than the
     export example and compare with PyTorch. Returns {graph: max abs difference}; raises ExportError."""
@@ -286,9 +334,35 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def build_feature_extractor(img_dim: int, size: int, grid: int, network: nn.Module | None = None) -> nn.Module:
+    """``imram_min.features.GridFeatureExtractor`` (packaged ImageNet weights unless ``network``) in
+    eval mode, for a model with ``img_dim``; ExportSettingsError if it cannot be made."""
+    if img_dim != FEATURE_DIM:
+        raise ExportSettingsError(
+            f"--feature-extractor needs a model trained on EfficientNet-Lite0 grid features (img_dim {FEATURE_DIM}); "
+            f"this model has img_dim {img_dim}: score it with precomputed region features (.npy) instead")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise ExportSettingsError(f"feature size must be an integer >= 32 pixels, got {size!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ExportSettingsError(f"grid must be an integer >= 1, got {grid!r}")
+    from imram_min.features import EfficientNetLite0, GridFeatureExtractor
+    if network is None:
+        try:
+            network = EfficientNetLite0.pretrained()
+        except (ImportError, ValueError) as e:
+            raise ExportSettingsError(str(e)) from None
+    return GridFeatureExtractor(network.cpu().eval(), size, grid).eval()
+
+
 def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                 matcher: str = DEFAULT_MATCHER, verify: bool = True, source: dict | None = None) -> dict:
+                 matcher: str = DEFAULT_MATCHER, verify: bool = True, source: dict | None = None,
+                 feature_extractor: bool = False, feature_size: int = DEFAULT_FEATURE_SIZE,
+                 grid: int = DEFAULT_GRID, feature_network: nn.Module | None = None) -> dict:
     """Write the model dir (see the module docstring) atomically; returns the manifest.
+
+    feature_extractor: also write feature_extractor.onnx for pictures preprocessed at
+    ``feature_size`` px and pooled to ``grid`` x ``grid`` (the model must have img_dim 1280);
+    ``feature_network``: an EfficientNetLite0 to use instead of loading the packaged weights.
 
     Everything is written into a temporary folder next to ``out_dir`` first. If ``out_dir`` does
     not exist the folder is renamed to it (one atomic step); otherwise each file replaces its old
@@ -300,6 +374,8 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
         raise ValueError(f"vocabulary has {len(vocab)} words but the model has vocab_size={model.cfg.vocab_size}")
     model = model.cpu().eval()
     cfg = model.cfg
+    extractor = build_feature_extractor(cfg.img_dim, feature_size, grid, feature_network) \
+        if feature_extractor else None
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -315,19 +391,27 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
                       os.path.join(tmp, FILES["text_encoder"]), signatures["text_encoder"], opset)
         _export_graph(matcher_module, (ex["region_embs"], ex["word_embs"], ex["lengths"]),
                       os.path.join(tmp, FILES["matcher"]), signatures["matcher"], opset)
-        for name, file in FILES.items():
+        files_written = dict(FILES)
+        if extractor is not None:
+            signatures[FEATURE_EXTRACTOR] = feature_extractor_signature(feature_size, grid)
+            files_written[FEATURE_EXTRACTOR] = FEATURE_EXTRACTOR_FILE
+            _export_graph(extractor, (example_images(feature_size),), os.path.join(tmp, FEATURE_EXTRACTOR_FILE),
+                          signatures[FEATURE_EXTRACTOR], opset)
+        for name, file in files_written.items():
             check_graph(os.path.join(tmp, file), signatures[name])
         diffs = verify_graphs(model, tmp, matcher_module) if verify else None
+        if verify and extractor is not None:
+            diffs[FEATURE_EXTRACTOR] = verify_feature_extractor(extractor, os.path.join(tmp, FEATURE_EXTRACTOR_FILE))
         vocab.save(os.path.join(tmp, VOCAB_FILE))
 
         files = {f: {"sha256": sha256_file(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
-                 for f in [*FILES.values(), VOCAB_FILE]}
+                 for f in [*files_written.values(), VOCAB_FILE]}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_config": cfg.to_dict(),
             "matcher": {"mode": cfg.mode, "n_steps": cfg.n_steps, "form": matcher},
-            "graphs": {name: {"file": FILES[name], **signatures[name]} for name in FILES},
+            "graphs": {name: {"file": file, **signatures[name]} for name, file in files_written.items()},
             "vocab": {"file": VOCAB_FILE, "size": len(vocab)},
             "opset": opset,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
@@ -338,6 +422,8 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
             "source": _jsonable(source or {}),
             "files": files,
         }
+        if extractor is not None:  # how pictures become the extractor's input; runtime.images implements it
+            manifest["preprocessing"] = feature_spec(feature_size, grid)
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
@@ -359,12 +445,84 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
     return manifest
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                      matcher: str = DEFAULT_MATCHER, verify: bool = True) -> dict:
-    """Load a project checkpoint (imram_min.checkpoint) and ``export_model`` it; returns the manifest."""
-    from imram_min.checkpoint import load_model
+def recorded_feature_settings(checkpoint: str | os.PathLike, ckpt: dict) -> tuple[dict | None, str | None]:
+    """(feature spec, where it was found) of the data a checkpoint was trained on, or (None, None).
 
-    model, vocab, meta = load_model(checkpoint, "cpu")
+    First found wins: the checkpoint's meta["features"] (a feature spec); else the features.json
+    of its data folder, the folder named by the checkpoint's train_state (last.pt) or by the
+    config.json that ``imram_min.train`` writes beside it (a relative path is tried from the
+    current folder, then from the checkpoint's folder). ExportSettingsError if what is found is
+    malformed."""
+    meta = ckpt.get("meta") or {}
+    if isinstance(meta, dict) and meta.get("features") is not None:
+        where = f"{os.fspath(checkpoint)} (meta.features)"
+        try:
+            check_feature_spec(meta["features"], where, strict=False)
+        except ValueError as e:
+            raise ExportSettingsError(str(e)) from None
+        return dict(meta["features"]), where
+    run_dir = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+    data_dirs = []
+    train_state = ckpt.get("train_state") if isinstance(ckpt.get("train_state"), dict) else {}
+    data_dirs.append((train_state.get("train_config") or {}).get("data"))
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                data_dirs.append(((json.load(f) or {}).get("train") or {}).get("data"))
+        except (OSError, ValueError, AttributeError):
+            pass  # not a run folder's config.json: nothing recorded there
+    for data_dir in data_dirs:
+        if not isinstance(data_dir, str) or not data_dir:
+            continue
+        for base in (os.getcwd(), run_dir):
+            path = os.path.join(base, data_dir, FEATURES_JSON)
+            if os.path.isfile(path):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        spec = json.load(f)
+                    check_feature_spec(spec, path, strict=False)
+                except (OSError, ValueError) as e:
+                    raise ExportSettingsError(f"{path}: cannot read the recorded feature settings ({e}); "
+                                              f"give --feature-size and --grid") from None
+                return spec, os.path.normpath(path)
+    return None, None
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                      matcher: str = DEFAULT_MATCHER, verify: bool = True, feature_extractor: bool = False,
+                      feature_size: int | None = None, grid: int | None = None) -> dict:
+    """Load a project checkpoint (imram_min.checkpoint) and ``export_model`` it; returns the manifest.
+
+    With ``feature_extractor``: a size or grid left None is taken from ``recorded_feature_settings``,
+    else DEFAULT_FEATURE_SIZE / DEFAULT_GRID. manifest["source"]["feature_settings"] says which
+    (size, grid, from, and the recorded size/grid when they were overridden)."""
+    from imram_min.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(ckpt, "cpu")
+    meta = {**(ckpt.get("meta") or {}), "format": ckpt["format"]}  # as load_model's meta, less the config
     source = {"checkpoint": os.path.basename(os.fspath(checkpoint)), "checkpoint_sha256": sha256_file(checkpoint),
-              "meta": {k: v for k, v in meta.items() if k != "config"}}
-    return export_model(model, vocab, out_dir, opset=opset, matcher=matcher, verify=verify, source=source)
+              "meta": meta}
+    if feature_extractor:
+        if model.cfg.img_dim != FEATURE_DIM:  # say so before looking for settings that would not matter
+            build_feature_extractor(model.cfg.img_dim, DEFAULT_FEATURE_SIZE, DEFAULT_GRID)
+        try:
+            recorded, where = recorded_feature_settings(checkpoint, ckpt)
+        except ExportSettingsError:
+            if feature_size is None or grid is None:
+                raise
+            recorded, where = None, None  # both given: the recorded ones are not needed
+        settings = {"size": feature_size, "grid": grid, "from": "command line"}
+        if feature_size is None or grid is None:
+            settings["from"] = where if recorded else "defaults"
+        for key, default in (("size", DEFAULT_FEATURE_SIZE), ("grid", DEFAULT_GRID)):
+            if settings[key] is None:
+                settings[key] = int(recorded[key]) if recorded else default
+        if recorded and (int(recorded["size"]), int(recorded["grid"])) != (settings["size"], settings["grid"]):
+            settings["recorded"] = {"size": int(recorded["size"]), "grid": int(recorded["grid"]), "from": where}
+        source["feature_settings"] = settings
+        feature_size, grid = settings["size"], settings["grid"]
+    return export_model(model, vocab, out_dir, opset=opset, matcher=matcher, verify=verify, source=source,
+                        feature_extractor=feature_extractor, feature_size=feature_size or DEFAULT_FEATURE_SIZE,
+                        grid=grid or DEFAULT_GRID)

@@ -62,6 +62,12 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Raw bytes to ``path`` atomically."""
+    with _atomic_path(path, "wb") as f:
+        f.write(data)
+
+
 def atomic_write_json(obj, path: str | os.PathLike) -> None:
     """JSON (indented) to ``path`` atomically."""
     with _atomic_path(path, "w") as f:

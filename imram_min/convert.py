@@ -72,8 +72,8 @@ def load_original(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConvertError(f"{path}: refused to load: it pickles something other than tensors, plain "
-                           f"containers and argparse.Namespace (nothing in it was run): {safe_load_reason(e)}") from None
+        raise ConvertError(f"{path}: refused to load: it pickles something other than tensors, plain containers "
+                           f"and argparse.Namespace (nothing in it was run): {safe_load_reason(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConvertError(f"{path}: expected a dict with a 'model' entry (an original IMRAM checkpoint)")
     return ckpt
@@ -88,7 +88,8 @@ def flatten_original(model_entry) -> dict[str, torch.Tensor]:
         flat = {}
         for name, sd in zip(LIST_ORDER, model_entry):
             if not isinstance(sd, dict):
-                raise ConvertError(f"'model'[{LIST_ORDER.index(name)}] ({name}) is a {type(sd).__name__}, not a state dict")
+                raise ConvertError(f"'model'[{LIST_ORDER.index(name)}] ({name}) is a {type(sd).__name__}, "
+                                   "not a state dict")
             flat.update({f"{name}.{k}": v for k, v in sd.items()})
     elif isinstance(model_entry, dict):
         flat = dict(model_entry)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import numpy as np
@@ -40,17 +39,23 @@ from tqdm import tqdm
 
 from imram_min.checkpoint import atomic_save_npy, atomic_write_json, load_model
 from imram_min.data import PrecompDataset
+from imram_min import fast
 from imram_min.model import IMRAM
 
 
 # --------------------------------------------------------------------------- scoring
-def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
     """THE single call site of pair scoring, for evaluation and for training (train.py imports it).
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
-    Differentiable. Switch to ``imram_min.fast.similarity`` here and both paths follow.
+    Differentiable. The exact fast form (``imram_min.fast``); the reference form is
+    ``model.similarity``, and the tests hold the two together. When training on a GPU, each block
+    of pairs is recomputed in the backward pass instead of stored (activation checkpointing),
+    which bounds the memory of a step at batch 128, d = 1024.
     """
-    return model.similarity(region_embs, word_embs, lengths)
+    checkpoint = region_embs.is_cuda and torch.is_grad_enabled()
+    return fast.similarity(model, region_embs, word_embs, lengths, checkpoint=checkpoint)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,20 +75,25 @@ def encode_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.devi
     """
     model.eval()
     device = torch.device(device)
-    n_img, n_cap = dataset.n_images, len(dataset.tokens)
+    token_lists = getattr(dataset, "tokens", None)  # PrecompDataset keeps them; else read them item by item
+    if token_lists is None:
+        token_lists = [dataset[i][1].tolist() for i in range(len(dataset))]
+    n_img, n_cap = dataset.n_images, len(token_lists)
     region_embs = []
     for i in tqdm(range(0, n_img, batch_size), desc="encode images", disable=not progress, leave=False):
         feats = torch.from_numpy(np.array(dataset.images[i:i + batch_size], dtype=np.float32))
         region_embs.append(model.encode_images(feats.to(device)).float().cpu())
-    region_embs = torch.cat(region_embs) if region_embs else torch.zeros(0, dataset.images.shape[1], model.cfg.embed_size)
+    if not region_embs:
+        region_embs = [torch.zeros(0, dataset.images.shape[1], model.cfg.embed_size)]
+    region_embs = torch.cat(region_embs)
 
-    lengths = torch.tensor([len(t) for t in dataset.tokens], dtype=torch.int64)
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
     n_word = int(lengths.max()) if n_cap else 0
     word_embs = torch.zeros(n_cap, n_word, model.cfg.embed_size)
     for j in tqdm(range(0, n_cap, batch_size), desc="encode captions", disable=not progress, leave=False):
         lens = lengths[j:j + batch_size]
         tokens = torch.zeros(len(lens), int(lens.max()), dtype=torch.int64)  # <pad> = 0
-        for row, ids in enumerate(dataset.tokens[j:j + batch_size]):
+        for row, ids in enumerate(token_lists[j:j + batch_size]):
             tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
         out = model.encode_captions(tokens.to(device), lens)
         word_embs[j:j + len(lens), :out.shape[1]] = out.float().cpu()
@@ -185,12 +195,13 @@ def fold_slices(n_images: int, caps_per_image: int, n_folds: int = 5) -> list[tu
 
 def average_folds(folds: list[dict]) -> dict:
     """Mean of per-fold metric dicts (each metric and rsum averaged), with the folds kept under "folds"."""
-    return {"i2t": np.mean([f["i2t"] for f in folds], 0).tolist(), "t2i": np.mean([f["t2i"] for f in folds], 0).tolist(),
-            "rsum": float(np.mean([f["rsum"] for f in folds])), "folds": folds}
+    mean = {d: np.mean([f[d] for f in folds], 0).tolist() for d in ("i2t", "t2i")}
+    return {**mean, "rsum": float(np.mean([f["rsum"] for f in folds])), "folds": folds}
 
 
 def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
-                   fold5: bool = False, return_sims: bool = False, shard_size: int = 128, progress: bool = False) -> dict:
+                   fold5: bool = False, return_sims: bool = False, shard_size: int = 128,
+                   progress: bool = False) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the

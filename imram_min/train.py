@@ -41,7 +41,8 @@ import torch
 from tqdm import tqdm
 
 from imram_min import evaluate
-from imram_min.checkpoint import atomic_write_json, load_checkpoint, model_from_checkpoint, save_checkpoint
+from imram_min.checkpoint import (atomic_write_bytes, atomic_write_json, load_checkpoint, model_from_checkpoint,
+                                  save_checkpoint)
 from imram_min.data import PrecompDataset, collate, load_features, load_vocab
 from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
 
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="(0)")
     t.add_argument("--device", help="auto (cuda if available), cpu, cuda (auto)")
     t.add_argument("--workers", type=int, help="data-loader workers (0)")
-    t.add_argument("--max-dev-captions", dest="max_dev_captions", type=int, help="dev captions evaluated, 0 = all (5000)")
+    t.add_argument("--max-dev-captions", dest="max_dev_captions", type=int,
+                   help="dev captions evaluated, 0 = all (5000)")
     return p
 
 
@@ -159,7 +161,8 @@ def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     loader_generator.set_state(state["loader"])
@@ -210,10 +213,7 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
     if os.path.exists(src):
         with open(src, encoding="utf-8") as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= keep_epochs]
-    tmp = dst + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, dst)
+    atomic_write_bytes("".join(lines).encode("utf-8"), dst)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,7 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_rsum = int(state["epoch"]), float(state["best_rsum"])
         set_rng_state(state["rng"], loader_generator)
-        rewrite_log(os.path.join(os.path.dirname(os.path.abspath(resume_path)), "log.jsonl"), log_path, start_epoch)
+        src_dir = os.path.dirname(os.path.abspath(resume_path))
+        rewrite_log(os.path.join(src_dir, "log.jsonl"), log_path, start_epoch)
+        src_best, dst_best = os.path.join(src_dir, "best.pt"), os.path.join(tcfg.out, "best.pt")
+        if os.path.exists(src_best) and os.path.abspath(src_best) != os.path.abspath(dst_best):
+            with open(src_best, "rb") as f:  # a new run folder starts with the best so far
+                atomic_write_bytes(f.read(), dst_best)
         print(f"resumed from {resume_path} after epoch {start_epoch} (best dev rsum {best_rsum:.2f})")
     else:
         rewrite_log(log_path, log_path, 0)  # a fresh run starts a fresh log
@@ -299,9 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_state = {"epoch": epoch + 1, "best_rsum": best_rsum, "optimizer": optimizer.state_dict(),
                        "rng": rng_state(loader_generator), "train_config": asdict(tcfg),
                        "from_defaults_file": from_file}
-        save_checkpoint(os.path.join(tcfg.out, "last.pt"), model, vocab, meta, train_state)
-        with open(log_path, "a", encoding="utf-8") as f:
+        with open(log_path, "a", encoding="utf-8") as f:  # before last.pt: a resume drops lines past its epoch
             f.write(json.dumps(entry) + "\n")
+        save_checkpoint(os.path.join(tcfg.out, "last.pt"), model, vocab, meta, train_state)
         print(f"epoch {epoch + 1}/{tcfg.num_epochs} lr {lr:.2e} loss {train_loss:.4f} dev rsum {dev['rsum']:.2f} "
               f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if is_best else ''} "
               f"{entry['seconds']:.1f}s")

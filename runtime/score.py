@@ -1,24 +1,35 @@
 """Score every image against every caption with an exported model, and show the best matches.
 
-    python -m runtime.score IMAGES.npy CAPTIONS.txt [--model MODEL_DIR] [--output SIMS.npy]
-                            [--top-k K] [--json] [--device auto|cpu|cuda] [--shard N]
+    python -m runtime.score IMAGES CAPTIONS.txt [--model MODEL_DIR] [--output SIMS.npy]
+                            [--top-k K] [--json] [--device auto|cpu|cuda] [--shard N] [--image-batch N]
 
-IMAGES.npy: region features (n_img, n_region, img_dim), any float dtype, memory-mapped (a gallery
-larger than RAM streams from disk). CAPTIONS.txt: UTF-8, one caption a line, no blank lines.
-MODEL_DIR: written by ``python -m export`` (default DEFAULT_MODEL_DIR).
+IMAGES, always the first argument, is one of:
+  * FEATURES.npy: region features (n_img, n_region, img_dim), any float dtype, memory-mapped (a
+    gallery larger than RAM streams from disk);
+  * a folder of pictures (searched recursively, sorted; runtime.images.IMAGE_EXTENSIONS);
+  * a .txt file of picture paths, one a line (relative to the file's folder; '#' lines skipped)
+    -- a .txt in first position is always a list of pictures, the captions come second;
+  * a single picture file.
+Pictures need a model dir exported with ``--feature-extractor``: they are decoded with Pillow and
+preprocessed with numpy (runtime.images) exactly as ``imram_min.features`` did for training, a
+batch (--image-batch) at a time, and turned into region features by feature_extractor.onnx.
+CAPTIONS.txt: UTF-8, one caption a line, no blank lines. MODEL_DIR: written by
+``python -m export`` (default DEFAULT_MODEL_DIR).
 
 Writes the (n_img, n_cap) float32 similarity matrix to --output (a .npy, written to a temporary
 file next to it and renamed into place, so a reader never sees half of it), and prints for each
 image its top-K captions, then for each caption its top-K images: text, or one JSON object a
 line with --json ({"image": i, "top": [{"caption": j, "score": s, "text": ...}, ...]} then
-{"caption": j, "text": ..., "top": [{"image": i, "score": s}, ...]}). Rank order: score
-descending, ties by index ascending. The device and a progress bar go to stderr.
+{"caption": j, "text": ..., "top": [{"image": i, "score": s}, ...]}). For pictures each image
+is also shown by its file name (path relative to the folder or list file; "file" in JSON).
+Rank order: score descending, ties by index ascending. The device and a progress bar go to stderr.
 
-Bad input (missing or unreadable file, not a plain float .npy of the right shape, NaN/Inf,
-empty / non-UTF-8 / blank-line captions, an altered model dir, an unwritable --output, an
-unavailable device): one "error: ..." line on stderr, exit status 2, nothing written.
+Bad input (missing or unreadable file, not a plain float .npy of the right shape, NaN/Inf, a
+folder without pictures, a file that is not a picture, empty / non-UTF-8 / blank-line captions,
+an altered model dir or one without feature_extractor.onnx for pictures, an unwritable --output,
+an unavailable device): one "error: ..." line on stderr, exit status 2, nothing written.
 
-numpy, onnxruntime, the standard library and nltk only: no torch.
+numpy, onnxruntime, Pillow, the standard library and nltk only: no torch.
 """
 from __future__ import annotations
 
@@ -33,7 +44,8 @@ import numpy as np
 
 import onnxruntime as ort
 
-from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, DeviceError, InputError, ModelDirError, Scorer,
+from .images import IMAGE_EXTENSIONS, LIST_EXTENSIONS, ImageError, check_image_files, list_images
+from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, IMAGE_BATCH, DeviceError, InputError, ModelDirError, Scorer,
                      check_region_feats, list_some)
 
 DEFAULT_TOP_K = 5
@@ -71,6 +83,33 @@ def open_features(path: str) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise UsageError(f"{path}: cannot read as a .npy array ({e})") from None
     return feats
+
+
+def open_images(path: str):
+    """IMAGES -> (region features memmap, None) for a .npy, or (picture paths, display names) for a
+    folder, a .txt list of paths or a single picture. Every picture's header is checked here,
+    before any model is loaded, so a missing or non-picture file is named at once."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or folder")
+    is_list = not os.path.isdir(path) and path.lower().endswith(LIST_EXTENSIONS)
+    if not (os.path.isdir(path) or is_list or path.lower().endswith(IMAGE_EXTENSIONS)):
+        return open_features(path), None
+    try:
+        paths = list_images([path])
+        if not paths:
+            raise UsageError(f"{path}: lists no image paths (one a line)")
+        check_image_files(paths)
+    except FileNotFoundError as e:
+        hint = f" ({path}, the first argument, is read as a list of image paths, one a line)" if is_list else ""
+        raise UsageError(f"{e}{hint}") from None
+    except ImageError as e:
+        raise UsageError(str(e)) from None
+    if os.path.isdir(path) or is_list:  # names relative to the folder / the list file's folder
+        base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        names = [os.path.relpath(os.path.abspath(p), os.path.abspath(base)).replace(os.sep, "/") for p in paths]
+    else:
+        names = [os.path.basename(path)]
+    return paths, names
 
 
 def read_captions(path: str) -> list[str]:
@@ -188,34 +227,46 @@ def top_k_images(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return best_idx.T, best.T
 
 
-def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool, out=None) -> None:
-    """Top-k captions of each image, then top-k images of each caption, to ``out`` (stdout)."""
+def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool, out=None,
+                   names: list[str] | None = None) -> None:
+    """Top-k captions of each image, then top-k images of each caption, to ``out`` (stdout).
+    ``names``: a file name per image, shown beside its index ("file" in JSON)."""
     out = out or sys.stdout
     if k <= 0:
         return
+
+    def file(i: int) -> dict:
+        return {"file": names[i]} if names is not None else {}
+
+    def label(i: int) -> str:
+        return f"image {i} {names[i]}" if names is not None else f"image {i}"
+
     for i, idx, scores in top_k_captions(sims, k):
         if as_json:
             top = [{"caption": int(j), "score": float(s), "text": captions[j]} for j, s in zip(idx, scores)]
-            out.write(json.dumps({"image": i, "top": top}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"image": i, **file(i), "top": top}, ensure_ascii=False) + "\n")
         else:
-            out.write(f"image {i}: top {len(idx)} captions\n")
+            out.write(f"{label(i)}: top {len(idx)} captions\n")
             out.writelines(f"  {r}. caption {j} ({s:.6f}): {captions[j]}\n" for r, (j, s) in enumerate(zip(idx, scores), 1))
     img_idx, img_scores = top_k_images(sims, k)
     for j, (idx, scores) in enumerate(zip(img_idx, img_scores)):
         if as_json:
-            top = [{"image": int(i), "score": float(s)} for i, s in zip(idx, scores)]
+            top = [{"image": int(i), **file(i), "score": float(s)} for i, s in zip(idx, scores)]
             out.write(json.dumps({"caption": j, "text": captions[j], "top": top}, ensure_ascii=False) + "\n")
         else:
             out.write(f"caption {j}: {captions[j]}\n")
-            out.writelines(f"  {r}. image {i} ({s:.6f})\n" for r, (i, s) in enumerate(zip(idx, scores), 1))
+            out.writelines(f"  {r}. {label(i)} ({s:.6f})\n" for r, (i, s) in enumerate(zip(idx, scores), 1))
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.score",
-                                description="Score images (region features) against captions with an exported "
-                                            "IMRAM model (ONNX Runtime, no torch).")
-    p.add_argument("images", metavar="IMAGES.npy", help="region features (n_img, n_region, img_dim), float")
+                                description="Score images (region features or picture files) against captions "
+                                            "with an exported IMRAM model (ONNX Runtime, no torch).")
+    p.add_argument("images", metavar="IMAGES",
+                   help="region features (.npy, (n_img, n_region, img_dim) float), or pictures: a folder, a .txt "
+                        "file of picture paths (one a line), or one picture file; pictures need a model exported "
+                        "with --feature-extractor")
     p.add_argument("captions", metavar="CAPTIONS.txt", help="UTF-8 text, one caption a line")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="folder written by python -m export (default: %(default)s)")
@@ -228,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", type=int, default=None, metavar="N",
                    help="images and captions per shard (default: from a memory budget)")
     p.add_argument("--threads", type=int, default=None, metavar="T", help="ONNX Runtime intra-op threads")
+    p.add_argument("--image-batch", type=int, default=IMAGE_BATCH, metavar="N",
+                   help="pictures decoded and run through the feature extractor at a time (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no device line and no progress bar")
     args = p.parse_args(argv)
     if args.top_k < 0:
@@ -236,26 +289,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--shard must be >= 1, got {args.shard}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.image_batch < 1:
+        p.error(f"--image-batch must be >= 1, got {args.image_batch}")
     return args
 
 
 def run(args: argparse.Namespace) -> np.ndarray:
     """Check everything, then score, write and print. Raises UsageError (and its kin) on bad input."""
-    feats = open_features(args.images)
+    feats, names = open_images(args.images)  # names: None for a .npy of features
     captions = read_captions(args.captions)
     if args.output:
         check_output(args.output)
-    scorer = Scorer(args.model, device=args.device, shard=args.shard, threads=args.threads)
-    feats = check_region_feats(feats, scorer.img_dim, name=args.images)
+    scorer = Scorer(args.model, device=args.device, shard=args.shard, threads=args.threads,
+                    image_batch=args.image_batch)
+    if names is None:
+        feats = check_region_feats(feats, scorer.img_dim, name=args.images)
+        what = f"{feats.shape[0]} images"
+    else:
+        scorer.require_feature_extractor()
+        what = f"{len(feats)} pictures ({scorer.feature_size} px, grid {scorer.feature_grid})"
     if not args.quiet:
         why = ""
         if args.device == "auto" and scorer.provider != CUDA:
             why = f"; onnxruntime offers no {CUDA}" if CUDA not in ort.get_available_providers() \
                 else f"; {CUDA} failed to start"
-        print(f"device: {scorer.device} ({scorer.provider}{why}); {feats.shape[0]} images x {len(captions)} captions, "
+        print(f"device: {scorer.device} ({scorer.provider}{why}); {what} x {len(captions)} captions, "
               f"model {args.model} (mode={scorer.mode}, K={scorer.n_steps})", file=sys.stderr)
     progress = Progress("scoring", enabled=not args.quiet)
-    n_img, n_cap = feats.shape[0], len(captions)
+    n_img, n_cap = len(feats), len(captions)
     tmp = None
     try:
         if args.output:  # fill a .npy memmap next to the target, rename it into place when complete
@@ -277,7 +338,7 @@ def run(args: argparse.Namespace) -> np.ndarray:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-    print_rankings(sims, captions, args.top_k, args.json)
+    print_rankings(sims, captions, args.top_k, args.json, names=names)
     return sims
 
 

@@ -4,9 +4,17 @@
     scorer = Scorer("runs/default/model")               # device="auto": CUDA if offered, else CPU
     sims = scorer.score(region_feats, ["a dog on a sofa", ...])   # (n_img, n_cap) float32
 
+    sims = scorer.score(["cat.jpg", "cup.png"], captions)        # image files: needs feature_extractor.onnx
+
 A model dir is what ``python -m export`` writes: image_encoder.onnx, text_encoder.onnx,
-matcher.onnx, vocab.json and manifest.json. Loading it checks the manifest's format and the
-SHA-256 of every file it lists, so a half-copied or edited model dir is refused.
+matcher.onnx, vocab.json and manifest.json, and with ``--feature-extractor`` also
+feature_extractor.onnx plus the preprocessing in the manifest. Loading it checks the manifest's
+format and the SHA-256 of every file it lists, so a half-copied or edited model dir is refused.
+
+Image files (``score`` given a list of paths, ``image_features``, ``encode_image_files``) are
+decoded with Pillow and preprocessed with numpy by runtime.images exactly as
+``imram_min.features`` does for training (size and normalisation from the manifest), a batch of
+``image_batch`` at a time, and turned into grid features by feature_extractor.onnx.
 
 Bounded memory (``score``): captions are tokenised exactly as in training (runtime.text),
 sorted by length and cut into shards of ``shard`` captions, each padded only to its own longest
@@ -27,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .images import ImageError, check_feature_spec, load_and_preprocess
 from .text import Vocabulary, VocabularyError
 
 DEFAULT_MODEL_DIR = os.path.join("runs", "default", "model")  # where the README's main command puts it
@@ -34,6 +43,8 @@ FORMAT = "imram-min-onnx"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "matcher")
+FEATURE_EXTRACTOR = "feature_extractor"  # optional: pictures -> region features
+IMAGE_BATCH = 16  # pictures decoded and run through the feature extractor at a time
 DEVICES = ("auto", "cpu", "cuda")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 PAIR_BUDGET = 1 << 24  # values in the largest per-pair tensor of one matcher call (64 MB in float32)
@@ -87,6 +98,19 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
         cfg["img_dim"], cfg["embed_size"], cfg["mode"], cfg["n_steps"]
     except (KeyError, TypeError) as e:
         raise ModelDirError(f"{path}: incomplete manifest (no {e})") from None
+    extractor = manifest["graphs"].get(FEATURE_EXTRACTOR) if isinstance(manifest["graphs"], dict) else None
+    if extractor is not None:
+        try:
+            needed.append(extractor["file"])
+            size, grid = check_feature_spec(manifest.get("preprocessing"), f"{path}: preprocessing")
+            in_shape, out_shape = extractor["inputs"][0]["shape"], extractor["outputs"][0]["shape"]
+        except (KeyError, TypeError, IndexError) as e:
+            raise ModelDirError(f"{path}: incomplete feature_extractor entry (no {e})") from None
+        except ValueError as e:
+            raise ModelDirError(str(e)) from None
+        if in_shape[1:] != [3, size, size] or out_shape[1:] != [grid * grid, cfg["img_dim"]]:
+            raise ModelDirError(f"{path}: feature extractor {in_shape} -> {out_shape} does not fit the "
+                                f"preprocessing (size {size}, grid {grid}) and img_dim {cfg['img_dim']}")
     for name in needed:
         if name not in files:
             raise ModelDirError(f"{path}: lists no hash for {name}")
@@ -168,6 +192,24 @@ def check_captions(captions: Sequence[str], name: str = "captions") -> list[str]
     return out
 
 
+def image_paths_or_none(images) -> list[str] | None:
+    """``images`` as a list of path strings if it is a list or tuple of str / os.PathLike (an
+    empty list counts: ``check_image_paths`` refuses it), else None (an array of features)."""
+    if isinstance(images, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in images):
+        return [os.fspath(p) for p in images]
+    return None
+
+
+def check_image_paths(paths: Sequence[str | os.PathLike], name: str = "images") -> list[str]:
+    """A non-empty list of image file paths as strings. Raises InputError."""
+    found = image_paths_or_none(list(paths) if not isinstance(paths, (str, os.PathLike)) else paths)
+    if found is None:
+        raise InputError(f"{name}: expected a list of image file paths")
+    if not found:
+        raise InputError(f"{name}: no images")
+    return found
+
+
 def list_some(items: Sequence[int], n: int = 10) -> str:
     """'1, 4, 9' or '1, 4, ... (25 in all)'."""
     shown = ", ".join(str(i) for i in items[:n])
@@ -176,24 +218,33 @@ def list_some(items: Sequence[int], n: int = 10) -> str:
 
 # --------------------------------------------------------------------------- the scorer
 class Scorer:
-    """The three ONNX graphs of a model dir, with tokenisation and sharded all-pairs scoring.
+    """The ONNX graphs of a model dir, with tokenisation and sharded all-pairs scoring.
 
     model_dir: a folder written by ``python -m export``. device: "auto" (CUDA when onnxruntime
     offers it, else CPU), "cpu" or "cuda" (DeviceError if unavailable). shard: images and
     captions per shard (None: from PAIR_BUDGET). threads: ONNX Runtime intra-op threads (None:
-    its default). Attributes: manifest, config (the model config dict), vocab, img_dim,
-    embed_size, mode, n_steps, device ("cpu"/"cuda"), provider (the provider in use).
+    its default). image_batch: pictures decoded and run through the feature extractor at a time.
+    Attributes: manifest, config (the model config dict), vocab, img_dim, embed_size, mode,
+    n_steps, device ("cpu"/"cuda"), provider (the provider in use), has_feature_extractor and,
+    when it has one, preprocessing (the manifest's feature spec), feature_size, feature_grid.
+    The feature extractor's session is made on first use.
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, device: str = "auto",
-                 shard: int | None = None, threads: int | None = None):
+                 shard: int | None = None, threads: int | None = None, image_batch: int = IMAGE_BATCH):
         if shard is not None and shard < 1:
             raise ValueError(f"shard must be >= 1, got {shard}")
-        self.model_dir, self.shard = os.fspath(model_dir), shard
+        if image_batch < 1:
+            raise ValueError(f"image_batch must be >= 1, got {image_batch}")
+        self.model_dir, self.shard, self.image_batch = os.fspath(model_dir), shard, int(image_batch)
         self.manifest = load_manifest(self.model_dir)
         self.config = self.manifest["model_config"]
         self.img_dim, self.embed_size = int(self.config["img_dim"]), int(self.config["embed_size"])
         self.mode, self.n_steps = self.config["mode"], int(self.config["n_steps"])
+        self.has_feature_extractor = FEATURE_EXTRACTOR in self.manifest["graphs"]
+        self.preprocessing = self.manifest.get("preprocessing") if self.has_feature_extractor else None
+        self.feature_size = int(self.preprocessing["size"]) if self.has_feature_extractor else None
+        self.feature_grid = int(self.preprocessing["grid"]) if self.has_feature_extractor else None
         vocab_path = os.path.join(self.model_dir, self.manifest["vocab"]["file"])
         try:
             self.vocab = Vocabulary.load(vocab_path)
@@ -203,35 +254,47 @@ class Scorer:
             raise ModelDirError(f"{vocab_path}: {len(self.vocab)} words, the model has {self.config['vocab_size']}")
 
         providers = resolve_providers(device)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
         if threads:
-            options.intra_op_num_threads = int(threads)
-        self.sessions, self.io = {}, {}
-        for g in GRAPHS:
-            spec = self.manifest["graphs"][g]
-            path = os.path.join(self.model_dir, spec["file"])
-            try:
-                session = ort.InferenceSession(path, options, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise ModelDirError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-            names = [i.name for i in session.get_inputs()]
-            if names != [i["name"] for i in spec["inputs"]]:
-                raise ModelDirError(f"{path}: inputs {names} differ from the manifest's")
-            self.sessions[g] = session
+            self._options.intra_op_num_threads = int(threads)
+        self.sessions, self.io = {g: self._load_session(g, providers) for g in GRAPHS}, {}
         used = self.sessions["matcher"].get_providers()
         if CUDA in providers and CUDA not in used:
             if device == "cuda":
                 raise DeviceError(f"device cuda: {CUDA} is installed but failed to start (no GPU or CUDA libraries?)")
-            self.sessions = {g: ort.InferenceSession(os.path.join(self.model_dir, self.manifest["graphs"][g]["file"]),
-                                                     options, providers=[CPU]) for g in GRAPHS}
+            self.sessions = {g: self._load_session(g, [CPU]) for g in GRAPHS}
             used = [CPU]
+        self._providers = [CUDA, CPU] if used[0] == CUDA else [CPU]
         self.provider = used[0]
         self.device = "cuda" if self.provider == CUDA else "cpu"
 
+    def _load_session(self, graph: str, providers: list[str]) -> ort.InferenceSession:
+        spec = self.manifest["graphs"][graph]
+        path = os.path.join(self.model_dir, spec["file"])
+        try:
+            session = ort.InferenceSession(path, self._options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelDirError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        names = [i.name for i in session.get_inputs()]
+        if names != [i["name"] for i in spec["inputs"]]:
+            raise ModelDirError(f"{path}: inputs {names} differ from the manifest's")
+        return session
+
+    def require_feature_extractor(self) -> None:
+        """ModelDirError, saying how to make one, unless the model dir has feature_extractor.onnx."""
+        if not self.has_feature_extractor:
+            raise ModelDirError(
+                f"{self.model_dir}: has no feature_extractor.onnx, so it scores region features (.npy) only; "
+                f"to score image files re-export it with python -m export CKPT --out {self.model_dir} "
+                f"--feature-extractor (models trained on EfficientNet-Lite0 grid features, img_dim 1280)")
+        if FEATURE_EXTRACTOR not in self.sessions:
+            self.sessions[FEATURE_EXTRACTOR] = self._load_session(FEATURE_EXTRACTOR, self._providers)
+
     def __repr__(self) -> str:
+        pictures = f", pictures {self.feature_size} px grid {self.feature_grid}" if self.has_feature_extractor else ""
         return (f"Scorer({self.model_dir!r}, mode={self.mode}, K={self.n_steps}, d={self.embed_size}, "
-                f"device={self.device})")
+                f"device={self.device}{pictures})")
 
     # ------------------------------------------------------------------ the graphs
     def _run(self, graph: str, **inputs) -> np.ndarray:
@@ -256,6 +319,36 @@ class Scorer:
             feats = np.ascontiguousarray(region_feats[i:i + step], dtype=np.float32)
             out[i:i + step] = self._run("image_encoder", region_feats=feats)
         return out
+
+    def _feature_batches(self, paths: list[str]):
+        """Yield (start, grid features (n, grid*grid, img_dim) float32) for ``image_batch`` pictures
+        at a time: decoded and preprocessed by runtime.images, run through feature_extractor.onnx."""
+        self.require_feature_extractor()
+        for i in range(0, len(paths), self.image_batch):
+            try:
+                pixels = load_and_preprocess(paths[i:i + self.image_batch], self.feature_size)
+            except (ImageError, FileNotFoundError) as e:  # both name the file
+                raise InputError(str(e)) from None
+            yield i, self._run(FEATURE_EXTRACTOR, images=pixels)
+
+    def image_features(self, paths: Sequence[str | os.PathLike],
+                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Image files -> grid features (n_img, grid*grid, img_dim) float32: what
+        ``imram_min.features.extract_features`` makes for training, with feature_extractor.onnx.
+        progress(done, total) is called after each batch of pictures."""
+        paths = check_image_paths(paths)
+        out = np.empty((len(paths), self.feature_grid ** 2, self.img_dim), dtype=np.float32)
+        for i, feats in self._feature_batches(paths):
+            out[i:i + len(feats)] = feats
+            if progress:
+                progress(i + len(feats), len(paths))
+        return out
+
+    def encode_image_files(self, paths: Sequence[str | os.PathLike],
+                           progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Image files -> region embeddings (n_img, grid*grid, d) float32 (``image_features`` then
+        ``encode_images``). Needs a model dir exported with --feature-extractor."""
+        return self.encode_images(self.image_features(paths, progress), check=False)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> tokens (n_cap, n_word) int64 padded with <pad>=0, lengths (n_cap,) int64,
@@ -302,18 +395,28 @@ class Scorer:
               progress: Callable[[int, int], None] | None = None, check: bool = True) -> np.ndarray:
         """Similarities (n_img, n_cap) float32 of every image with every caption.
 
-        region_feats: (n_img, n_region, img_dim) float array or memmap (read a shard at a time).
-        captions: list of strings. out: an (n_img, n_cap) float32 array to fill (e.g. a memmap),
-        else a new array. progress(done, total) is called after each block of work.
+        region_feats: (n_img, n_region, img_dim) float array or memmap (read a shard at a time),
+        or a list of image file paths (decoded a batch at a time while scoring; needs a model dir
+        exported with --feature-extractor). captions: list of strings. out: an (n_img, n_cap)
+        float32 array to fill (e.g. a memmap), else a new array. progress(done, total) is called
+        after each block of work (a caption shard, a batch of pictures, an image x caption shard).
         """
-        if check:
-            region_feats = check_region_feats(region_feats, self.img_dim)
+        paths = image_paths_or_none(region_feats)
+        if paths is not None:
+            paths = check_image_paths(paths)
+            self.require_feature_extractor()
+            n_img, n_region = len(paths), self.feature_grid ** 2
+        else:
+            if check:
+                region_feats = check_region_feats(region_feats, self.img_dim)
+            n_img, n_region, _ = region_feats.shape
         captions = check_captions(captions)
-        n_img, n_region, _ = region_feats.shape
         tokens, lengths = self.tokenize(captions)
         step = self.shard_size(n_region, tokens.shape[1])
         n_cap_shards, n_img_shards = -(-len(captions) // step), -(-n_img // step)
         total, done = n_cap_shards * (1 + n_img_shards), 0
+        if paths is not None:  # + the batches of pictures of every image shard
+            total += sum(-(-min(step, n_img - i) // self.image_batch) for i in range(0, n_img, step))
         if out is None:
             out = np.empty((n_img, len(captions)), dtype=np.float32)
         elif out.shape != (n_img, len(captions)) or out.dtype != np.float32:
@@ -325,7 +428,16 @@ class Scorer:
             if progress:
                 progress(done, total)
         for i in range(0, n_img, step):
-            region_embs = self.encode_images(region_feats[i:i + step], check=False)
+            if paths is None:
+                feats = region_feats[i:i + step]
+            else:
+                feats = np.empty((min(step, n_img - i), n_region, self.img_dim), dtype=np.float32)
+                for j, batch in self._feature_batches(paths[i:i + step]):
+                    feats[j:j + len(batch)] = batch
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            region_embs = self.encode_images(feats, check=False)
             for idx, word_embs, lens in caption_shards:
                 out[i:i + step, idx] = self.match(region_embs, word_embs, lens)
                 done += 1

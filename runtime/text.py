@@ -20,32 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections import Counter
 from typing import Iterable, Sequence
 
-
-def _import_word_tokenize():
-    """``from nltk.tokenize import word_tokenize``, without letting nltk load scipy.
-
-    nltk's package init imports scipy.stats for collocation statistics we never use, which
-    triples its import time (about 1.3 s of CPU). nltk guards those imports with
-    try/except ImportError, so we hide scipy for the duration of the import (only if nothing
-    has loaded it yet) and put it back: a later ``import scipy`` works as usual.
-    """
-    hide_scipy = "scipy" not in sys.modules
-    if hide_scipy:
-        sys.modules["scipy"] = None  # makes `import scipy...` raise ImportError
-    try:
-        from nltk.tokenize import word_tokenize
-    finally:
-        if hide_scipy and sys.modules.get("scipy", 0) is None:
-            del sys.modules["scipy"]
-    return word_tokenize
-
-
-word_tokenize = _import_word_tokenize()
+from nltk.tokenize import word_tokenize  # needs no data files with preserve_line=True
 
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
 os.umask(_UMASK)

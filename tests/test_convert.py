@@ -1,6 +1,5 @@
 """imram_min.convert: original IMRAM checkpoints -> imram-min checkpoints, and what it refuses."""
 import argparse
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary
 
 WORDS = ["a", "red", "blue", "green", "dog", "cat", "ball", "big", "small", "on", "the", "left"]
-ORIGINAL_MEMORY = {"t2i.update": "linear_t2i", "t2i.gate": "gate_t2i", "i2t.update": "linear_i2t", "i2t.gate": "gate_i2t"}
+ORIGINAL_MEMORY = {"t2i.update": "linear_t2i", "t2i.gate": "gate_t2i",
+                   "i2t.update": "linear_i2t", "i2t.gate": "gate_i2t"}
 
 
 class Payload:
@@ -126,7 +126,8 @@ def test_converted_checkpoint_is_accepted_by_evaluate(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda sd: sd.pop("module.gate_i2t.bias"), r"missing keys.*i2t\.gate\.bias"),
     (lambda sd: sd.update({"module.txt_enc.extra.weight": torch.zeros(2)}), r"unexpected keys.*txt_enc\.extra\.weight"),
-    (lambda sd: sd.update({"module.linear_t2i.weight": torch.zeros(8, 15)}), r"shape mismatches.*t2i\.update\.weight.*\(8, 15\)"),
+    (lambda sd: sd.update({"module.linear_t2i.weight": torch.zeros(8, 15)}),
+     r"shape mismatches.*t2i\.update\.weight.*\(8, 15\)"),
 ])
 def test_weights_that_do_not_fit_are_a_clear_error(tmp_path, edit, message):
     model = make_model()

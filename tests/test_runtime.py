@@ -170,8 +170,14 @@ def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, 
 def test_runtime_runs_with_torch_unimportable(tiny_model_dir, test_split, tmp_path):  # noqa: F811
     ims, caps, feats, captions = test_split
     out = tmp_path / "sims.npy"
-    code = ("import sys, runpy\n"
-            "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+    code = ("import sys, runpy, importlib.abc\n"
+            # as if torch were not installed. (Not sys.modules['torch'] = None: scipy, which nltk may
+            # import, looks torch up in sys.modules and fails on a None there.)
+            "class NoTorch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is blocked in this test')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
             "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch not blocked')\n"
             "from runtime import Scorer\n"
             "import numpy as np\n"
