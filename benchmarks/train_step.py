@@ -11,8 +11,9 @@ batch, contrastive_loss (hardest negatives), backward, gradient-norm clipping (2
     original     benchmarks/original_loop.per_caption_similarity with autograd: the original
                  training, one caption at a time against the batch's images
     fast         imram_min.fast.similarity(..., checkpoint=True): blocks recomputed in backward
-    fast-nockpt  imram_min.fast.similarity(..., checkpoint=False)
-    plain        IMRAM.similarity (model.py; what train.py calls today), on request
+                 (what train.py does on a GPU, through evaluate.score_pairs)
+    fast-nockpt  imram_min.fast.similarity(..., checkpoint=False) (train.py on the CPU)
+    plain        IMRAM.similarity (model.py, the reference form), on request
 
 Each scorer runs in its own process (``--only NAME`` + the same flags prints one JSON line) so
 that its peak memory is its own: peak RSS (VmHWM) on the CPU, torch.cuda.max_memory_allocated on
@@ -24,9 +25,10 @@ On the CPU every process's address space is capped (--max-memory-gb) so that the
 Order per process: the gradient-check step (the first --check-batch samples; it is the first
 warm-up step when --check-batch is the batch size), then --warmup steps, then --iters timed
 steps. All processes start from the same weights (seed) and data, so the check step's gradients
-(before clipping) are comparable: each scorer's max |diff| vs the original's is reported. With
-the default sizes on CUDA the original needs more than an 80 GB GPU: give --check-batch 32 (say)
-so that its gradients are still checked on a smaller batch.
+(before clipping) are comparable: each scorer's max |diff| vs the original's is reported (PASS
+<= 1e-4 x the largest gradient). At the default CUDA sizes the original needs ~100 GB, more than
+an 80 GB GPU has: give --check-batch 32 (say) so that its gradients are still checked, on a
+smaller batch, before its full step runs out of memory.
 
 Inputs are synthetic (seeded): Gaussian region features, random word ids, caption lengths
 uniform in --min-len..--max-len; random weights, IMRAMConfig defaults but for d, mode and K.
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.score import (FAST_CUDA_MAX_ELEMS, is_oom, limit_address_space, machine_info,  # noqa: E402
+from benchmarks.score import (busy_warning, is_oom, limit_address_space, machine_info,  # noqa: E402
                               mem_available_gb, peak_rss_mb, rss_mb, run_child)
 
 SCORERS = ("original", "fast", "fast-nockpt", "plain")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3, help="timed steps (3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (1)")
     p.add_argument("--check-batch", type=int, help="samples of the gradient-check step (default: the batch size)")
-    p.add_argument("--max-elems", type=int, help=f"fast.similarity max_elems (CPU: its default; CUDA: {FAST_CUDA_MAX_ELEMS})")
+    p.add_argument("--max-elems", type=int, help="fast.similarity max_elems (default: its default, as train.py)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (default off: exact float32)")
     p.add_argument("--max-seconds", type=float, default=900, help="per scorer process (900)")
@@ -155,8 +157,7 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
         feats, tokens, lengths = make_batch(cfg)
         feats, tokens, lengths = torch.from_numpy(feats).to(device), torch.from_numpy(tokens).to(device), \
             torch.from_numpy(lengths)  # lengths stay on the CPU, as train.py keeps them
-        max_elems = cfg["max_elems"] or (FAST_CUDA_MAX_ELEMS if cuda else None)
-        fast_kw = {"max_elems": max_elems} if max_elems else {}
+        fast_kw = {"max_elems": cfg["max_elems"]} if cfg["max_elems"] else {}  # else fast's default, as train.py
 
         def score(r, w, n):
             if name == "original":
@@ -173,15 +174,18 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
             loss = contrastive_loss(score(r, w, n), model_cfg.margin, model_cfg.max_violation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if keep_grads and save_grads:
+            saving = 0.0
+            if keep_grads and save_grads:  # not part of the step: its time is left out
+                t_save = time.perf_counter()
                 np.savez(save_grads, **{k: p.grad.detach().float().cpu().numpy() for k, p in model.named_parameters()
                                         if p.grad is not None})
                 result["grads_saved"], result["check_loss"] = True, float(loss.detach())
+                saving = time.perf_counter() - t_save
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
             if cuda:
                 torch.cuda.synchronize()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0 - saving
 
         b = cfg["batch_size"]
         if cuda:
@@ -262,11 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_memory_gb is None:
         available = mem_available_gb()
         args.max_memory_gb = round(0.9 * available, 1) if math.isfinite(available) else None
-    import torch
     info = machine_info()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    if args.device == "cpu":  # the parent needs no torch: the scorer processes report its version
+        gpu, torch_version = "not used", None
+    else:
+        import torch
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        torch_version = torch.__version__
     print(f"machine: {info['cpus']} CPUs, load average {info['load_avg']}, {info['mem_available_gb']} GB available, "
-          f"GPU {gpu}; torch {torch.__version__}, threads {args.threads or 'default'}", flush=True)
+          f"GPU {gpu}; threads {args.threads or 'default'}", flush=True)
+    if busy_warning(info):
+        print(busy_warning(info), flush=True)
     if cfg["device"] == "cpu" and cfg["preset_sizes"]:
         print("note: on the CPU the default is --batch-size 32 --embed-size 256 (the original step at 128 x 1024 "
               "needs ~100 GB and hours); pass sizes to override", flush=True)
@@ -293,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         diff, scale = grad_diff(res["grads_file"], ref["grads_file"])
         res["grad_max_abs_diff"], res["grad_max_abs"] = diff, scale
         res["grad_check"] = "PASS" if diff <= GRAD_RTOL * scale else "FAIL"
+    for res in results.values():
+        res.pop("grads_file", None)
     tmp.cleanup()
 
     header = (f"{'scorer':<13}{'status':>8}{'samples/s':>11}{'s/step':>9}{'x orig':>8}{'peak MB':>10}"
@@ -320,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({cfg['check_batch']} samples, before clipping) vs the original's; PASS <= {GRAD_RTOL:g} x max |gradient|"
           + (f" (max |gradient| {scale:.3g})" if scale is not None else ""))
     load_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"load average at the end: {load_end} (a busy machine makes timings noisy)")
+    torch_version = torch_version or next((r["torch"] for r in results.values() if r.get("torch")), None)
+    print(f"torch {torch_version}; load average at the end: {load_end} (a busy machine makes timings noisy)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"machine": info | {"gpu": gpu, "torch": torch.__version__, "load_avg_end": load_end},
+            json.dump({"machine": info | {"gpu": gpu, "torch": torch_version, "load_avg_end": load_end},
                        "config": cfg, "scorers": results}, f, indent=2, default=str)
             f.write("\n")
     failed = [n for n, r in results.items() if r["status"] == "error" or r.get("grad_check") == "FAIL"]

@@ -219,7 +219,8 @@ CATEGORY_IDS = {c: i for i, c in enumerate(CATEGORY_NAMES)}
 COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
 SIZE_IDS = {s: i for i, s in enumerate(SIZE_NAMES)}
 
-DEFAULT_TRAIN_SETTINGS = {"embed_size": 128, "word_dim": 128, "batch_size": 64, "num_epochs": 6, "lr_update": 4}
+DEFAULT_TRAIN_SETTINGS = {"embed_size": 64, "word_dim": 64, "batch_size": 64, "num_epochs": 6, "lr": 1e-3, "lr_update": 4,
+                          "warmup_epochs": 1}
 
 
 def pick(rng: np.random.Generator, options):
@@ -428,7 +429,7 @@ of the seed, so changing one split's size leaves the others unchanged.
 """
 
 
-def make_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 2000, n_dev: int = 200, n_test: int = 500,
+def make_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_dev: int = 200, n_test: int = 500,
                    img_dim: int = 256, n_region: int = 36, views_per_object: int = 3, twin_fraction: float = 0.4,
                    noise: float = 0.5, train_defaults: dict | None = None) -> dict:
     """Write the synthetic data folder (see README_TEXT for the design). Deterministic from ``seed``.
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="synthetic: scenes of objects made from a seed (default); emoji: see imram_min.emoji")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000, help="training images (5 captions each)")
+    parser.add_argument("--n-train", type=int, default=1000, help="training images (5 captions each)")
     parser.add_argument("--n-dev", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--img-dim", type=int, default=256, help="size of a region feature")

@@ -58,6 +58,7 @@ class TrainConfig:
     lr: float = 2e-4
     lr_update: int = 15  # lr x 0.1 every lr_update epochs
     grad_clip: float = 2.0  # max gradient norm; <= 0 disables clipping
+    warmup_epochs: int = 0  # first epochs sum over all negatives, then max violation (0 = the paper)
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="initial learning rate (2e-4)")
     t.add_argument("--lr-update", dest="lr_update", type=int, help="lr x 0.1 every N epochs (15)")
     t.add_argument("--grad-clip", dest="grad_clip", type=float, help="max gradient norm, <= 0: none (2.0)")
+    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int,
+                   help="epochs that sum the loss over all negatives before hardest negatives take over, "
+                        "as VSE-infinity's warm-up; 0 = max violation from the start, as the paper (0)")
     t.add_argument("--seed", type=int, help="(0)")
     t.add_argument("--device", help="auto (cuda if available), cpu, cuda (auto)")
     t.add_argument("--workers", type=int, help="data-loader workers (0)")
@@ -183,7 +187,8 @@ def train_epoch(model: IMRAM, loader, optimizer, cfg: TrainConfig, device: torch
         region_embs = model.encode_images(region_feats.to(device, non_blocking=True))
         word_embs = model.encode_captions(tokens.to(device, non_blocking=True), lengths)  # lengths stay on the CPU
         sims = evaluate.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
-        loss = contrastive_loss(sims, model.cfg.margin, model.cfg.max_violation)
+        max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
+        loss = contrastive_loss(sims, model.cfg.margin, max_violation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
