@@ -73,7 +73,7 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
         pre = (flat @ context_proj).view(n_c_items, n_q_items, n_query, 2 * d)
         pre = pre + (query_proj if k == 0 else q @ w_query.T + bias)
         update, gate = torch.tanh(pre[..., :d]), torch.sigmoid(pre[..., d:])
-        q = gate * q + (1 - gate) * update
+        q = update + gate * (q - update)  # = g * q + (1 - g) * o, one pass fewer
         if not cfg.no_IMRAM_norm:
             q = l2norm(q)
         sims = (q.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw.shape)

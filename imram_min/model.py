@@ -1,6 +1,6 @@
 """IMRAM: Iterative Matching with Recurrent Attention Memory.
 
-Chen, Ding, Liu, Han and Sun, CVPR 2020. The whole method in one file, top to bottom:
+Chen, Ding, Liu, Lin, Liu and Han, CVPR 2020. The whole method in one file, top to bottom:
 
 1. ``IMRAMConfig``: the hyper-parameters, with the defaults of the original code.
 2. ``ImageEncoder``: precomputed region features -> region embeddings.
@@ -83,7 +83,7 @@ class IMRAMConfig:
 # --------------------------------------------------------------------------- norms
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """x / (||x||_2 + eps), as the original (an all-zero row stays zero)."""
-    return x / (x.pow(2).sum(dim, keepdim=True).sqrt() + eps)
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
 
 
 def l1norm(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
