@@ -219,8 +219,8 @@ CATEGORY_IDS = {c: i for i, c in enumerate(CATEGORY_NAMES)}
 COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
 SIZE_IDS = {s: i for i, s in enumerate(SIZE_NAMES)}
 
-DEFAULT_TRAIN_SETTINGS = {"embed_size": 64, "word_dim": 64, "batch_size": 64, "num_epochs": 6, "lr": 1e-3, "lr_update": 4,
-                          "warmup_epochs": 1}
+DEFAULT_TRAIN_SETTINGS = {"embed_size": 64, "word_dim": 64, "batch_size": 32, "num_epochs": 4, "lr": 1e-3,
+                          "lr_update": 3, "warmup_epochs": 1}
 
 
 def pick(rng: np.random.Generator, options):

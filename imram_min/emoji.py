@@ -43,6 +43,7 @@ import tarfile
 import time
 import numpy as np
 
+from imram_min.data import DEFAULT_TRAIN_SETTINGS
 from runtime.images import FEATURES_JSON, atomic_write_text, write_feature_spec, write_path_list
 from runtime.text import Vocabulary, tokenize
 
@@ -405,6 +406,8 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
     atomic_write_text(os.path.join(out_dir, "metadata.jsonl"),
                       "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in metadata))
     write_feature_spec(os.path.join(out_dir, FEATURES_JSON), size, grid)
+    # the same small, CPU-friendly recipe as the built-in synthetic data (flags override it)
+    atomic_write_text(os.path.join(out_dir, "train_defaults.json"), json.dumps(DEFAULT_TRAIN_SETTINGS, indent=1) + "\n")
     n_groups = len({r["group"] for r in records})
     atomic_write_text(os.path.join(out_dir, "README.txt"), README.format(
         n_train=sizes["train"], n_dev=sizes["dev"], n_test=sizes["test"], n_groups=n_groups, n_total=len(records),
