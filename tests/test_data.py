@@ -268,7 +268,7 @@ def test_synthetic_has_hard_negative_twins(synthetic):
 def test_synthetic_train_defaults_can_be_overridden(tmp_path):
     make_synthetic(tmp_path, n_train=5, n_dev=1, n_test=1, train_defaults={"num_epochs": 2})
     defaults = json.loads((tmp_path / "train_defaults.json").read_text())
-    assert defaults == {"embed_size": 128, "word_dim": 128, "batch_size": 64, "num_epochs": 2, "lr_update": 4}
+    assert defaults == {**data.DEFAULT_TRAIN_SETTINGS, "num_epochs": 2}
 
 
 def test_cli_writes_synthetic_folder(tmp_path):
