@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min.data import (DataError, PrecompDataset, captions_per_image, collate, encode_captions_batch,
+from imram_min.data import (DEFAULT_TRAIN_SETTINGS, DataError, PrecompDataset, captions_per_image, collate, encode_captions_batch,
                             grammar_tokens, load_captions, load_features, load_vocab, main, make_synthetic)
 from runtime.text import SPECIAL_TOKENS, Vocabulary, VocabularyError, tokenize
 
@@ -268,7 +268,7 @@ def test_synthetic_has_hard_negative_twins(synthetic):
 def test_synthetic_train_defaults_can_be_overridden(tmp_path):
     make_synthetic(tmp_path, n_train=5, n_dev=1, n_test=1, train_defaults={"num_epochs": 2})
     defaults = json.loads((tmp_path / "train_defaults.json").read_text())
-    assert defaults == {**data.DEFAULT_TRAIN_SETTINGS, "num_epochs": 2}
+    assert defaults == {**DEFAULT_TRAIN_SETTINGS, "num_epochs": 2}
 
 
 def test_cli_writes_synthetic_folder(tmp_path):
