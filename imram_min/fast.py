@@ -30,23 +30,44 @@ from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weight
     mean_pooled_similarity
 
 
-def split_memory(memory: MemoryDistillation, d: int):
-    """MDU weights as query part, context part and bias, update and gate stacked: (2d, d), (2d, d), (2d,)."""
-    weight = torch.cat([memory.update.weight, memory.gate.weight], 0)  # (2d, 2d) rows [o; g], cols [q | c]
-    bias = torch.cat([memory.update.bias, memory.gate.bias], 0)
+def memory_weights(memory: MemoryDistillation):
+    """The MDU's two layers as one: W_q (2d, d), W_c (2d, d), b (2d,), rows [2 W_o; W_g], cols [q | c].
+
+    The update rows are doubled (exact in floating point) so that one sigmoid gives both units:
+    sigmoid(pre) = [sigmoid(2 x_o) | g], and tanh(x_o) = 2 sigmoid(2 x_o) - 1 (PyTorch's tanh on
+    the CPU costs several sigmoids).
+    """
+    weight = torch.cat([2 * memory.update.weight, memory.gate.weight], 0)  # (2d, 2d)
+    bias = torch.cat([2 * memory.update.bias, memory.gate.bias], 0)
+    d = memory.update.out_features
     return weight[:, :d], weight[:, d:], bias
 
 
+def item_projections(weights: tuple, query: torch.Tensor, context: torch.Tensor):
+    """Per-item parts of the MDU pre-activations (restructurings 1 and 2), computed once per shard.
+
+    weights: ``memory_weights``. query (n_q_items, n_query, d) -> query_proj = W_q q + b
+    (n_q_items, n_query, 2d); context (n_c_items, n_context, d) -> context_proj = W_c v (n_c_items, n_context, 2d).
+    """
+    w_query, w_context, bias = weights
+    return query @ w_query.T + bias, context @ w_context.T
+
+
 def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, raw: torch.Tensor,
-                                    memory: MemoryDistillation, cfg: IMRAMConfig,
+                                    weights: tuple, cfg: IMRAMConfig,
                                     query_mask: torch.Tensor | None = None,
-                                    context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                                    context_mask: torch.Tensor | None = None,
+                                    query_proj: torch.Tensor | None = None,
+                                    context_proj: torch.Tensor | None = None) -> torch.Tensor:
     """Step scores of one direction for all pairs, exactly as ``model.recurrent_attention_memory``.
 
     query: (n_q_items, n_query, d) the query items of each query-side element (captions' words
     for Text-IMRAM, images' regions for Image-IMRAM); context: (n_c_items, n_context, d).
     raw: (n_c_items, n_q_items, n_query, n_context) = <q_i, v_j> for every pair.
+    weights: ``memory_weights`` of this direction's MDU.
     query_mask (n_q_items, n_query) / context_mask (n_c_items, n_context): False on padding.
+    query_proj / context_proj: ``item_projections`` of these items (computed here when None;
+    ``similarity`` passes slices of projections made once for the whole shard).
     Returns (K, n_c_items, n_q_items).
     """
     n_c_items, n_q_items, n_query, n_context = raw.shape
@@ -55,51 +76,87 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     cmask = None if context_mask is None else context_mask[:, None]  # (n_c_items, 1, n_context)
     gram = context @ context.transpose(1, 2)  # (n_c_items, n_context, n_context)
     query_norm = query.norm(dim=-1)  # (n_q_items, n_query)
-    if cfg.n_steps > 1:
-        w_query, w_context, bias = split_memory(memory, d)
-        query_proj = query @ w_query.T + bias  # (n_q_items, n_query, 2d): step-1 query part, per item
-        context_proj = context @ w_context.T  # (n_c_items, n_context, 2d): per context item
+    if cfg.n_steps > 1 and (query_proj is None or context_proj is None):  # (K = 1: weights unused, may be None)
+        query_proj, context_proj = item_projections(weights, query, context)
 
     sims, q, scores = raw, query, []
     for k in range(cfg.n_steps):
-        weights = attention_weights(sims, cfg, qmask, cmask)  # (n_c_items, n_q_items, n_query, n_context)
-        flat = weights.reshape(n_c_items, n_q_items * n_query, n_context)
+        attn = attention_weights(sims, cfg, qmask, cmask)  # (n_c_items, n_q_items, n_query, n_context)
+        flat = attn.reshape(n_c_items, n_q_items * n_query, n_context)
         attended_sq_norm = ((flat @ gram) * flat).sum(-1).view(n_c_items, n_q_items, n_query)
-        dot = (weights * raw).sum(-1)  # <original q_i, attended c_i>
+        dot = (attn * raw).sum(-1)  # <original q_i, attended c_i>
         cos = dot / (query_norm * attended_sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)
         scores.append(masked_mean(cos, qmask))
         if k == cfg.n_steps - 1:
             break
-        pre = (flat @ context_proj).view(n_c_items, n_q_items, n_query, 2 * d)
-        pre = pre + (query_proj if k == 0 else q @ w_query.T + bias)
-        update, gate = torch.tanh(pre[..., :d]), torch.sigmoid(pre[..., d:])
-        q = update + gate * (q - update)  # = g * q + (1 - g) * o, one pass fewer
+        # pre = W_q q + b + sum_j a_ij (W_c v_j): (n_c_items, n_q_items * n_query, 2d)
+        if k == 0:  # the query part is per item (restructuring 2)
+            pre = torch.baddbmm(query_proj.reshape(1, n_q_items * n_query, 2 * d), flat, context_proj)
+        else:
+            pre = torch.addmm(weights[2], q.reshape(-1, d), weights[0].T)
+            pre = pre.view(n_c_items, n_q_items * n_query, 2 * d).baddbmm_(flat, context_proj)
+        sig = pre.sigmoid_().view(n_c_items, n_q_items, n_query, 2 * d)
+        update = torch.add(sig[..., :d], sig[..., :d], alpha=1.0).sub_(1.0)  # o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
+        gate = sig[..., d:]
+        if torch.onnx.is_in_onnx_export():  # ONNX writes lerp as a Where over both of its branches
+            q = update + gate * (q - update)
+        else:
+            q = torch.lerp(update, q, gate)  # o + g (q - o) = g * q + (1 - g) * o, in one pass
+        if k == cfg.n_steps - 2:  # the last update: q only enters the next raw scores <q_i, v_j>,
+            sims = (q.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw.shape)
+            if not cfg.no_IMRAM_norm:  # so scale those instead of q: <q/(|q|+eps), v> = <q, v>/(|q|+eps)
+                sims = sims / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + EPS)
+            continue
         if not cfg.no_IMRAM_norm:
             q = l2norm(q)
         sims = (q.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw.shape)
     return torch.stack(scores)
 
 
+def shard_projections(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor) -> tuple[dict, dict, dict]:
+    """What is per item, not per pair, computed once for a shard: (weights, region_proj, word_proj).
+
+    weights {direction: ``memory_weights``}; region_proj {"t2i": W_c v (n_img, n_region, 2d),
+    "i2t": W_q v + b (n_img, n_region, 2d)}; word_proj {"t2i": W_q w + b (n_cap, n_word, 2d),
+    "i2t": W_c w (n_cap, n_word, 2d)}. Only the directions of the model's mode; all empty when
+    K = 1 (no update is ever made).
+    """
+    weights, region_proj, word_proj = {}, {}, {}
+    if model.cfg.n_steps > 1:
+        if model.t2i is not None:  # words attend regions
+            weights["t2i"] = memory_weights(model.t2i)
+            word_proj["t2i"], region_proj["t2i"] = item_projections(weights["t2i"], word_embs, region_embs)
+        if model.i2t is not None:  # regions attend words
+            weights["i2t"] = memory_weights(model.i2t)
+            region_proj["i2t"], word_proj["i2t"] = item_projections(weights["i2t"], region_embs, word_embs)
+    return weights, region_proj, word_proj
+
+
 def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
-                     lengths: torch.Tensor) -> dict:
+                     lengths: torch.Tensor, projections: tuple | None = None) -> dict:
     """{"t2i": (K, n_img, n_cap), "i2t": (K, n_img, n_cap)}, equal to ``IMRAM.step_scores``.
 
-    region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,).
+    region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
+    projections: ``shard_projections`` of exactly these items (computed here when None).
     Traceable: no Python-side use of tensor values, so it exports to ONNX with dynamic sizes.
     """
     n_img, n_region, d = region_embs.shape
     n_cap, n_word, _ = word_embs.shape
+    weights, region_proj, word_proj = projections or shard_projections(model, region_embs, word_embs)
     word_mask = torch.arange(n_word, device=word_embs.device)[None, :] < lengths.to(word_embs.device)[:, None]
     # <region r of image i, word w of caption c>, shared by both directions: (n_img, n_region, n_cap, n_word)
     raw = (region_embs.reshape(n_img * n_region, d) @ word_embs.reshape(n_cap * n_word, d).T) \
         .view(n_img, n_region, n_cap, n_word)
     out = {}
     if model.t2i is not None:  # words attend regions: context = images, query = captions
-        out["t2i"] = fast_recurrent_attention_memory(word_embs, region_embs, raw.permute(0, 2, 3, 1), model.t2i,
-                                                     model.cfg, query_mask=word_mask)
+        out["t2i"] = fast_recurrent_attention_memory(
+            word_embs, region_embs, raw.permute(0, 2, 3, 1), weights.get("t2i"), model.cfg,
+            query_mask=word_mask, query_proj=word_proj.get("t2i"), context_proj=region_proj.get("t2i"))
     if model.i2t is not None:  # regions attend words: context = captions, query = images
-        out["i2t"] = fast_recurrent_attention_memory(region_embs, word_embs, raw.permute(2, 0, 1, 3), model.i2t,
-                                                     model.cfg, context_mask=word_mask).transpose(1, 2)
+        out["i2t"] = fast_recurrent_attention_memory(
+            region_embs, word_embs, raw.permute(2, 0, 1, 3), weights.get("i2t"), model.cfg,
+            context_mask=word_mask, query_proj=region_proj.get("i2t"), context_proj=word_proj.get("i2t")
+        ).transpose(1, 2)
     return out
 
 
@@ -113,18 +170,22 @@ class FastMatcher(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                projections: tuple | None = None) -> torch.Tensor:
         if self.model.cfg.mode == "mean":
             return mean_pooled_similarity(region_embs, word_embs, lengths)
-        steps = fast_step_scores(self.model, region_embs, word_embs, lengths)
+        steps = fast_step_scores(self.model, region_embs, word_embs, lengths, projections)
         return sum(s.sum(0) for s in steps.values())
+
+
+CAPTION_BLOCK = 8  # captions per block at most: few captions of similar length pad little (bucketing)
 
 
 def pair_block_sizes(n_img: int, n_cap: int, n_region: int, n_word: int, d: int, max_elems: int):
     """Images and captions per block so that one per-pair state tensor holds at most ``max_elems`` values."""
     per_pair = max(n_region, n_word) * 2 * d
     pairs = max(1, max_elems // per_pair)
-    cap_block = max(1, min(n_cap, pairs))
+    cap_block = max(1, min(n_cap, pairs, CAPTION_BLOCK))
     img_block = max(1, min(n_img, pairs // cap_block))
     return img_block, cap_block
 
@@ -145,18 +206,24 @@ def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
     n_img, n_region, d = region_embs.shape
     n_cap = word_embs.shape[0]
     img_block, cap_block = pair_block_sizes(n_img, n_cap, n_region, word_embs.shape[1], d, max_elems)
+    # per-item projections once for the whole shard, not once per block (restructurings 1 and 2)
+    weights, region_proj, word_proj = ({}, {}, {}) if model.cfg.mode == "mean" else \
+        shard_projections(model, region_embs, word_embs)
     cols = []
     for j in range(0, n_cap, cap_block):
         idx = order[j:j + cap_block]
         n_word = int(lengths_cpu[idx].max())
-        words, lens = word_embs[idx.to(word_embs.device), :n_word], lengths[idx.to(lengths.device)]
+        idx_dev = idx.to(word_embs.device)
+        words, lens = word_embs[idx_dev, :n_word], lengths[idx.to(lengths.device)]
+        words_proj = {k: v[idx_dev, :n_word] for k, v in word_proj.items()}
         rows = []
         for i in range(0, n_img, img_block):
-            regions = region_embs[i:i + img_block]
+            regions_proj = {k: v[i:i + img_block] for k, v in region_proj.items()}
+            args = (region_embs[i:i + img_block], words, lens, (weights, regions_proj, words_proj))
             if checkpoint and torch.is_grad_enabled():
-                rows.append(activation_checkpoint(matcher, regions, words, lens, use_reentrant=False))
+                rows.append(activation_checkpoint(matcher, *args, use_reentrant=False))
             else:
-                rows.append(matcher(regions, words, lens))
+                rows.append(matcher(*args))
         cols.append(torch.cat(rows, 0))
     sims = torch.cat(cols, 1)
     return sims[:, torch.argsort(order).to(sims.device)]
