@@ -81,8 +81,8 @@ CUDA_SCORERS = ("loop-cuda", "plain-cuda", "fast-cuda", "onnx-cuda")
 ALL_SCORERS = CPU_SCORERS + CUDA_SCORERS
 LOOPS = ("loop", "loop-cuda")
 FORMS = {"loop": "original", "plain": "plain", "fast": "fast", "onnx": "fast"}
-# fast.similarity's blocks on CUDA. Its default (2^22 values, cache-sized: ~56 pairs a block at d = 1024)
-# leaves a GPU launch-bound, ~90K blocks for 1,000 x 5,000 pairs; --max-elems sets another.
+# fast.similarity's blocks on CUDA, as evaluate.CUDA_MAX_ELEMS. Its CPU default (2^22 values,
+# cache-sized: ~56 pairs a block at d = 1024) leaves a GPU launch-bound; --max-elems sets another.
 FAST_CUDA_MAX_ELEMS = 1 << 26
 SHARED = 0.5  # weight of the component shared by all embeddings (mean pairwise cosine ~ SHARED^2 / (1 + SHARED^2))
 TOL = 1e-5
@@ -403,7 +403,7 @@ def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | Non
     stub_nltk()
     import onnxruntime as ort
 
-    from runtime.scorer import MAX_SHARD, PAIR_BUDGET
+    from runtime.scorer import CUDA_PAIR_BUDGET, MAX_SHARD, PAIR_BUDGET
     if cuda and hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls()
@@ -436,7 +436,7 @@ def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | Non
         step = cfg["shard"]
     else:  # runtime.Scorer.shard_size
         per_pair = max(regions.shape[1], words.shape[1], 1) * 2 * d
-        step = max(1, min(MAX_SHARD, math.isqrt(max(1, PAIR_BUDGET // per_pair))))
+        step = max(1, min(MAX_SHARD, math.isqrt(max(1, (CUDA_PAIR_BUDGET if cuda else PAIR_BUDGET) // per_pair))))
 
     def match(r, w, n):
         return session.run(None, {"region_embs": r, "word_embs": w, "lengths": n})[0]

@@ -157,7 +157,10 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
         feats, tokens, lengths = make_batch(cfg)
         feats, tokens, lengths = torch.from_numpy(feats).to(device), torch.from_numpy(tokens).to(device), \
             torch.from_numpy(lengths)  # lengths stay on the CPU, as train.py keeps them
-        fast_kw = {"max_elems": cfg["max_elems"]} if cfg["max_elems"] else {}  # else fast's default, as train.py
+        # else as train.py (evaluate.score_pairs): fast's default on the CPU, CUDA_MAX_ELEMS on a GPU
+        from imram_min.evaluate import CUDA_MAX_ELEMS
+        max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if device.type == "cuda" else None)
+        fast_kw = {"max_elems": max_elems} if max_elems else {}
 
         def score(r, w, n):
             if name == "original":

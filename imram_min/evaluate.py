@@ -44,6 +44,9 @@ from imram_min.model import IMRAM
 
 
 # --------------------------------------------------------------------------- scoring
+CUDA_MAX_ELEMS = 1 << 26  # fast.similarity's block size on a GPU: its CPU default leaves a GPU launch-bound
+
+
 def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
     """THE single call site of pair scoring, for evaluation and for training (train.py imports it).
@@ -54,8 +57,10 @@ def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor
     of pairs is recomputed in the backward pass instead of stored (activation checkpointing),
     which bounds the memory of a step at batch 128, d = 1024.
     """
-    checkpoint = region_embs.is_cuda and torch.is_grad_enabled()
-    return fast.similarity(model, region_embs, word_embs, lengths, checkpoint=checkpoint)
+    if not region_embs.is_cuda:
+        return fast.similarity(model, region_embs, word_embs, lengths)
+    return fast.similarity(model, region_embs, word_embs, lengths, max_elems=CUDA_MAX_ELEMS,
+                           checkpoint=torch.is_grad_enabled())
 
 
 def resolve_device(device: str) -> torch.device:

@@ -16,6 +16,12 @@ What is left per pair for K = 3 is one half-width (d -> 2d) update at step 2 plu
 itself: about 6x fewer FLOPs than the original at d = 1024. The raw scores <region, word> of
 step 1 are the same numbers for both directions and are computed once.
 
+Per-item work (the projections, the MDU weights) is done once per call of ``similarity``, not
+once per block of pairs. The per-pair passes are few: the projections' mix and the query part
+are summed inside one batched GEMM (baddbmm), one sigmoid serves both MDU units (the update
+rows are doubled and tanh(x) = 2 sigmoid(2x) - 1), the gated update is one lerp, and the last
+update is never normalised (its raw scores are divided by its norm instead).
+
 All tensors of one direction are laid out context-major: (n_ctx_items, n_query_items, n_query,
 n_context), so that per-context-item tensors (projections, Gram) broadcast over the batch of
 query items in batched matrix products without copies.

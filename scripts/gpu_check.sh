@@ -12,7 +12,8 @@
 #
 #   bash scripts/gpu_check.sh            # output tee'd to $OUT/gpu_check.log when OUT is set,
 #                                        # JSON results to $OUT/score_flickr.json, $OUT/train_step.json
-#   GPU_CHECK_BUDGET=450 (seconds, the whole script), PYTHON=python3
+#   GPU_CHECK_BUDGET=450 (seconds, the whole script), PYTHON=python3,
+#   GPU_CHECK_PARTS="a b c" (which parts to run, e.g. "a c" for a rerun of those)
 #
 # Python packages. torch, numpy, onnx, onnxruntime (CPU), pytest, tqdm are on the machine. The
 # benchmarks import neither nltk nor tqdm (score.py puts a stub in place of nltk, which
@@ -42,6 +43,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
+PARTS=${GPU_CHECK_PARTS:-a b c}
 START=$(date +%s)
 RESULTS=${OUT:-/tmp/gpu_check}
 mkdir -p "$RESULTS"
@@ -63,6 +65,10 @@ run_part() {
     local name=$1 want=$2 reserve=$3
     shift 3
     local t
+    if [[ " ${PARTS} " != *" ${name%%-*} "* ]]; then
+        STATUS[$name]="not asked for (GPU_CHECK_PARTS)"
+        return
+    fi
     t=$(part_timeout "$want" "$reserve")
     echo
     echo "=== $name: timeout ${t}s, $(left)s of the budget left: $*"
@@ -200,25 +206,15 @@ main() {
         --embed-size 1024 --steps 3 --mode full --check-batch 32 --iters 3 --max-seconds 70 \
         --json "$RESULTS/train_step.json"
 
-    # (d) if time is left: fast-cuda with fast.similarity's default blocks (2^22 values, what
-    # evaluate.score_pairs uses) on 1000 x 500, to see whether they leave the GPU launch-bound
-    if (( $(left) >= 60 )); then
-        run_part "d-fast-default-blocks" 90 0 "$PY" benchmarks/score.py --size full --n-img 1000 --n-cap 500 \
-            --embed-size 1024 --mode full --steps 3 --scorers fast-cuda --max-elems 4194304 --max-seconds 80 \
-            --json "$RESULTS/score_fast_default_blocks.json"
-    else
-        STATUS[d-fast-default-blocks]="SKIPPED (under 60s left)"
-    fi
-
     echo
     echo "=== summary ($(( $(date +%s) - START ))s)"
-    for part in a-cuda-tests b-score-flickr c-train-step d-fast-default-blocks; do
+    for part in a-cuda-tests b-score-flickr c-train-step; do
         printf '%-16s %s\n' "$part" "${STATUS[$part]:-not run}"
     done
     "$PY" - "$RESULTS" <<'EOF'
 import json, os, sys
 root = sys.argv[1]
-for file, label in (("score_flickr.json", "score"), ("score_fast_default_blocks.json", "score 2^22 blocks")):
+for file, label in (("score_flickr.json", "score"),):
     try:
         rep = json.load(open(os.path.join(root, file)))
     except FileNotFoundError:

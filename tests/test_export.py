@@ -22,7 +22,8 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def session(path, provider="CPUExecutionProvider"):
-    return ort.InferenceSession(os.fspath(path), providers=[provider])
+    options = {"use_tf32": "0"} if provider == "CUDAExecutionProvider" else {}  # exact float32, as runtime.Scorer
+    return ort.InferenceSession(os.fspath(path), providers=[(provider, options)])
 
 
 def run(sess, **feeds):
