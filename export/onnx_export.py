@@ -42,7 +42,6 @@ and, unless ``verify=False``, compared with PyTorch under ONNX Runtime on a batc
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -55,7 +54,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from imram_min.model import IMRAM, TextEncoder, l2norm, mean_pooled_similarity
+from imram_min.model import IMRAM, TextEncoder, l2norm
+from runtime.scorer import sha256_file
 from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
 from runtime.text import PAD, Vocabulary
 
@@ -199,10 +199,7 @@ class PlainMatcher(nn.Module):
         self.model = model
 
     def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.model.cfg.mode == "mean":
-            return mean_pooled_similarity(region_embs, word_embs, lengths)
-        steps = self.model.step_scores(region_embs, word_embs, lengths)
-        return sum(s.sum(0) for s in steps.values())
+        return self.model.block_similarity(region_embs, word_embs, lengths)
 
 
 def build_matcher(model: IMRAM, form: str = DEFAULT_MATCHER) -> nn.Module:
@@ -319,14 +316,6 @@ def verify_graphs(model: IMRAM, folder: str, matcher: nn.Module, tol: float = VE
             raise ExportError(f"{file}: ONNX Runtime differs from PyTorch by {diff:.3g} (tolerance {tol:g})")
         diffs[name] = diff
     return diffs
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _jsonable(obj):

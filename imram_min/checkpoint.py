@@ -12,21 +12,17 @@ it loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling)::
       "train_state": {...},                     # last.pt only: optimiser, epoch, RNG states, args
     }
 
-``best.pt`` and converted checkpoints have no ``train_state``. Every write here goes to a
-temporary file in the destination folder and is then renamed over the target (``os.replace``),
-so a reader never sees a half-written file, even if the writer is killed.
+``best.pt`` and converted checkpoints have no ``train_state``. Checkpoints are written
+atomically (``runtime.atomic``): a reader never sees a half-written file.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from imram_min.model import IMRAM, IMRAMConfig
+from runtime.atomic import atomic_open
 from runtime.text import SPECIAL_TOKENS, Vocabulary
 
 FORMAT = "imram-min/1"
@@ -37,48 +33,10 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- atomic writes
-@contextmanager
-def _atomic_path(path: str | os.PathLike, mode: str = "wb"):
-    """Yield an open temp file next to ``path``; rename it over ``path`` on success."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to ``path`` atomically."""
-    with _atomic_path(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Raw bytes to ``path`` atomically."""
-    with _atomic_path(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_json(obj, path: str | os.PathLike) -> None:
-    """JSON (indented) to ``path`` atomically."""
-    with _atomic_path(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def atomic_save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
-    """np.save(array) to ``path`` atomically (``path`` is used as given, no .npy appended)."""
-    with _atomic_path(path, "wb") as f:
-        np.save(f, np.asarray(array), allow_pickle=False)
 
 
 # --------------------------------------------------------------------------- vocabulary

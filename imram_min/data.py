@@ -17,17 +17,15 @@ import argparse
 import glob
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 
+from runtime import atomic
 from runtime.text import PAD, Vocabulary
 
 SPLITS = ("train", "dev", "test")
-_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
-os.umask(_UMASK)
 
 
 class DataError(ValueError):
@@ -156,32 +154,13 @@ def collate(batch):
     return region_feats, tokens, lengths, cap_ids, img_ids
 
 
-# --------------------------------------------------------------------------- atomic writes
-def _write_atomic(path: str, write) -> None:
-    """Call write(binary file) on a temp file in path's folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + "-", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
+# --------------------------------------------------------------------------- writing
 def _write_json(path: str, obj) -> None:
     """JSON; a list is written one item a line (readable, and fast: no indent)."""
     if isinstance(obj, list):
-        _write_text(path, "[\n" + ",\n".join(json.dumps(item) for item in obj) + "\n]\n")
+        atomic.write_text(path, "[\n" + ",\n".join(json.dumps(item) for item in obj) + "\n]\n")
     else:
-        _write_text(path, json.dumps(obj, indent=1) + "\n")
+        atomic.write_json(path, obj, indent=1)
 
 
 # --------------------------------------------------------------------------- the synthetic world
@@ -453,15 +432,15 @@ def make_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 100
         rng = np.random.default_rng([seed, split_index])
         scenes, features, captions = make_split(sizes[split], rng, render, n_region, views_per_object,
                                                 twin_fraction, noise)
-        _write_atomic(os.path.join(out_dir, f"{split}_ims.npy"), lambda f: np.save(f, features))
-        _write_text(os.path.join(out_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
+        atomic.save_npy(os.path.join(out_dir, f"{split}_ims.npy"), features)
+        atomic.write_text(os.path.join(out_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
         _write_json(os.path.join(out_dir, f"{split}_scenes.json"), scenes)
         if split == "train":
             train_captions = captions
     vocab = Vocabulary.from_token_lists(map(grammar_tokens, train_captions), threshold=4)
     vocab.save(os.path.join(out_dir, "vocab.json"))
     _write_json(os.path.join(out_dir, "train_defaults.json"), {**DEFAULT_TRAIN_SETTINGS, **(train_defaults or {})})
-    _write_text(os.path.join(out_dir, "README.txt"), README_TEXT.format(
+    atomic.write_text(os.path.join(out_dir, "README.txt"), README_TEXT.format(
         seed=seed, n_region=n_region, img_dim=img_dim, noise=noise, views=views_per_object,
         twin_pct=round(100 * twin_fraction), n_train=n_train, n_dev=n_dev, n_test=n_test))
     return {"n_images": sizes, "vocab_size": len(vocab), "seconds": round(time.perf_counter() - t0, 2)}

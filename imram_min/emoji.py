@@ -44,7 +44,8 @@ import time
 import numpy as np
 
 from imram_min.data import DEFAULT_TRAIN_SETTINGS
-from runtime.images import FEATURES_JSON, atomic_write_text, write_feature_spec, write_path_list
+from runtime.atomic import save_npy, write_bytes, write_text
+from runtime.images import FEATURES_JSON, write_feature_spec, write_path_list
 from runtime.text import Vocabulary, tokenize
 
 SPLITS = ("train", "dev", "test")
@@ -316,18 +317,6 @@ Licences: emoji-datasource-google (MIT, images Apache-2.0 by Google) and emojiba
 """
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, seed: int = 0,
                         dev_fraction: float = 0.1, test_fraction: float = 0.1, size: int | None = None,
                         grid: int | None = None, device: str = "cpu", batch_size: int = 64,
@@ -338,8 +327,7 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
     ``size`` / ``grid`` default to those of ``imram_min.features``. Returns a summary:
     n_images per split, n_emoji (groups), vocab_size, seconds (total and feature extraction).
     """
-    from imram_min.features import (DEFAULT_GRID, DEFAULT_SIZE, FEATURE_DIM, EfficientNetLite0, extract_features,
-                                    save_npy)
+    from imram_min.features import DEFAULT_GRID, DEFAULT_SIZE, FEATURE_DIM, EfficientNetLite0, extract_features
 
     t0 = time.perf_counter()
     size, grid = size or DEFAULT_SIZE, grid or DEFAULT_GRID
@@ -362,7 +350,7 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
             name = member.name[len(IMAGE_DIR_IN_TARBALL):]
             if member.isfile() and member.name.startswith(IMAGE_DIR_IN_TARBALL) and name in wanted \
                     and os.path.basename(name) == name:
-                write_bytes_atomic(os.path.join(image_dir, name), tar.extractfile(member).read())
+                write_bytes(os.path.join(image_dir, name), tar.extractfile(member).read())
     missing = [r for r in records if not os.path.exists(os.path.join(image_dir, r["image"]))]
     if missing:
         print(f"warning: {google_tgz}: {len(missing)} pictures have no PNG, skipped "
@@ -371,8 +359,8 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
         records = [r for r in records if r["hexcode"] not in missing_codes]
     if not records:
         raise EmojiDataError(f"{google_tgz}, {emojibase_tgz}: no emoji could be joined")
-    write_bytes_atomic(os.path.join(out_dir, "LICENSE-emoji-datasource-google.txt"), google_license)
-    write_bytes_atomic(os.path.join(out_dir, "LICENSE-emojibase-data.txt"), emojibase_license)
+    write_bytes(os.path.join(out_dir, "LICENSE-emoji-datasource-google.txt"), google_license)
+    write_bytes(os.path.join(out_dir, "LICENSE-emojibase-data.txt"), emojibase_license)
 
     splits = split_groups(records, seed, dev_fraction, test_fraction)
     t_features = time.perf_counter()
@@ -388,7 +376,7 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
         per_image = [emoji_captions(r, seed) for r in split_records]
         n_padded += sum(len(set(c)) < CAPTIONS_PER_IMAGE for c in per_image)
         captions = [c for caps in per_image for c in caps]
-        atomic_write_text(os.path.join(out_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
+        write_text(os.path.join(out_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
         write_path_list(os.path.join(out_dir, f"{split}_images.txt"), paths)
         metadata += [{"split": split, "index": i, "hexcode": r["hexcode"], "emoji": r["emoji"], "label": r["label"],
                       "group": r["group"], "tone": r["tone"], "category": r["category"],
@@ -403,13 +391,13 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
     test_words = [w for c in test_captions for w in tokenize(c)]
     test_unk = sum(w not in vocab for w in test_words) / max(len(test_words), 1)
     vocab.save(os.path.join(out_dir, "vocab.json"))
-    atomic_write_text(os.path.join(out_dir, "metadata.jsonl"),
+    write_text(os.path.join(out_dir, "metadata.jsonl"),
                       "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in metadata))
     write_feature_spec(os.path.join(out_dir, FEATURES_JSON), size, grid)
     # the same small, CPU-friendly recipe as the built-in synthetic data (flags override it)
-    atomic_write_text(os.path.join(out_dir, "train_defaults.json"), json.dumps(DEFAULT_TRAIN_SETTINGS, indent=1) + "\n")
+    write_text(os.path.join(out_dir, "train_defaults.json"), json.dumps(DEFAULT_TRAIN_SETTINGS, indent=1) + "\n")
     n_groups = len({r["group"] for r in records})
-    atomic_write_text(os.path.join(out_dir, "README.txt"), README.format(
+    write_text(os.path.join(out_dir, "README.txt"), README.format(
         n_train=sizes["train"], n_dev=sizes["dev"], n_test=sizes["test"], n_groups=n_groups, n_total=len(records),
         n_padded=n_padded, n_region=grid * grid, size=size, grid=grid, seed=seed, threshold=vocab_threshold,
         vocab_size=len(vocab), test_unk=test_unk, split="{split}"))

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min.checkpoint import atomic_save_npy, atomic_write_json, load_model
+from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset
 from imram_min import fast
 from imram_min.model import IMRAM
+from runtime import atomic
 
 
 # --------------------------------------------------------------------------- scoring
@@ -279,9 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(result, f"{args.split}{' (5-fold mean)' if args.fold5 else ''}: "
                                f"{result['n_images']} images, {result['n_captions']} captions"))
     if args.json:
-        atomic_write_json(result, args.json)
+        atomic.write_json(args.json, result)
     if args.save_sims:
-        atomic_save_npy(sims.astype(np.float32, copy=False), args.save_sims)
+        atomic.save_npy(args.save_sims, sims.astype(np.float32, copy=False))
     return result
 
 

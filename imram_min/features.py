@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.atomic import save_npy
 from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, list_images, load_and_preprocess,
                             write_feature_spec, write_path_list)
 
@@ -228,20 +229,6 @@ def extract_features(paths: Sequence[str | os.PathLike], grid: int = DEFAULT_GRI
             out[start:start + len(batch)] = grid_pool(model.features(pixels), grid).float().cpu().numpy()
             bar.update(len(batch))
     return out
-
-
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save atomically (temp file in the same folder, then os.replace)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> None:

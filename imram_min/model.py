@@ -311,6 +311,14 @@ class IMRAM(nn.Module):
                 trace["i2t"] = t
         return out
 
+    def block_similarity(self, region_embs: torch.Tensor, word_embs: torch.Tensor,
+                         lengths: torch.Tensor) -> torch.Tensor:
+        """Similarities (n_img, n_cap) of one block, all pairs at once: the sum over directions and
+        steps of the step scores (or the mean-pooled baseline's cosine). Traceable for ONNX."""
+        if self.cfg.mode == "mean":
+            return mean_pooled_similarity(region_embs, word_embs, lengths)
+        return sum(s.sum(0) for s in self.step_scores(region_embs, word_embs, lengths).values())
+
     def similarity(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                    max_pairs: int = 4096) -> torch.Tensor:
         """Similarities (n_img, n_cap) of embedded images and captions.
@@ -328,9 +336,8 @@ class IMRAM(nn.Module):
             cols = []
             for j in range(0, n_cap, cap_block):
                 n_word = int(lengths[j:j + cap_block].max())  # trim padding shared by the block
-                steps = self.step_scores(region_embs[i:i + img_block], word_embs[j:j + cap_block, :n_word],
-                                         lengths[j:j + cap_block])
-                cols.append(sum(s.sum(0) for s in steps.values()))
+                cols.append(self.block_similarity(region_embs[i:i + img_block], word_embs[j:j + cap_block, :n_word],
+                                                  lengths[j:j + cap_block]))
             rows.append(torch.cat(cols, 1))
         return torch.cat(rows, 0)
 

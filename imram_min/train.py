@@ -41,10 +41,10 @@ import torch
 from tqdm import tqdm
 
 from imram_min import evaluate
-from imram_min.checkpoint import (atomic_write_bytes, atomic_write_json, load_checkpoint, model_from_checkpoint,
-                                  save_checkpoint)
+from imram_min.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from imram_min.data import PrecompDataset, collate, load_features, load_vocab
 from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
+from runtime import atomic
 
 
 @dataclass
@@ -218,7 +218,7 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
     if os.path.exists(src):
         with open(src, encoding="utf-8") as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= keep_epochs]
-    atomic_write_bytes("".join(lines).encode("utf-8"), dst)
+    atomic.write_text(dst, "".join(lines))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -281,12 +281,12 @@ def main(argv: list[str] | None = None) -> dict:
         src_best, dst_best = os.path.join(src_dir, "best.pt"), os.path.join(tcfg.out, "best.pt")
         if os.path.exists(src_best) and os.path.abspath(src_best) != os.path.abspath(dst_best):
             with open(src_best, "rb") as f:  # a new run folder starts with the best so far
-                atomic_write_bytes(f.read(), dst_best)
+                atomic.write_bytes(dst_best, f.read())
         print(f"resumed from {resume_path} after epoch {start_epoch} (best dev rsum {best_rsum:.2f})")
     else:
         rewrite_log(log_path, log_path, 0)  # a fresh run starts a fresh log
-    atomic_write_json({"model": model.cfg.to_dict(), "train": asdict(tcfg), "from_defaults_file": from_file},
-                      os.path.join(tcfg.out, "config.json"))
+    atomic.write_json(os.path.join(tcfg.out, "config.json"),
+                      {"model": model.cfg.to_dict(), "train": asdict(tcfg), "from_defaults_file": from_file})
     n_params = sum(p.numel() for p in model.parameters())
     print(f"mode={model.cfg.mode} params={n_params:,} train={len(train_set)} captions / {train_set.n_images} images, "
           f"dev={len(dev_set)} captions, device={device}")

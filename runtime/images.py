@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from runtime.atomic import write_text
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".txt",)  # text files of paths, one a line
 PIXEL_MEAN, PIXEL_STD = 127.0, 128.0  # EfficientNet-Lite: (x - 127) / 128 on all channels
@@ -91,7 +93,7 @@ def write_path_list(list_file: str | os.PathLike, paths: Sequence[str | os.PathL
     list_file = os.fspath(list_file)
     base = os.path.dirname(os.path.abspath(list_file))
     lines = [os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") for p in paths]
-    atomic_write_text(list_file, "".join(line + "\n" for line in lines))
+    write_text(list_file, "".join(line + "\n" for line in lines))
 
 
 def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -232,7 +234,7 @@ def feature_spec(size: int, grid: int) -> dict:
 def write_feature_spec(path: str | os.PathLike, size: int, grid: int) -> dict:
     """Write ``feature_spec(size, grid)`` as JSON to ``path`` (atomically); returns it."""
     spec = feature_spec(size, grid)
-    atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+    write_text(path, json.dumps(spec, indent=1) + "\n")
     return spec
 
 
@@ -275,18 +277,3 @@ def read_feature_spec(path: str | os.PathLike, strict: bool = False) -> dict:
         raise ValueError(f"{path}: not a JSON feature description ({e})") from None
     check_feature_spec(spec, path, strict=strict)
     return spec
-
-
-# --------------------------------------------------------------------------- files
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and os.replace."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -44,14 +44,13 @@ import numpy as np
 
 import onnxruntime as ort
 
+from .atomic import FILE_MODE
 from .images import IMAGE_EXTENSIONS, LIST_EXTENSIONS, ImageError, check_image_files, list_images
 from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, IMAGE_BATCH, DeviceError, InputError, ModelDirError, Scorer,
                      check_region_feats, list_some)
 
 DEFAULT_TOP_K = 5
 RANK_ROWS = 1024  # sims rows read at a time when ranking (the matrix may be a memmap)
-_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
-os.umask(_UMASK)
 
 
 class UsageError(ValueError):
@@ -331,7 +330,7 @@ def run(args: argparse.Namespace) -> np.ndarray:
         if tmp is not None:
             sims.flush()
             del sims
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, args.output)
             tmp = None
             sims = np.load(args.output, mmap_mode="r")

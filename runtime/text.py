@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from typing import Iterable, Sequence
 
 from nltk.tokenize import word_tokenize  # needs no data files with preserve_line=True
 
-_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
-os.umask(_UMASK)
+from runtime.atomic import atomic_open
+
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = 0, 1, 2, 3
@@ -129,18 +128,8 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the SCAN vocabulary JSON atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json_dict(), f, ensure_ascii=False)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it a normal file's mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(path, "w") as f:
+            json.dump(self.to_json_dict(), f, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
