@@ -547,10 +547,16 @@ def child_argv(name: str, cfg: dict, args, extra: list[str]) -> list[str]:
     return argv + extra
 
 
+# Every scorer's process keeps freed memory for reuse, as imram_min.fast.retain_freed_memory makes
+# the training and evaluation commands do (the same glibc settings, through the environment).
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def run_child(argv: list[str], max_seconds: float) -> dict:
     """Run a child process that prints one JSON line; returns it, or a status for a crash / timeout."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max_seconds, cwd=ROOT)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max_seconds, cwd=ROOT,
+                              env={**os.environ, **CHILD_ENV})
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result within {max_seconds:g} s (--max-seconds)"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     args = p.parse_args(argv)
+    fast.retain_freed_memory()
 
     device = resolve_device(args.device)
     model, vocab, meta = load_model(args.checkpoint, device)

@@ -224,6 +224,7 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the last epoch's log entry (or {} if there was nothing left to train)."""
     given = vars(build_parser().parse_args(argv))
+    evaluate.fast.retain_freed_memory()
     resume_path = given.pop("resume", None)
     state = None
     if resume_path:
