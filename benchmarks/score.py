@@ -81,9 +81,6 @@ CUDA_SCORERS = ("loop-cuda", "plain-cuda", "fast-cuda", "onnx-cuda")
 ALL_SCORERS = CPU_SCORERS + CUDA_SCORERS
 LOOPS = ("loop", "loop-cuda")
 FORMS = {"loop": "original", "plain": "plain", "fast": "fast", "onnx": "fast"}
-# fast.similarity's blocks on CUDA, as evaluate.CUDA_MAX_ELEMS. Its CPU default (2^22 values,
-# cache-sized: ~56 pairs a block at d = 1024) leaves a GPU launch-bound; --max-elems sets another.
-FAST_CUDA_MAX_ELEMS = 1 << 26
 SHARED = 0.5  # weight of the component shared by all embeddings (mean pairwise cosine ~ SHARED^2 / (1 + SHARED^2))
 TOL = 1e-5
 CUDA, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -212,13 +209,8 @@ def form_of(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- configuration
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="IMRAM scoring benchmark: pairs/s, exactness, peak memory.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--size", choices=["full", "small", "both"], default="both", help="(both)")
-    p.add_argument("--n-img", type=int, help="images in the shard (full 32, small 48)")
-    p.add_argument("--n-cap", type=int, help="captions in the shard (full 40, small 64)")
-    p.add_argument("--embed-size", type=int, help="d (full 1024, small 256)")
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model and input shape flags this benchmark and train_step.py share."""
     p.add_argument("--mode", choices=["full", "text", "image"], default="full", help="(full)")
     p.add_argument("--steps", type=int, default=3, help="matching steps K (3)")
     p.add_argument("--n-region", type=int, default=36, help="regions per image (36)")
@@ -227,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dim", type=int, default=2048, help="region feature size of the model (2048)")
     p.add_argument("--word-dim", type=int, default=300, help="word embedding size of the model (300)")
     p.add_argument("--vocab-size", type=int, default=10000, help="vocabulary of the model (10000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="IMRAM scoring benchmark: pairs/s, exactness, peak memory.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--size", choices=["full", "small", "both"], default="both", help="(both)")
+    p.add_argument("--n-img", type=int, help="images in the shard (full 32, small 48)")
+    p.add_argument("--n-cap", type=int, help="captions in the shard (full 40, small 64)")
+    p.add_argument("--embed-size", type=int, help="d (full 1024, small 256)")
+    add_shape_args(p)
     p.add_argument("--scorers", help=f"comma-separated, of {','.join(ALL_SCORERS)} (default: the CPU ones, and the "
                                      "CUDA ones where torch / onnxruntime offer CUDA)")
     p.add_argument("--slice", action="append", default=[], metavar="NAME=[IMGSx]CAPS",
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads (default: theirs)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per scorer, the best is reported (1)")
     p.add_argument("--max-elems", type=int, help=f"fast.similarity max_elems (CPU: its default, as evaluation; "
-                                                 f"CUDA: {FAST_CUDA_MAX_ELEMS}, see FAST_CUDA_MAX_ELEMS)")
+                                                 "CUDA: evaluate.CUDA_MAX_ELEMS, as evaluation)")
     p.add_argument("--max-pairs", type=int, default=4096, help="IMRAM.similarity max_pairs (4096)")
     p.add_argument("--shard", type=int, help="ONNX shard: images = captions per matcher call (default: runtime.Scorer's)")
     p.add_argument("--budget-seconds", type=float,
@@ -333,6 +335,7 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
 
     from benchmarks.original_loop import per_caption_similarity
     from imram_min import fast
+    from imram_min.evaluate import CUDA_MAX_ELEMS
 
     cuda = name.endswith("-cuda")
     if cfg["threads"]:
@@ -347,7 +350,7 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
     model = build_model(cfg).to(device)
     kind = name.split("-")[0]
     fast_default = inspect.signature(fast.similarity).parameters["max_elems"].default
-    max_elems = cfg["max_elems"] or (FAST_CUDA_MAX_ELEMS if cuda else fast_default)
+    max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if cuda else fast_default)
 
     def score(r, w, n):
         if kind == "loop":
@@ -547,16 +550,17 @@ def child_argv(name: str, cfg: dict, args, extra: list[str]) -> list[str]:
     return argv + extra
 
 
-# Every scorer's process keeps freed memory for reuse, as imram_min.fast.retain_freed_memory makes
-# the training and evaluation commands do (the same glibc settings, through the environment).
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
 def run_child(argv: list[str], max_seconds: float) -> dict:
-    """Run a child process that prints one JSON line; returns it, or a status for a crash / timeout."""
+    """Run a child process that prints one JSON line; returns it, or a status for a crash / timeout.
+
+    Every child keeps freed memory for reuse, with the glibc settings that
+    imram_min.fast.retain_freed_memory gives the training and evaluation commands (here through
+    the environment, so that a child need not import torch to get them)."""
+    from imram_min.fast import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max_seconds, cwd=ROOT,
-                              env={**os.environ, **CHILD_ENV})
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max_seconds, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result within {max_seconds:g} s (--max-seconds)"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

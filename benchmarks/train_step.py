@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.score import (busy_warning, is_oom, limit_address_space, machine_info,  # noqa: E402
+from benchmarks.score import (add_shape_args, busy_warning, is_oom, limit_address_space, machine_info,  # noqa: E402
                               mem_available_gb, peak_rss_mb, rss_mb, run_child)
 
 SCORERS = ("original", "fast", "fast-nockpt", "plain")
@@ -67,14 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="B (cuda 128; cpu 32: the original needs ~100 GB and hours "
                                                   "at 128 x d = 1024 on a CPU)")
     p.add_argument("--embed-size", type=int, help="d (cuda 1024; cpu 256)")
-    p.add_argument("--steps", type=int, default=3, help="matching steps K (3)")
-    p.add_argument("--mode", choices=["full", "text", "image"], default="full", help="(full)")
-    p.add_argument("--n-region", type=int, default=36, help="regions per image (36)")
-    p.add_argument("--min-len", type=int, default=8, help="shortest caption, words (8)")
-    p.add_argument("--max-len", type=int, default=16, help="longest caption, words (16)")
-    p.add_argument("--img-dim", type=int, default=2048, help="region feature size (2048)")
-    p.add_argument("--word-dim", type=int, default=300, help="word embedding size (300)")
-    p.add_argument("--vocab-size", type=int, default=10000, help="(10000)")
+    add_shape_args(p)
     p.add_argument("--scorers", default=",".join(DEFAULT_SCORERS), help=f"comma-separated, of {','.join(SCORERS)} "
                                                                         f"({','.join(DEFAULT_SCORERS)})")
     p.add_argument("--iters", type=int, default=3, help="timed steps (3)")

@@ -187,13 +187,16 @@ class FastMatcher(nn.Module):
         return sum(s.sum(0) for s in steps.values())
 
 
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30  # bytes, glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
+
+
 def retain_freed_memory() -> bool:
     """Let glibc keep freed blocks for reuse instead of handing them back to the OS at once.
 
     Blocks of pairs allocate and free tensors of ~16 MB many times a second; with glibc's
     defaults each is mapped afresh and its pages faulted in again (on a 2-core CPU that was
-    ~15% of scoring time, in the kernel). Sets M_MMAP_THRESHOLD to 32 MB and M_TRIM_THRESHOLD
-    to 1 GB for this process. Called by the training and evaluation commands and the
+    ~15% of scoring time, in the kernel). Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to
+    MMAP_THRESHOLD (32 MB) and TRIM_THRESHOLD (1 GB) for this process. Called by the training and evaluation commands and the
     benchmarks (for every scorer alike); a no-op returning False off glibc.
     """
     if not sys.platform.startswith("linux"):
@@ -201,7 +204,7 @@ def retain_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
     except (OSError, AttributeError):
         return False
 

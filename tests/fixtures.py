@@ -110,3 +110,36 @@ def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> pathlib.Path:
             assert main([os.fspath(tiny_checkpoint), "--out", os.fspath(out)]) == 0
         return out
     return _once("model_dir", make)
+
+
+# --------------------------------------------------------------------------- shared helpers
+def run_cli(main, args, capsys):
+    """A command's ``main`` in-process on ``args`` (paths allowed) -> (exit status, stdout, stderr)."""
+    try:
+        code = main([os.fspath(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, stdout, err, out_path, words):
+    """A refused command: exit 2, one "error: " line naming ``words``, no output file, no temporaries."""
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and stdout == ""
+    for word in words:
+        assert word in err, (word, err)
+    assert not out_path.exists()
+    assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
+
+
+def write_picture(path, size=(40, 30), mode="RGB", seed=0, **save_args):
+    """A random picture of ``size`` (w, h) in ``mode``, saved with Pillow (format from the suffix)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, **save_args)
+    return path

