@@ -111,14 +111,14 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
             q = update + gate * (q - update)
         else:
             q = torch.lerp(update, q, gate)  # o + g (q - o) = g * q + (1 - g) * o, in one pass
-        if k == cfg.n_steps - 2:  # the last update: q only enters the next raw scores <q_i, v_j>,
-            sims = (q.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw.shape)
-            if not cfg.no_IMRAM_norm:  # so scale those instead of q: <q/(|q|+eps), v> = <q, v>/(|q|+eps)
-                sims = sims / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + EPS)
-            continue
-        if not cfg.no_IMRAM_norm:
+        # after the last update q only enters the raw scores <q_i, v_j>: scale those instead of q,
+        # <q/(|q|+eps), v> = <q, v>/(|q|+eps)
+        last_update = k == cfg.n_steps - 2
+        if not cfg.no_IMRAM_norm and not last_update:
             q = l2norm(q)
         sims = (q.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw.shape)
+        if not cfg.no_IMRAM_norm and last_update:
+            sims = sims / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + EPS)
     return torch.stack(scores)
 
 
@@ -196,15 +196,17 @@ def retain_freed_memory() -> bool:
     Blocks of pairs allocate and free tensors of ~16 MB many times a second; with glibc's
     defaults each is mapped afresh and its pages faulted in again (on a 2-core CPU that was
     ~15% of scoring time, in the kernel). Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to
-    MMAP_THRESHOLD (32 MB) and TRIM_THRESHOLD (1 GB) for this process. Called by the training and evaluation commands and the
-    benchmarks (for every scorer alike); a no-op returning False off glibc.
+    MMAP_THRESHOLD (32 MB) and TRIM_THRESHOLD (1 GB) for this process. Called by the training
+    and evaluation commands (the benchmarks set the same through the environment, for every
+    scorer alike); a no-op returning False off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+        return (bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD))
+                and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)))
     except (OSError, AttributeError):
         return False
 
@@ -238,8 +240,7 @@ def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
     n_cap = word_embs.shape[0]
     img_block, cap_block = pair_block_sizes(n_img, n_cap, n_region, word_embs.shape[1], d, max_elems)
     # per-item projections once for the whole shard, not once per block (restructurings 1 and 2)
-    weights, region_proj, word_proj = ({}, {}, {}) if model.cfg.mode == "mean" else \
-        shard_projections(model, region_embs, word_embs)
+    weights, region_proj, word_proj = shard_projections(model, region_embs, word_embs)
     cols = []
     for j in range(0, n_cap, cap_block):
         idx = order[j:j + cap_block]
