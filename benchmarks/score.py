@@ -12,8 +12,10 @@ Scorers (each gets the same precomputed region / word embeddings, and is timed o
     plain       IMRAM.similarity (imram_min/model.py), batched
     fast        imram_min.fast.similarity
     onnx-cpu    the model exported with matcher="fast" (export.export_model) to a temporary
-                folder, its matcher.onnx run by ONNX Runtime (CPU) in shards as runtime.Scorer
-                does (captions sorted by length, shard x shard calls, Scorer's shard size)
+                folder, scored by runtime.Scorer.score_embeddings on ONNX Runtime (CPU), as
+                python -m runtime.score does after encoding: captions sorted by length into shards,
+                images in groups, each projected once by the projection graphs, matcher calls of
+                Scorer's shard size
     loop-cuda, plain-cuda, fast-cuda   the same on CUDA (where torch sees a GPU)
     onnx-cuda   matcher.onnx on ORT's CUDAExecutionProvider (where onnxruntime offers it)
 
@@ -83,7 +85,7 @@ LOOPS = ("loop", "loop-cuda")
 FORMS = {"loop": "original", "plain": "plain", "fast": "fast", "onnx": "fast"}
 SHARED = 0.5  # weight of the component shared by all embeddings (mean pairwise cosine ~ SHARED^2 / (1 + SHARED^2))
 TOL = 1e-5
-CUDA, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
 # --------------------------------------------------------------------------- small helpers (no torch)
@@ -394,6 +396,8 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
 
 
 def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | None) -> tuple[dict, np.ndarray]:
+    """runtime.Scorer.score_embeddings on the exported model dir: what ``python -m runtime.score``
+    does after encoding (projection graphs once per item, matcher calls of Scorer's shard size)."""
     cuda = name == "onnx-cuda"
     torch = None
     if cuda:
@@ -406,7 +410,7 @@ def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | Non
     stub_nltk()
     import onnxruntime as ort
 
-    from runtime.scorer import CUDA_PAIR_BUDGET, MAX_SHARD, PAIR_BUDGET
+    from runtime.scorer import Scorer
     if cuda and hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls()
@@ -415,55 +419,29 @@ def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | Non
     if cuda and CUDA not in ort.get_available_providers():
         raise RuntimeError(f"this onnxruntime ({ort.__version__}) offers no {CUDA} "
                            f"(it offers {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # as runtime.Scorer
-    if cfg["threads"]:
-        options.intra_op_num_threads = cfg["threads"]
     if cuda:
         used_before = torch.cuda.mem_get_info()
         used_before = (used_before[1] - used_before[0]) / 2**20
-        providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested", "use_tf32": "1" if cfg["tf32"] else "0"}),
-                     CPU_EP]
-    else:
-        providers = [CPU_EP]
-    session = ort.InferenceSession(os.path.join(model_dir, "matcher.onnx"), options, providers=providers)
-    provider = session.get_providers()[0]
-    if cuda and provider != CUDA:
-        raise RuntimeError(f"{CUDA} failed to start (ORT fell back to {provider}): are the CUDA / cuDNN "
-                           f"libraries this onnxruntime-gpu build needs installed?")
+    scorer = Scorer(model_dir, device="cuda" if cuda else "cpu", shard=cfg["shard"], threads=cfg["threads"],
+                    tf32=cfg["tf32"])
 
     caps, imgs = cfg["slices"][name]
     regions, words, lengths = regions[:imgs], words[:caps], lengths[:caps]
-    d = regions.shape[-1]
-    if cfg["shard"]:
-        step = cfg["shard"]
-    else:  # runtime.Scorer.shard_size
-        per_pair = max(regions.shape[1], words.shape[1], 1) * 2 * d
-        step = max(1, min(MAX_SHARD, math.isqrt(max(1, (CUDA_PAIR_BUDGET if cuda else PAIR_BUDGET) // per_pair))))
-
-    def match(r, w, n):
-        return session.run(None, {"region_embs": r, "word_embs": w, "lengths": n})[0]
+    step = scorer.shard_size(regions.shape[1], words.shape[1])
+    group = scorer.group_size(regions.shape[1], step)
 
     def score():
-        """All pairs, image shard by image shard; with --budget-seconds it stops after the image shard
+        """All pairs, image group by image group; with --budget-seconds it stops after the group
         that ends past the budget. Returns (sims of the images done, images done)."""
         t0 = time.perf_counter()
         out = np.empty((len(regions), len(lengths)), dtype=np.float32)
-        order = np.argsort(-lengths, kind="stable")
-        shards = []
-        for j in range(0, len(order), step):  # caption shards, each padded to its own longest caption
-            idx = order[j:j + step]
-            shards.append((idx, np.ascontiguousarray(words[idx, :int(lengths[idx].max())]), lengths[idx]))
-        for i in range(0, len(regions), step):
-            r = np.ascontiguousarray(regions[i:i + step])
-            for idx, w, n in shards:
-                out[i:i + step, idx] = match(r, w, n)
+        for i in range(0, len(regions), group):
+            scorer.score_embeddings(regions[i:i + group], words, lengths, out=out[i:i + group])
             if cfg["budget"] and time.perf_counter() - t0 > cfg["budget"]:
-                return out[:i + step], min(i + step, len(regions))
+                return out[:i + group], min(i + group, len(regions))
         return out, len(regions)
 
-    match(np.ascontiguousarray(regions[:min(step, 2)]), np.ascontiguousarray(words[:min(step, 4)]),
-          lengths[:min(step, 4)])  # warm-up
+    scorer.score_embeddings(regions[:min(step, 2)], words[:min(step, 4)], lengths[:min(step, 4)])  # warm-up
     base = rss_mb()
     times = []
     for _ in range(1 if cfg["budget"] else cfg["repeat"]):
@@ -477,7 +455,7 @@ def run_onnx(name: str, cfg: dict, regions, words, lengths, model_dir: str | Non
                 "mem_kind": "GPU memory held by ORT after the run (arena)"}
     else:
         info = {"device": "cpu", "mem_base_mb": base, "mem_peak_mb": peak_rss_mb(), "mem_kind": "peak RSS (VmHWM)"}
-    info.update({"threads": cfg["threads"] or "ort default", "times": times, "provider": provider,
+    info.update({"threads": cfg["threads"] or "ort default", "times": times, "provider": scorer.provider,
                  "onnxruntime": ort.__version__, "shard": step, "imgs": done})
     if tmp is not None:
         tmp.cleanup()

@@ -6,7 +6,14 @@
 MODEL_DIR/
     image_encoder.onnx  region_feats (n_img, n_region, img_dim) f32 -> region_embs (n_img, n_region, d) f32
     text_encoder.onnx   tokens (n_cap, n_word) i64, lengths (n_cap,) i64 -> word_embs (n_cap, n_word, d) f32
-    matcher.onnx        region_embs, word_embs, lengths -> sims (n_img, n_cap) f32  (mode and K fixed)
+    matcher.onnx        region_embs, word_embs, lengths[, region_proj, word_proj] -> sims (n_img, n_cap) f32
+                        (mode and K fixed)
+  with the fast matcher of a model that makes memory updates (K > 1, not the mean baseline):
+    region_projection.onnx  region_embs -> region_proj (n_img, n_region, P) f32   P = 2d per direction
+    word_projection.onnx    word_embs -> word_proj (n_cap, n_word, P) f32
+                            the per-item parts of the memory updates (imram_min.fast), made once per
+                            image / caption and fed to the matcher, which then does per pair only
+                            what is per pair
     vocab.json          SCAN vocabulary JSON (runtime.text.Vocabulary)
     manifest.json       format version, model config, graph inputs/outputs, opset, versions, SHA-256 of each file
   with feature_extractor=True (models with img_dim 1280, trained on imram_min.features grid features):
@@ -27,7 +34,8 @@ How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(.
   Positions past each length are set to exact zeros with a Where. No packed sequences, no
   sequence_lens, no Python-side use of the lengths: nothing of the example batch is baked in.
 * The matcher is built by ``build_matcher``, THE one place that chooses the formulation:
-  "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``.
+  "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``
+  with its weights as constants. The projection graphs (fast form only) are ``ProjectionGraph``s.
 * The feature extractor is ``imram_min.features.GridFeatureExtractor``: EfficientNet-Lite0 with
   the packaged ImageNet weights, then the grid pooling as a MatMul with a constant matrix (equal to
   the adaptive average pooling of ``extract_features``, and exportable for any size and grid).
@@ -60,7 +68,7 @@ from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, featu
 from runtime.text import PAD, Vocabulary
 
 FORMAT = "imram-min-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fast matcher takes per-item projections from two more graphs
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # GRU with linear_before_reset, Trilu-free; 14 is the oldest we test
 MAX_OPSET = 20  # the newest the TorchScript exporter writes
@@ -70,7 +78,8 @@ VERIFY_TOL = 1e-4  # export-time sanity check (the tests hold the graphs to 1e-5
 DEFAULT_FEATURE_SIZE, DEFAULT_GRID = 128, 4  # = imram_min.features.DEFAULT_SIZE, DEFAULT_GRID (a test checks)
 
 FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx", "matcher": "matcher.onnx"}
-FEATURE_EXTRACTOR = "feature_extractor"  # the optional fourth graph
+PROJECTION_FILES = {"region_projection": "region_projection.onnx", "word_projection": "word_projection.onnx"}
+FEATURE_EXTRACTOR = "feature_extractor"  # the optional last graph
 FEATURE_EXTRACTOR_FILE = "feature_extractor.onnx"
 VOCAB_FILE, MANIFEST_FILE = "vocab.json", "manifest.json"
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back at once
@@ -86,21 +95,30 @@ class ExportSettingsError(ValueError):
 
 
 # --------------------------------------------------------------------------- graph signatures
-def graph_signatures(img_dim: int, embed_size: int) -> dict:
+def graph_signatures(img_dim: int, embed_size: int, proj_size: int = 0) -> dict:
     """Inputs and outputs of each graph: {graph: {"inputs": [...], "outputs": [...]}}, each item
-    {"name", "dtype", "shape"} with symbolic dims as strings. The manifest records exactly this."""
+    {"name", "dtype", "shape"} with symbolic dims as strings. The manifest records exactly this.
+    proj_size > 0 (the fast matcher of a model that updates its memory): the projection graphs,
+    and the matcher takes their outputs (P = proj_size)."""
     def t(name, dtype, *shape):
         return {"name": name, "dtype": dtype, "shape": list(shape)}
-    return {
+    region_embs = t("region_embs", "float32", "n_img", "n_region", embed_size)
+    word_embs = t("word_embs", "float32", "n_cap", "n_word", embed_size)
+    signatures = {
         "image_encoder": {"inputs": [t("region_feats", "float32", "n_img", "n_region", img_dim)],
-                          "outputs": [t("region_embs", "float32", "n_img", "n_region", embed_size)]},
+                          "outputs": [region_embs]},
         "text_encoder": {"inputs": [t("tokens", "int64", "n_cap", "n_word"), t("lengths", "int64", "n_cap")],
-                         "outputs": [t("word_embs", "float32", "n_cap", "n_word", embed_size)]},
-        "matcher": {"inputs": [t("region_embs", "float32", "n_img", "n_region", embed_size),
-                               t("word_embs", "float32", "n_cap", "n_word", embed_size),
-                               t("lengths", "int64", "n_cap")],
+                         "outputs": [word_embs]},
+        "matcher": {"inputs": [region_embs, word_embs, t("lengths", "int64", "n_cap")],
                     "outputs": [t("sims", "float32", "n_img", "n_cap")]},
     }
+    if proj_size:
+        region_proj = t("region_proj", "float32", "n_img", "n_region", proj_size)
+        word_proj = t("word_proj", "float32", "n_cap", "n_word", proj_size)
+        signatures["region_projection"] = {"inputs": [region_embs], "outputs": [region_proj]}
+        signatures["word_projection"] = {"inputs": [word_embs], "outputs": [word_proj]}
+        signatures["matcher"]["inputs"] += [region_proj, word_proj]
+    return signatures
 
 
 def feature_extractor_signature(size: int, grid: int) -> dict:
@@ -202,13 +220,37 @@ class PlainMatcher(nn.Module):
         return self.model.block_similarity(region_embs, word_embs, lengths)
 
 
+class ProjectionGraph(nn.Module):
+    """embs (n, n_items, d) -> embs W^T + b (n, n_items, P): ``imram_min.fast``'s per-item
+    projections of one side ("region" or "word"), the weights made once, as graph constants."""
+
+    def __init__(self, model: IMRAM, side: str):
+        super().__init__()
+        from imram_min import fast
+        stack = {"region": fast.region_projection_weights, "word": fast.word_projection_weights}[side]
+        with torch.no_grad():
+            weight, bias = stack(fast.direction_weights(model))
+        self.weight_t, self.bias = weight.T.contiguous(), bias.clone()
+
+    def forward(self, embs: torch.Tensor) -> torch.Tensor:
+        return embs @ self.weight_t + self.bias
+
+
+def projection_size(model: IMRAM, form: str = DEFAULT_MATCHER) -> int:
+    """P of the projection graphs, 0 when there are none (the plain form, K = 1, the mean baseline)."""
+    if form != "fast":
+        return 0
+    from imram_min.fast import direction_weights
+    return 2 * model.cfg.embed_size * len(direction_weights(model))
+
+
 def build_matcher(model: IMRAM, form: str = DEFAULT_MATCHER) -> nn.Module:
     """THE one place that wraps the model's matcher for export: "plain" (model.py) or "fast" (fast.py)."""
     if form == "plain":
         return PlainMatcher(model)
     if form == "fast":
         from imram_min.fast import FastMatcher
-        return FastMatcher(model)
+        return FastMatcher(model, constant_weights=True)
     raise ValueError(f"matcher form must be one of {MATCHER_FORMS}, got {form!r}")
 
 
@@ -294,21 +336,28 @@ def verify_feature_extractor(extractor: nn.Module, path: str, tol: float = VERIF
     return diff
 
 
-def verify_graphs(model: IMRAM, folder: str, matcher: nn.Module, tol: float = VERIFY_TOL) -> dict:
+def verify_graphs(model: IMRAM, folder: str, matcher: nn.Module, projections: dict | None = None,
+                  tol: float = VERIFY_TOL) -> dict:
     """Run the graphs of ``folder`` under ONNX Runtime (CPU) on a batch of other sizes than the
-    export example and compare with PyTorch. Returns {graph: max abs difference}; raises ExportError."""
+    export example and compare with PyTorch. projections: {graph: ProjectionGraph} when the
+    matcher takes projections. Returns {graph: max abs difference}; raises ExportError."""
     import onnxruntime as ort
 
+    projections = projections or {}
     batch = example_inputs(model, seed=1, n_img=3, n_region=4, n_cap=5, n_word=7)
-    with torch.no_grad():
-        expected = {"image_encoder": batch["region_embs"], "text_encoder": batch["word_embs"],
-                    "matcher": matcher(batch["region_embs"], batch["word_embs"], batch["lengths"])}
+    r, w, lengths = batch["region_embs"], batch["word_embs"], batch["lengths"]
     feeds = {"image_encoder": {"region_feats": batch["region_feats"]},
-             "text_encoder": {"tokens": batch["tokens"], "lengths": batch["lengths"]},
-             "matcher": {"region_embs": batch["region_embs"], "word_embs": batch["word_embs"],
-                         "lengths": batch["lengths"]}}
+             "text_encoder": {"tokens": batch["tokens"], "lengths": lengths},
+             "matcher": {"region_embs": r, "word_embs": w, "lengths": lengths}}
+    with torch.no_grad():
+        expected = {"image_encoder": r, "text_encoder": w, "matcher": matcher(r, w, lengths)}
+        if projections:
+            expected["region_projection"] = projections["region_projection"](r)
+            expected["word_projection"] = projections["word_projection"](w)
+            feeds["region_projection"], feeds["word_projection"] = {"region_embs": r}, {"word_embs": w}
+            feeds["matcher"].update(region_proj=expected["region_projection"], word_proj=expected["word_projection"])
     diffs = {}
-    for name, file in FILES.items():
+    for name, file in {**FILES, **{g: PROJECTION_FILES[g] for g in projections}}.items():
         session = ort.InferenceSession(os.path.join(folder, file), providers=["CPUExecutionProvider"])
         got = session.run(None, {k: v.numpy() for k, v in feeds[name].items()})[0]
         diff = float(np.abs(got - expected[name].numpy()).max())
@@ -368,8 +417,9 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    signatures = graph_signatures(cfg.img_dim, cfg.embed_size)
+    signatures = graph_signatures(cfg.img_dim, cfg.embed_size, projection_size(model, matcher))
     matcher_module = build_matcher(model, matcher).eval()
+    projections = {g: ProjectionGraph(model, g.split("_")[0]).eval() for g in PROJECTION_FILES if g in signatures}
     ex = example_inputs(model)
 
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -378,9 +428,15 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
                       os.path.join(tmp, FILES["image_encoder"]), signatures["image_encoder"], opset)
         _export_graph(TextEncoderGraph(model.txt_enc), (ex["tokens"], ex["lengths"]),
                       os.path.join(tmp, FILES["text_encoder"]), signatures["text_encoder"], opset)
-        _export_graph(matcher_module, (ex["region_embs"], ex["word_embs"], ex["lengths"]),
-                      os.path.join(tmp, FILES["matcher"]), signatures["matcher"], opset)
+        matcher_args = (ex["region_embs"], ex["word_embs"], ex["lengths"])
         files_written = dict(FILES)
+        for name, module in projections.items():  # region_projection, then word_projection
+            embs = ex["region_embs"] if name == "region_projection" else ex["word_embs"]
+            _export_graph(module, (embs,), os.path.join(tmp, PROJECTION_FILES[name]), signatures[name], opset)
+            files_written[name] = PROJECTION_FILES[name]
+            with torch.no_grad():
+                matcher_args += (module(embs),)  # the matcher's region_proj, word_proj
+        _export_graph(matcher_module, matcher_args, os.path.join(tmp, FILES["matcher"]), signatures["matcher"], opset)
         if extractor is not None:
             signatures[FEATURE_EXTRACTOR] = feature_extractor_signature(feature_size, grid)
             files_written[FEATURE_EXTRACTOR] = FEATURE_EXTRACTOR_FILE
@@ -388,7 +444,7 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
                           signatures[FEATURE_EXTRACTOR], opset)
         for name, file in files_written.items():
             check_graph(os.path.join(tmp, file), signatures[name])
-        diffs = verify_graphs(model, tmp, matcher_module) if verify else None
+        diffs = verify_graphs(model, tmp, matcher_module, projections) if verify else None
         if verify and extractor is not None:
             diffs[FEATURE_EXTRACTOR] = verify_feature_extractor(extractor, os.path.join(tmp, FEATURE_EXTRACTOR_FILE))
         vocab.save(os.path.join(tmp, VOCAB_FILE))

@@ -52,18 +52,64 @@ def memory_weights(memory: MemoryDistillation):
     return weight[:, :d], weight[:, d:], bias
 
 
-def item_projections(weights: tuple, query: torch.Tensor, context: torch.Tensor):
-    """Per-item parts of the MDU pre-activations (restructurings 1 and 2), computed once per shard.
+def direction_weights(model: IMRAM) -> dict:
+    """{"t2i": memory_weights, "i2t": memory_weights} for the directions of the model's mode; empty
+    when no update is ever made (K = 1, or the mean baseline)."""
+    if model.cfg.mode == "mean" or model.cfg.n_steps < 2:
+        return {}
+    return {name: memory_weights(memory) for name, memory in (("t2i", model.t2i), ("i2t", model.i2t))
+            if memory is not None}
 
-    weights: ``memory_weights``. query (n_q_items, n_query, d) -> query_proj = W_q q + b
-    (n_q_items, n_query, 2d); context (n_c_items, n_context, d) -> context_proj = W_c v (n_c_items, n_context, 2d).
-    """
-    w_query, w_context, bias = weights
-    return query @ w_query.T + bias, context @ w_context.T
+
+def _stack(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(W (2d, d), b (2d,) or None), ...] -> (W (P, d), b (P,)): the parts one above the other."""
+    weight = torch.cat([w for w, _ in parts], 0)
+    bias = torch.cat([torch.zeros_like(w[:, 0]) if b is None else b for w, b in parts], 0)
+    return weight, bias
+
+
+def region_projection_weights(weights: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W (P, d), b (P,)) with region_proj = v W^T + b, P = 2d per direction, directions in the
+    order t2i, i2t: for t2i the regions are the context, W_c v + b (the bias rides with the
+    context: the attention weights over it sum to 1); for i2t they are the query, W_q v.
+    weights: ``direction_weights``; None when it is empty (no update is made)."""
+    parts = [(weights["t2i"][1], weights["t2i"][2])] if "t2i" in weights else []
+    parts += [(weights["i2t"][0], None)] if "i2t" in weights else []
+    return _stack(parts) if parts else None
+
+
+def word_projection_weights(weights: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W (P, d), b (P,)) with word_proj = w W^T + b: [t2i: W_q w | i2t: W_c w + b]."""
+    parts = [(weights["t2i"][0], None)] if "t2i" in weights else []
+    parts += [(weights["i2t"][1], weights["i2t"][2])] if "i2t" in weights else []
+    return _stack(parts) if parts else None
+
+
+def region_projections(model: IMRAM, region_embs: torch.Tensor, weights: dict | None = None):
+    """Per-image parts of the MDU pre-activations (restructurings 1 and 2), once per image:
+    region_embs (n_img, n_region, d) -> (n_img, n_region, P), see ``region_projection_weights``.
+    None when no update is made. weights: ``direction_weights`` (made here when None)."""
+    stacked = region_projection_weights(direction_weights(model) if weights is None else weights)
+    return None if stacked is None else region_embs @ stacked[0].T + stacked[1]
+
+
+def word_projections(model: IMRAM, word_embs: torch.Tensor, weights: dict | None = None):
+    """Per-caption parts: word_embs (n_cap, n_word, d) -> (n_cap, n_word, P), see
+    ``word_projection_weights``. None when no update is made."""
+    stacked = word_projection_weights(direction_weights(model) if weights is None else weights)
+    return None if stacked is None else word_embs @ stacked[0].T + stacked[1]
+
+
+def split_directions(proj: torch.Tensor | None, weights: dict) -> dict:
+    """(..., 2d per direction) -> {direction: (..., 2d)}, views in the order t2i, i2t."""
+    if proj is None:
+        return {}
+    width = proj.shape[-1] // len(weights)
+    return {name: proj[..., i * width:(i + 1) * width] for i, name in enumerate(n for n in ("t2i", "i2t") if n in weights)}
 
 
 def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, raw: torch.Tensor,
-                                    weights: tuple, cfg: IMRAMConfig,
+                                    w_query: torch.Tensor | None, cfg: IMRAMConfig,
                                     query_mask: torch.Tensor | None = None,
                                     context_mask: torch.Tensor | None = None,
                                     query_proj: torch.Tensor | None = None,
@@ -73,11 +119,12 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     query: (n_q_items, n_query, d) the query items of each query-side element (captions' words
     for Text-IMRAM, images' regions for Image-IMRAM); context: (n_c_items, n_context, d).
     raw: (n_c_items, n_q_items, n_query, n_context) = <q_i, v_j> for every pair.
-    weights: ``memory_weights`` of this direction's MDU.
+    w_query: this direction's W_q (2d, d) (``memory_weights``), used from step 2 on (under ONNX
+    export it may be its ``onnx_query_weights`` pair).
     query_mask (n_q_items, n_query) / context_mask (n_c_items, n_context): False on padding.
-    query_proj / context_proj: ``item_projections`` of these items (computed here when None;
-    ``similarity`` passes slices of projections made once for the whole shard).
-    Returns (K, n_c_items, n_q_items).
+    query_proj (n_q_items, n_query, 2d) = W_q q and context_proj (n_c_items, n_context, 2d) =
+    W_c v + b: this direction's slices of ``region_projections`` / ``word_projections``
+    (unused, may be None, when K = 1). Returns (K, n_c_items, n_q_items).
     """
     n_c_items, n_q_items, n_query, n_context = raw.shape
     d = query.shape[-1]
@@ -85,8 +132,9 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     cmask = None if context_mask is None else context_mask[:, None]  # (n_c_items, 1, n_context)
     gram = context @ context.transpose(1, 2)  # (n_c_items, n_context, n_context)
     query_norm = query.norm(dim=-1)  # (n_q_items, n_query)
-    if cfg.n_steps > 1 and (query_proj is None or context_proj is None):  # (K = 1: weights unused, may be None)
-        query_proj, context_proj = item_projections(weights, query, context)
+    onnx = torch.onnx.is_in_onnx_export()
+    if onnx and cfg.n_steps > 1:  # per-item halves, undoubled: see _onnx_update
+        halves = _onnx_halves(w_query, query_proj, context_proj, d)
 
     sims, q, scores = raw, query, []
     for k in range(cfg.n_steps):
@@ -98,19 +146,18 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
         scores.append(masked_mean(cos, qmask))
         if k == cfg.n_steps - 1:
             break
-        # pre = W_q q + b + sum_j a_ij (W_c v_j): (n_c_items, n_q_items * n_query, 2d)
-        if k == 0:  # the query part is per item (restructuring 2)
-            pre = torch.baddbmm(query_proj.reshape(1, n_q_items * n_query, 2 * d), flat, context_proj)
+        if onnx:
+            q = _onnx_update(q, flat, k, halves, raw.shape, d)
         else:
-            pre = torch.addmm(weights[2], q.reshape(-1, d), weights[0].T)
-            pre = pre.view(n_c_items, n_q_items * n_query, 2 * d).baddbmm_(flat, context_proj)
-        sig = pre.sigmoid_().view(n_c_items, n_q_items, n_query, 2 * d)
-        update = torch.add(sig[..., :d], sig[..., :d], alpha=1.0).sub_(1.0)  # o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
-        gate = sig[..., d:]
-        if torch.onnx.is_in_onnx_export():  # ONNX writes lerp as a Where over both of its branches
-            q = update + gate * (q - update)
-        else:
-            q = torch.lerp(update, q, gate)  # o + g (q - o) = g * q + (1 - g) * o, in one pass
+            # pre = W_q q + sum_j a_ij (W_c v_j + b): (n_c_items, n_q_items * n_query, 2d)
+            if k == 0:  # the query part is per item (restructuring 2)
+                pre = torch.baddbmm(query_proj.reshape(1, n_q_items * n_query, 2 * d), flat, context_proj)
+            else:
+                pre = (q.reshape(-1, d) @ w_query.T).view(n_c_items, n_q_items * n_query, 2 * d)
+                pre = pre.baddbmm_(flat, context_proj)
+            sig = pre.sigmoid_().view(n_c_items, n_q_items, n_query, 2 * d)
+            update = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
+            q = torch.lerp(update, q, sig[..., d:])  # o + g (q - o) = g * q + (1 - g) * o, in one pass
         # after the last update q only enters the raw scores <q_i, v_j>: scale those instead of q,
         # <q/(|q|+eps), v> = <q, v>/(|q|+eps)
         last_update = k == cfg.n_steps - 2
@@ -122,68 +169,103 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     return torch.stack(scores)
 
 
-def shard_projections(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor) -> tuple[dict, dict, dict]:
-    """What is per item, not per pair, computed once for a shard: (weights, region_proj, word_proj).
+_MINUS_ONE = torch.tensor(-1.0)
 
-    weights {direction: ``memory_weights``}; region_proj {"t2i": W_c v (n_img, n_region, 2d),
-    "i2t": W_q v + b (n_img, n_region, 2d)}; word_proj {"t2i": W_q w + b (n_cap, n_word, 2d),
-    "i2t": W_c w (n_cap, n_word, 2d)}. Only the directions of the model's mode; all empty when
-    K = 1 (no update is ever made).
+
+def onnx_query_weights(w_query: torch.Tensor) -> tuple:
+    """W_q (2d, d) of ``memory_weights`` -> (W_o^T, W_g^T), contiguous (d, d) each, the update
+    unit's doubling undone (exact): the step-2 weights as the ONNX graph multiplies by them."""
+    d = w_query.shape[1]
+    return (w_query[:d] * 0.5).T.contiguous(), w_query[d:].T.contiguous()
+
+
+def _onnx_halves(w_query, query_proj, context_proj, d):
+    """For the ONNX graph: [(W_o^T, W_q q, W_c v + b) of the update unit, (the same) of the gate].
+
+    ONNX Runtime copies every slice, so the halves are cut from the per-item tensors (cheap), never
+    from per-pair ones, and the update unit's doubling is undone (exact) so that it is a Tanh.
+    w_query: (2d, d), or its ``onnx_query_weights`` made beforehand (constants in the graph).
     """
-    weights, region_proj, word_proj = {}, {}, {}
-    if model.cfg.n_steps > 1:
-        if model.t2i is not None:  # words attend regions
-            weights["t2i"] = memory_weights(model.t2i)
-            word_proj["t2i"], region_proj["t2i"] = item_projections(weights["t2i"], word_embs, region_embs)
-        if model.i2t is not None:  # regions attend words
-            weights["i2t"] = memory_weights(model.i2t)
-            region_proj["i2t"], word_proj["i2t"] = item_projections(weights["i2t"], region_embs, word_embs)
-    return weights, region_proj, word_proj
+    w_parts = w_query if isinstance(w_query, tuple) else onnx_query_weights(w_query)
+    return [(w_parts[0], query_proj[..., :d] * 0.5, context_proj[..., :d] * 0.5),
+            (w_parts[1], query_proj[..., d:], context_proj[..., d:])]
 
 
-def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
-                     lengths: torch.Tensor, projections: tuple | None = None) -> dict:
+def _onnx_update(q, flat, k, halves, shape, d):
+    """The memory update as the ONNX graph computes it: tanh / sigmoid on separate halves, o + g (q - o)."""
+    n_c_items, n_q_items, n_query, _ = shape
+    pre = []
+    for w_half, query_half, context_half in halves:  # w_half: (d, d), already transposed
+        query_part = query_half.reshape(1, n_q_items * n_query, d) if k == 0 else \
+            (q.reshape(-1, d) @ w_half).view(n_c_items, n_q_items * n_query, d)
+        pre.append((flat @ context_half + query_part).view(n_c_items, n_q_items, n_query, d))
+    update, gate = torch.tanh(pre[0]), torch.sigmoid(pre[1])
+    return update + gate * (q - update)
+
+
+def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                     region_proj: torch.Tensor | None = None, word_proj: torch.Tensor | None = None,
+                     weights: dict | None = None, query_weights: dict | None = None) -> dict:
     """{"t2i": (K, n_img, n_cap), "i2t": (K, n_img, n_cap)}, equal to ``IMRAM.step_scores``.
 
     region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
-    projections: ``shard_projections`` of exactly these items (computed here when None).
+    region_proj / word_proj: ``region_projections`` / ``word_projections`` of exactly these items
+    (made here when None); weights: ``direction_weights`` (made here when None); query_weights:
+    {direction: ``onnx_query_weights``} to use for the step-2 products instead (ONNX export only).
     Traceable: no Python-side use of tensor values, so it exports to ONNX with dynamic sizes.
     """
     n_img, n_region, d = region_embs.shape
     n_cap, n_word, _ = word_embs.shape
-    weights, region_proj, word_proj = projections or shard_projections(model, region_embs, word_embs)
+    weights = direction_weights(model) if weights is None else weights
+    if weights and region_proj is None:
+        region_proj = region_projections(model, region_embs, weights)
+    if weights and word_proj is None:
+        word_proj = word_projections(model, word_embs, weights)
+    region_parts, word_parts = split_directions(region_proj, weights), split_directions(word_proj, weights)
     word_mask = torch.arange(n_word, device=word_embs.device)[None, :] < lengths.to(word_embs.device)[:, None]
     # <region r of image i, word w of caption c>, shared by both directions: (n_img, n_region, n_cap, n_word)
     raw = (region_embs.reshape(n_img * n_region, d) @ word_embs.reshape(n_cap * n_word, d).T) \
         .view(n_img, n_region, n_cap, n_word)
+    w_query = query_weights or {name: w[0] for name, w in weights.items()}
     out = {}
     if model.t2i is not None:  # words attend regions: context = images, query = captions
         out["t2i"] = fast_recurrent_attention_memory(
-            word_embs, region_embs, raw.permute(0, 2, 3, 1), weights.get("t2i"), model.cfg,
-            query_mask=word_mask, query_proj=word_proj.get("t2i"), context_proj=region_proj.get("t2i"))
+            word_embs, region_embs, raw.permute(0, 2, 3, 1), w_query.get("t2i"), model.cfg,
+            query_mask=word_mask, query_proj=word_parts.get("t2i"), context_proj=region_parts.get("t2i"))
     if model.i2t is not None:  # regions attend words: context = captions, query = images
         out["i2t"] = fast_recurrent_attention_memory(
-            region_embs, word_embs, raw.permute(2, 0, 1, 3), weights.get("i2t"), model.cfg,
-            context_mask=word_mask, query_proj=region_proj.get("i2t"), context_proj=word_proj.get("i2t")
+            region_embs, word_embs, raw.permute(2, 0, 1, 3), w_query.get("i2t"), model.cfg,
+            context_mask=word_mask, query_proj=region_parts.get("i2t"), context_proj=word_parts.get("i2t")
         ).transpose(1, 2)
     return out
 
 
 class FastMatcher(nn.Module):
-    """(region_embs, word_embs, lengths) -> similarities (n_img, n_cap); the module exported as matcher.onnx.
+    """(region_embs, word_embs, lengths[, region_proj, word_proj]) -> similarities (n_img, n_cap).
 
-    Shares the model's parameters (gradients flow into them), so it also serves training.
+    By default the MDU weights are derived from the model's parameters in every call (gradients
+    flow into them: it also serves training). ``constant_weights=True`` (export) derives them once,
+    detached, so that the ONNX graph holds its step-2 weights as constants (``onnx_query_weights``)
+    that ONNX Runtime pre-packs for its matrix products.
     """
 
-    def __init__(self, model: IMRAM):
+    def __init__(self, model: IMRAM, constant_weights: bool = False):
         super().__init__()
         self.model = model
+        self.weights = self.onnx_weights = None
+        if constant_weights:
+            with torch.no_grad():
+                self.weights = direction_weights(model)
+                self.onnx_weights = {name: onnx_query_weights(w[0]) for name, w in self.weights.items()}
 
     def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                projections: tuple | None = None) -> torch.Tensor:
+                region_proj: torch.Tensor | None = None, word_proj: torch.Tensor | None = None,
+                weights: dict | None = None) -> torch.Tensor:
         if self.model.cfg.mode == "mean":
             return mean_pooled_similarity(region_embs, word_embs, lengths)
-        steps = fast_step_scores(self.model, region_embs, word_embs, lengths, projections)
+        query_weights = self.onnx_weights if torch.onnx.is_in_onnx_export() else None
+        steps = fast_step_scores(self.model, region_embs, word_embs, lengths, region_proj, word_proj,
+                                 self.weights if weights is None else weights, query_weights)
         return sum(s.sum(0) for s in steps.values())
 
 
@@ -240,18 +322,20 @@ def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
     n_cap = word_embs.shape[0]
     img_block, cap_block = pair_block_sizes(n_img, n_cap, n_region, word_embs.shape[1], d, max_elems)
     # per-item projections once for the whole shard, not once per block (restructurings 1 and 2)
-    weights, region_proj, word_proj = shard_projections(model, region_embs, word_embs)
+    weights = direction_weights(model)
+    region_proj = region_projections(model, region_embs, weights)
+    word_proj = word_projections(model, word_embs, weights)
     cols = []
     for j in range(0, n_cap, cap_block):
         idx = order[j:j + cap_block]
         n_word = int(lengths_cpu[idx].max())
         idx_dev = idx.to(word_embs.device)
         words, lens = word_embs[idx_dev, :n_word], lengths[idx.to(lengths.device)]
-        words_proj = {k: v[idx_dev, :n_word] for k, v in word_proj.items()}
+        words_proj = None if word_proj is None else word_proj[idx_dev, :n_word]
         rows = []
         for i in range(0, n_img, img_block):
-            regions_proj = {k: v[i:i + img_block] for k, v in region_proj.items()}
-            args = (region_embs[i:i + img_block], words, lens, (weights, regions_proj, words_proj))
+            regions_proj = None if region_proj is None else region_proj[i:i + img_block]
+            args = (region_embs[i:i + img_block], words, lens, regions_proj, words_proj, weights)
             if checkpoint and torch.is_grad_enabled():
                 rows.append(activation_checkpoint(matcher, *args, use_reentrant=False))
             else:

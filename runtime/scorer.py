@@ -7,8 +7,10 @@
     sims = scorer.score(["cat.jpg", "cup.png"], captions)        # image files: needs feature_extractor.onnx
 
 A model dir is what ``python -m export`` writes: image_encoder.onnx, text_encoder.onnx,
-matcher.onnx, vocab.json and manifest.json, and with ``--feature-extractor`` also
-feature_extractor.onnx plus the preprocessing in the manifest. Loading it checks the manifest's
+matcher.onnx, vocab.json and manifest.json; with the fast matcher (the default) of a model that
+updates its memory also region_projection.onnx and word_projection.onnx, which make the per-item
+parts of the memory updates once per image / caption for the matcher; and with
+``--feature-extractor`` feature_extractor.onnx plus the preprocessing in the manifest. Loading it checks the manifest's
 format and the SHA-256 of every file it lists, so a half-copied or edited model dir is refused.
 
 Image files (``score`` given a list of paths, ``image_features``, ``encode_image_files``) are
@@ -18,11 +20,13 @@ decoded with Pillow and preprocessed with numpy by runtime.images exactly as
 
 Bounded memory (``score``): captions are tokenised exactly as in training (runtime.text),
 sorted by length and cut into shards of ``shard`` captions, each padded only to its own longest
-caption and encoded once; images are read ``shard`` at a time (a np.memmap streams from disk),
-encoded, and scored against every caption shard. The largest tensor of one matcher call is
-about shard^2 * max(n_region, n_word) * 2d values; the default shard keeps that near
-PAIR_BUDGET values. Padding never changes a score (the matcher masks it exactly), so the
-result does not depend on the shard size beyond float rounding.
+caption and encoded once; images are read a group at a time (a np.memmap streams from disk;
+a group's features, embeddings and projections stay within GROUP_BYTES), encoded and projected,
+and scored against every caption shard (projected once per group) in matcher calls of ``shard``
+images x ``shard`` captions. The largest tensor of one matcher call is about
+shard^2 * max(n_region, n_word) * 2d values; the default shard keeps that near PAIR_BUDGET
+values. Padding never changes a score (the matcher masks it exactly), so the result does not
+depend on the shard size beyond float rounding.
 """
 from __future__ import annotations
 
@@ -40,16 +44,20 @@ from .text import Vocabulary, VocabularyError
 
 DEFAULT_MODEL_DIR = os.path.join("runs", "default", "model")  # where the README's main command puts it
 FORMAT = "imram-min-onnx"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 2 adds the projection graphs of the fast matcher
 MANIFEST_FILE = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "matcher")
+PROJECTIONS = ("region_projection", "word_projection")  # when the matcher takes region_proj, word_proj
 FEATURE_EXTRACTOR = "feature_extractor"  # optional: pictures -> region features
 IMAGE_BATCH = 16  # pictures decoded and run through the feature extractor at a time
 DEVICES = ("auto", "cpu", "cuda")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-PAIR_BUDGET = 1 << 24  # values in the largest per-pair tensor of one matcher call (64 MB in float32)
+PAIR_BUDGET = 1 << 22  # values in the largest per-pair tensor of one matcher call (16 MB in float32:
+#                        small calls keep the matcher's tensors in cache; 7 x 7 pairs at d = 1024)
 CUDA_PAIR_BUDGET = 1 << 27  # the same on CUDA: bigger calls, or the GPU idles between small ones
 MAX_SHARD = 256  # images / captions per shard, at most
+GROUP_BYTES = 256 << 20  # an image group's features + embeddings + projections, at most (float32)
+MAX_GROUP = 1024  # images per group, at most
 CHECK_BYTES = 64 << 20  # features read per chunk by the NaN/Inf scan
 
 
@@ -94,7 +102,8 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
                             f"(this runtime reads {SUPPORTED_FORMAT_VERSIONS})")
     try:
         files = manifest["files"]
-        needed = [manifest["graphs"][g]["file"] for g in GRAPHS] + [manifest["vocab"]["file"]]
+        graphs = GRAPHS + (PROJECTIONS if takes_projections(manifest) else ())
+        needed = [manifest["graphs"][g]["file"] for g in graphs] + [manifest["vocab"]["file"]]
         cfg = manifest["model_config"]
         cfg["img_dim"], cfg["embed_size"], cfg["mode"], cfg["n_steps"]
     except (KeyError, TypeError) as e:
@@ -132,11 +141,16 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
-def resolve_providers(device: str = "auto") -> list:
+def takes_projections(manifest: dict) -> bool:
+    """Whether the manifest's matcher takes region_proj and word_proj (made by the projection graphs)."""
+    return "region_proj" in [i["name"] for i in manifest["graphs"]["matcher"]["inputs"]]
+
+
+def resolve_providers(device: str = "auto", tf32: bool = False) -> list:
     """ONNX Runtime providers for "auto" (CUDA when onnxruntime offers it, else CPU), "cpu" or "cuda".
 
-    CUDA runs in exact float32: ONNX Runtime's CUDA provider otherwise lets its matrix products
-    use TF32 (10-bit mantissa inputs), which moves scores by ~1e-4."""
+    CUDA runs in exact float32 unless ``tf32``: ONNX Runtime's CUDA provider otherwise lets its
+    matrix products use TF32 (10-bit mantissa inputs), which moves scores by ~1e-4."""
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     available = ort.get_available_providers()
@@ -144,7 +158,7 @@ def resolve_providers(device: str = "auto") -> list:
         raise DeviceError(f"device cuda: this onnxruntime has no {CUDA} (it offers {', '.join(available)}); "
                           f"install onnxruntime-gpu or use --device cpu")
     if device == "cuda" or (device == "auto" and CUDA in available):
-        return [(CUDA, {"use_tf32": "0"}), CPU]
+        return [(CUDA, {"use_tf32": "1" if tf32 else "0"}), CPU]
     return [CPU]
 
 
@@ -228,6 +242,7 @@ class Scorer:
     offers it, else CPU), "cpu" or "cuda" (DeviceError if unavailable). shard: images and
     captions per shard (None: from PAIR_BUDGET). threads: ONNX Runtime intra-op threads (None:
     its default). image_batch: pictures decoded and run through the feature extractor at a time.
+    tf32: let CUDA's matrix products use TF32 (faster on recent GPUs, scores move by ~1e-4).
     Attributes: manifest, config (the model config dict), vocab, img_dim, embed_size, mode,
     n_steps, device ("cpu"/"cuda"), provider (the provider in use), has_feature_extractor and,
     when it has one, preprocessing (the manifest's feature spec), feature_size, feature_grid.
@@ -235,7 +250,8 @@ class Scorer:
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, device: str = "auto",
-                 shard: int | None = None, threads: int | None = None, image_batch: int = IMAGE_BATCH):
+                 shard: int | None = None, threads: int | None = None, image_batch: int = IMAGE_BATCH,
+                 tf32: bool = False):
         if shard is not None and shard < 1:
             raise ValueError(f"shard must be >= 1, got {shard}")
         if image_batch < 1:
@@ -257,17 +273,24 @@ class Scorer:
         if len(self.vocab) != int(self.config["vocab_size"]):
             raise ModelDirError(f"{vocab_path}: {len(self.vocab)} words, the model has {self.config['vocab_size']}")
 
-        providers = resolve_providers(device)
+        providers = resolve_providers(device, tf32)
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
         if threads:
             self._options.intra_op_num_threads = int(threads)
-        self.sessions, self.io = {g: self._load_session(g, providers) for g in GRAPHS}, {}
+        self._quiet_options = ort.SessionOptions()  # the same, but threads that sleep when idle
+        self._quiet_options.log_severity_level = 3
+        if threads:
+            self._quiet_options.intra_op_num_threads = int(threads)
+        self._quiet_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.projected = takes_projections(self.manifest)
+        self.graphs = GRAPHS + (PROJECTIONS if self.projected else ())
+        self.sessions = {g: self._load_session(g, providers) for g in self.graphs}
         used = self.sessions["matcher"].get_providers()
         if len(providers) > 1 and CUDA not in used:
             if device == "cuda":
                 raise DeviceError(f"device cuda: {CUDA} is installed but failed to start (no GPU or CUDA libraries?)")
-            self.sessions = {g: self._load_session(g, [CPU]) for g in GRAPHS}
+            self.sessions = {g: self._load_session(g, [CPU]) for g in self.graphs}
             used = [CPU]
         self._providers = providers if used[0] == CUDA else [CPU]
         self.provider = used[0]
@@ -276,8 +299,11 @@ class Scorer:
     def _load_session(self, graph: str, providers: list) -> ort.InferenceSession:
         spec = self.manifest["graphs"][graph]
         path = os.path.join(self.model_dir, spec["file"])
+        options = self._options
+        if graph != "matcher":  # idle threads of one session spinning for work would slow the matcher's
+            options = self._quiet_options
         try:
-            session = ort.InferenceSession(path, self._options, providers=providers)
+            session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelDirError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
         names = [i.name for i in session.get_inputs()]
@@ -379,12 +405,79 @@ class Scorer:
             out[idx, :embs.shape[1]] = embs
         return out, lengths
 
-    def match(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def project(self, side: str, embs: np.ndarray) -> np.ndarray | None:
+        """side "region": region_embs (n_img, n_region, d) -> region_proj (n_img, n_region, P);
+        "word": word_embs (n_cap, n_word, d) -> word_proj (n_cap, n_word, P): the per-item parts
+        of the memory updates that the fast matcher takes. None when the matcher takes none."""
+        if not self.projected:
+            return None
+        name = "region_embs" if side == "region" else "word_embs"
+        return self._run(f"{side}_projection", **{name: np.ascontiguousarray(embs, dtype=np.float32)})
+
+    def match(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
+              region_proj: np.ndarray | None = None, word_proj: np.ndarray | None = None) -> np.ndarray:
         """One matcher call: region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d),
-        lengths (n_cap,) -> sims (n_img, n_cap) float32. No sharding: keep the batch small."""
-        return self._run("matcher", region_embs=np.ascontiguousarray(region_embs, dtype=np.float32),
-                         word_embs=np.ascontiguousarray(word_embs, dtype=np.float32),
-                         lengths=np.ascontiguousarray(lengths, dtype=np.int64))
+        lengths (n_cap,) -> sims (n_img, n_cap) float32. No sharding: keep the batch small.
+        region_proj / word_proj: ``project`` of these items, made here when None and needed."""
+        feeds = {"region_embs": np.ascontiguousarray(region_embs, dtype=np.float32),
+                 "word_embs": np.ascontiguousarray(word_embs, dtype=np.float32),
+                 "lengths": np.ascontiguousarray(lengths, dtype=np.int64)}
+        if self.projected:
+            feeds["region_proj"] = np.ascontiguousarray(
+                self.project("region", feeds["region_embs"]) if region_proj is None else region_proj)
+            feeds["word_proj"] = np.ascontiguousarray(
+                self.project("word", feeds["word_embs"]) if word_proj is None else word_proj)
+        return self.sessions["matcher"].run(None, feeds)[0]
+
+    def group_size(self, n_region: int, step: int) -> int:
+        """Images encoded and projected together: a multiple of ``step`` (the shard), at most
+        MAX_GROUP, their features + embeddings + projections within GROUP_BYTES."""
+        proj = 4 * self.embed_size if self.projected else 0  # P <= 4d
+        per_image = 4 * max(1, n_region) * (self.img_dim + self.embed_size + proj)
+        return max(step, min(MAX_GROUP, GROUP_BYTES // per_image) // step * step)
+
+    def _score_group(self, region_embs: np.ndarray, caption_shards: list, step: int, out: np.ndarray,
+                     tick: Callable) -> None:
+        """out (n, n_cap) <- one image group's region_embs (n, n_region, d) x every caption shard
+        (indices, word_embs, lengths) in matcher calls of ``step`` images, the group and each
+        caption shard projected once."""
+        region_proj = self.project("region", region_embs)
+        for idx, word_embs, lens in caption_shards:
+            word_proj = self.project("word", word_embs)
+            for i in range(0, len(region_embs), step):
+                rows = slice(i, i + step)
+                out[rows, idx] = self.match(region_embs[rows], word_embs, lens,
+                                            None if region_proj is None else region_proj[rows], word_proj)
+                tick()
+
+    def score_embeddings(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
+                         out: np.ndarray | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Similarities (n_img, n_cap) float32 of every image with every caption, from embeddings:
+        region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d) (zeros or anything past each
+        length), lengths (n_cap,). As ``score`` does after encoding: captions sorted by length into
+        shards, images in groups, matcher calls of shard x shard pairs."""
+        region_embs = np.asarray(region_embs, dtype=np.float32)
+        word_embs, lengths = np.asarray(word_embs, dtype=np.float32), np.asarray(lengths, dtype=np.int64)
+        n_img, n_cap = len(region_embs), len(lengths)
+        step = self.shard_size(region_embs.shape[1], word_embs.shape[1])
+        out = np.empty((n_img, n_cap), dtype=np.float32) if out is None else out
+        order = np.argsort(-lengths, kind="stable")
+        caption_shards = []
+        for j in range(0, n_cap, step):
+            idx = order[j:j + step]
+            caption_shards.append((idx, np.ascontiguousarray(word_embs[idx, :int(lengths[idx].max())]), lengths[idx]))
+        total, done = len(caption_shards) * -(-n_img // step), 0
+
+        def tick():
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total)
+        group = self.group_size(region_embs.shape[1], step)
+        for i in range(0, n_img, group):
+            self._score_group(region_embs[i:i + group], caption_shards, step, out[i:i + group], tick)
+        return out
 
     def _caption_shards(self, tokens: np.ndarray, lengths: np.ndarray, step: int):
         """Yield (caption indices, word_embs (n, n_word_shard, d), lengths (n,)) for shards of ``step``
@@ -400,7 +493,7 @@ class Scorer:
               progress: Callable[[int, int], None] | None = None, check: bool = True) -> np.ndarray:
         """Similarities (n_img, n_cap) float32 of every image with every caption.
 
-        region_feats: (n_img, n_region, img_dim) float array or memmap (read a shard at a time),
+        region_feats: (n_img, n_region, img_dim) float array or memmap (read a group at a time),
         or a list of image file paths (decoded a batch at a time while scoring; needs a model dir
         exported with --feature-extractor). captions: list of strings. out: an (n_img, n_cap)
         float32 array to fill (e.g. a memmap), else a new array. progress(done, total) is called
@@ -418,34 +511,32 @@ class Scorer:
         captions = check_captions(captions)
         tokens, lengths = self.tokenize(captions)
         step = self.shard_size(n_region, tokens.shape[1])
+        group = self.group_size(n_region, step)
         n_cap_shards, n_img_shards = -(-len(captions) // step), -(-n_img // step)
         total, done = n_cap_shards * (1 + n_img_shards), 0
-        if paths is not None:  # + the batches of pictures of every image shard
-            total += sum(-(-min(step, n_img - i) // self.image_batch) for i in range(0, n_img, step))
+        if paths is not None:  # + the batches of pictures of every image group
+            total += sum(-(-min(group, n_img - i) // self.image_batch) for i in range(0, n_img, group))
         if out is None:
             out = np.empty((n_img, len(captions)), dtype=np.float32)
         elif out.shape != (n_img, len(captions)) or out.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {(n_img, len(captions))}, got {out.dtype} {out.shape}")
-        caption_shards = []
-        for shard in self._caption_shards(tokens, lengths, step):
-            caption_shards.append(shard)
+
+        def tick():
+            nonlocal done
             done += 1
             if progress:
                 progress(done, total)
-        for i in range(0, n_img, step):
+        caption_shards = []
+        for shard in self._caption_shards(tokens, lengths, step):
+            caption_shards.append(shard)
+            tick()
+        for i in range(0, n_img, group):
             if paths is None:
-                feats = region_feats[i:i + step]
+                feats = region_feats[i:i + group]
             else:
-                feats = np.empty((min(step, n_img - i), n_region, self.img_dim), dtype=np.float32)
-                for j, batch in self._feature_batches(paths[i:i + step]):
+                feats = np.empty((min(group, n_img - i), n_region, self.img_dim), dtype=np.float32)
+                for j, batch in self._feature_batches(paths[i:i + group]):
                     feats[j:j + len(batch)] = batch
-                    done += 1
-                    if progress:
-                        progress(done, total)
-            region_embs = self.encode_images(feats, check=False)
-            for idx, word_embs, lens in caption_shards:
-                out[i:i + step, idx] = self.match(region_embs, word_embs, lens)
-                done += 1
-                if progress:
-                    progress(done, total)
+                    tick()
+            self._score_group(self.encode_images(feats, check=False), caption_shards, step, out[i:i + group], tick)
         return out

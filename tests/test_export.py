@@ -12,8 +12,8 @@ import torch
 
 from fixtures import (IMG_DIM, lengths_1_to_40, random_feats, random_tokens, tiny_checkpoint, tiny_data,  # noqa: F401
                       tiny_model, tiny_model_dir, tiny_vocab)
-from export.onnx_export import (DEFAULT_OPSET, FILES, MANIFEST_FILE, TextEncoderGraph, check_graph, export_model,
-                                sha256_file)
+from export.onnx_export import (DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, TextEncoderGraph, check_graph,
+                                export_model, sha256_file)
 from imram_min.checkpoint import load_model
 
 TOL = 1e-5  # ONNX Runtime CPU vs PyTorch, float32
@@ -28,6 +28,20 @@ def session(path, provider="CPUExecutionProvider"):
 
 def run(sess, **feeds):
     return sess.run(None, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()})[0]
+
+
+ALL_FILES = {**FILES, **PROJECTION_FILES}  # the tiny model is full, K = 3, fast matcher: all five graphs
+
+
+def run_matcher(folder, region_embs, word_embs, lengths, provider="CPUExecutionProvider"):
+    """matcher.onnx of ``folder`` on these embeddings, fed the projection graphs' outputs where it takes them."""
+    feeds = {"region_embs": region_embs, "word_embs": word_embs, "lengths": lengths}
+    if os.path.exists(os.path.join(folder, PROJECTION_FILES["region_projection"])):
+        feeds["region_proj"] = run(session(os.path.join(folder, PROJECTION_FILES["region_projection"]), provider),
+                                   region_embs=region_embs)
+        feeds["word_proj"] = run(session(os.path.join(folder, PROJECTION_FILES["word_projection"]), provider),
+                                 word_embs=word_embs)
+    return run(session(os.path.join(folder, FILES["matcher"]), provider), **feeds)
 
 
 def max_diff(a, b) -> float:
@@ -75,18 +89,37 @@ def test_text_encoder_graph_module_equals_packed_text_encoder(overrides):
 
 
 # --------------------------------------------------------------------------- the model dir
-def test_export_writes_the_five_files(tiny_model_dir):  # noqa: F811
-    assert sorted(os.listdir(tiny_model_dir)) == sorted([*FILES.values(), "vocab.json", MANIFEST_FILE])
+def test_export_writes_five_graphs_the_vocabulary_and_the_manifest(tiny_model_dir):  # noqa: F811
+    assert sorted(os.listdir(tiny_model_dir)) == sorted([*ALL_FILES.values(), "vocab.json", MANIFEST_FILE])
 
 
-@pytest.mark.parametrize("graph", list(FILES))
+@pytest.mark.parametrize("form,mode,n_steps", [("plain", "full", 3), ("fast", "full", 1), ("fast", "mean", 1)])
+def test_no_projection_graphs_where_the_matcher_needs_none(tmp_path, form, mode, n_steps):
+    manifest = export_model(tiny_model(vocab_size=40, mode=mode, n_steps=n_steps), tiny_vocab(), tmp_path,
+                            matcher=form, verify=False)
+    assert sorted(manifest["graphs"]) == sorted(FILES)
+    assert [i["name"] for i in manifest["graphs"]["matcher"]["inputs"]] == ["region_embs", "word_embs", "lengths"]
+
+
+@pytest.mark.parametrize("mode,size", [("full", 4), ("text", 2), ("image", 2)])
+def test_projection_graphs_give_2d_per_direction(tmp_path, mode, size):
+    model = tiny_model(vocab_size=40, mode=mode, n_steps=2)
+    manifest = export_model(model, tiny_vocab(), tmp_path, verify=False)
+    d = model.cfg.embed_size
+    assert manifest["graphs"]["region_projection"]["outputs"][0]["shape"] == ["n_img", "n_region", size * d]
+    assert manifest["graphs"]["word_projection"]["outputs"][0]["shape"] == ["n_cap", "n_word", size * d]
+    assert [i["name"] for i in manifest["graphs"]["matcher"]["inputs"]] == [
+        "region_embs", "word_embs", "lengths", "region_proj", "word_proj"]
+
+
+@pytest.mark.parametrize("graph", list(ALL_FILES))
 def test_graph_passes_onnx_full_check(tiny_model_dir, graph):  # noqa: F811
-    onnx.checker.check_model(onnx.load(os.fspath(tiny_model_dir / FILES[graph])), full_check=True)
+    onnx.checker.check_model(onnx.load(os.fspath(tiny_model_dir / ALL_FILES[graph])), full_check=True)
 
 
 def test_manifest_sha256_matches_every_file(tiny_model_dir):  # noqa: F811
     manifest = json.loads((tiny_model_dir / MANIFEST_FILE).read_text())
-    assert sorted(manifest["files"]) == sorted([*FILES.values(), "vocab.json"])
+    assert sorted(manifest["files"]) == sorted([*ALL_FILES.values(), "vocab.json"])
     for name, info in manifest["files"].items():
         assert info["sha256"] == sha256_file(tiny_model_dir / name)
         assert info["bytes"] == os.path.getsize(tiny_model_dir / name)
@@ -94,7 +127,7 @@ def test_manifest_sha256_matches_every_file(tiny_model_dir):  # noqa: F811
 
 def test_manifest_describes_graphs_config_and_versions(tiny_model_dir, tiny):  # noqa: F811
     manifest = json.loads((tiny_model_dir / MANIFEST_FILE).read_text())
-    assert manifest["format"] == "imram-min-onnx" and manifest["format_version"] == 1
+    assert manifest["format"] == "imram-min-onnx" and manifest["format_version"] == 2
     assert manifest["model_config"] == tiny.cfg.to_dict()
     assert manifest["opset"] == DEFAULT_OPSET
     assert set(manifest["versions"]) >= {"torch", "onnx"}
@@ -131,7 +164,7 @@ def test_reexport_into_the_same_folder_replaces_files_and_leaves_no_temporaries(
 def test_opset_option_sets_the_graphs_opset(tmp_path):
     manifest = export_model(tiny_model(vocab_size=40), tiny_vocab(), tmp_path / "m", opset=18, verify=False)
     assert manifest["opset"] == 18
-    for file in FILES.values():
+    for file in ALL_FILES.values():
         graph = onnx.load(os.fspath(tmp_path / "m" / file))
         assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]
 
@@ -179,25 +212,23 @@ MODES_K = [(m, k) for m in ("full", "text", "image") for k in (1, 2, 3)] + [("me
 def test_matcher_parity_ragged_batches(tmp_path, mode, n_steps):
     model = tiny_model(seed=n_steps, vocab_size=40, mode=mode, n_steps=n_steps)
     export_model(model, tiny_vocab(), tmp_path, verify=False)
-    sess = session(tmp_path / FILES["matcher"])
     for name, (n_img, n_region, lengths) in MATCH_BATCHES.items():
         r, w, lens = embedded_batch(model, n_img, n_region, lengths, seed=n_img + len(lengths))
         with torch.no_grad():
             expected = model.similarity(r, w, lens)
-        got = run(sess, region_embs=r, word_embs=w, lengths=lens)
+        got = run_matcher(tmp_path, r, w, lens)
         assert got.shape == (n_img, len(lengths)) and got.dtype == np.float32, name
         assert max_diff(got, expected) <= TOL, name
 
 
 def test_matcher_masks_padding_exactly(tiny_model_dir, tiny):  # noqa: F811
     """Garbage past each length and extra padding columns change nothing."""
-    sess = session(tiny_model_dir / FILES["matcher"])
     r, w, lens = embedded_batch(tiny, 3, 9, [1, 6, 2, 13])
-    clean = run(sess, region_embs=r, word_embs=w, lengths=lens)
+    clean = run_matcher(tiny_model_dir, r, w, lens)
     wide = torch.randn(4, 20, w.shape[2])  # 7 extra columns, and random values in every padded slot
     keep = torch.arange(20)[None, :] < lens[:, None]
     wide[:, :13][keep[:, :13]] = w[keep[:, :13]]
-    noisy = run(sess, region_embs=r, word_embs=wide, lengths=lens)
+    noisy = run_matcher(tiny_model_dir, r, wide, lens)
     assert np.isfinite(noisy).all()
     assert max_diff(noisy, clean) <= 1e-6
 
@@ -208,12 +239,11 @@ def test_matcher_forms_parity(tmp_path, form):
     model = tiny_model(seed=7, vocab_size=40, n_steps=3)
     manifest = export_model(model, tiny_vocab(), tmp_path, matcher=form, verify=False)
     assert manifest["matcher"]["form"] == form
-    sess = session(tmp_path / FILES["matcher"])
     for name, (n_img, n_region, lengths) in MATCH_BATCHES.items():
         r, w, lens = embedded_batch(model, n_img, n_region, lengths, seed=3)
         with torch.no_grad():
             expected = model.similarity(r, w, lens)
-        assert max_diff(run(sess, region_embs=r, word_embs=w, lengths=lens), expected) <= TOL, name
+        assert max_diff(run_matcher(tmp_path, r, w, lens), expected) <= TOL, name
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="onnxruntime here offers no CUDAExecutionProvider (CPU-only build or no GPU)")
@@ -223,8 +253,8 @@ def test_cuda_provider_parity_with_pytorch_cpu(tiny_model_dir, tiny):  # noqa: F
     with torch.no_grad():
         r, w = tiny.encode_images(feats), tiny.encode_captions(tokens, lengths)
         sims = tiny.similarity(r, w, lengths)
-    sessions = {g: session(tiny_model_dir / f, "CUDAExecutionProvider") for g, f in FILES.items()}
+    sessions = {g: session(tiny_model_dir / f, "CUDAExecutionProvider") for g, f in ALL_FILES.items()}
     assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
     assert max_diff(run(sessions["image_encoder"], region_feats=feats), r) <= CUDA_TOL
     assert max_diff(run(sessions["text_encoder"], tokens=tokens, lengths=lengths), w) <= CUDA_TOL
-    assert max_diff(run(sessions["matcher"], region_embs=r, word_embs=w, lengths=lengths), sims) <= CUDA_TOL
+    assert max_diff(run_matcher(tiny_model_dir, r, w, lengths, "CUDAExecutionProvider"), sims) <= CUDA_TOL
