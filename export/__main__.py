@@ -1,8 +1,9 @@
 """python -m export CKPT --out MODEL_DIR [--opset N] [--matcher plain|fast] [--no-verify]
                  [--feature-extractor [--feature-size PX] [--grid N]]
 
-Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json
-(see export/onnx_export.py). --feature-extractor adds feature_extractor.onnx (EfficientNet-Lite0
+Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json, and
+for the fast matcher of a model that updates its memory region_projection.onnx and
+word_projection.onnx (see export/onnx_export.py). --feature-extractor adds feature_extractor.onnx (EfficientNet-Lite0
 grid features, for models with img_dim 1280) so that ``python -m runtime.score`` takes pictures;
 its size and grid default to those recorded with the checkpoint's training data (features.json
 of the data folder), else 128 px and 4.

@@ -4,9 +4,10 @@ Almost all of IMRAM's cost is the memory distillation unit applied to [q; c] for
 step and query item (2 layers of (2d -> d)). Four exact restructurings remove most of it:
 
 1. Split each MDU weight W = [W_q | W_c]. The attended context c_i = sum_j a_ij v_j is a convex
-   combination of fixed context items, so W_c c_i = sum_j a_ij (W_c v_j): project every context
-   item once per shard (``context_proj``), then mix the projections with the attention weights.
-2. At step 1 the query is the caption (or image) alone: W_q q + b once per item, not per pair.
+   combination of fixed context items, so W_c c_i + b = sum_j a_ij (W_c v_j + b) (the weights sum
+   to 1): project every context item once (``region_projections`` / ``word_projections``), then
+   mix the projections with the attention weights.
+2. At step 1 the query is the caption (or image) alone: W_q q once per item, not per pair.
 3. No update after the last step: it is never used.
 4. The step score cos(q_i, c_i^k) needs only <q_i, c_i^k> = sum_j a_ij <q_i, v_j> (the step-1
    raw scores, already computed) and |c_i^k|^2 = a_i G a_i^T with G the Gram matrix of the
@@ -21,6 +22,11 @@ once per block of pairs. The per-pair passes are few: the projections' mix and t
 are summed inside one batched GEMM (baddbmm), one sigmoid serves both MDU units (the update
 rows are doubled and tanh(x) = 2 sigmoid(2x) - 1), the gated update is one lerp, and the last
 update is never normalised (its raw scores are divided by its norm instead).
+
+The exported matcher takes the projections as inputs, made once per item by two small graphs
+(export.onnx_export.ProjectionGraph). Under ONNX export the update is written for ONNX Runtime:
+update and gate halves as separate products (ONNX Runtime copies every slice of a per-pair
+tensor), a Tanh, and o + g (q - o).
 
 All tensors of one direction are laid out context-major: (n_ctx_items, n_query_items, n_query,
 n_context), so that per-context-item tensors (projections, Gram) broadcast over the batch of
