@@ -80,6 +80,42 @@ def test_scores_do_not_depend_on_the_shard_size(tiny_model_dir, scorer, test_spl
     assert np.abs(one - scorer.score(feats, captions)).max() <= 1e-6
 
 
+def test_scores_do_not_depend_on_the_image_group(tiny_model_dir, scorer, test_split, monkeypatch):  # noqa: F811
+    _, _, feats, captions = test_split
+    expected = scorer.score(feats, captions)
+    monkeypatch.setattr("runtime.scorer.GROUP_BYTES", 1)  # one shard of images per group
+    small = Scorer(tiny_model_dir, device="cpu", shard=3, threads=1)
+    assert small.group_size(feats.shape[1], 3) == 3
+    assert np.abs(small.score(feats, captions) - expected).max() <= 1e-6
+
+
+def test_score_embeddings_equals_score(scorer, test_split):
+    _, _, feats, captions = test_split
+    word_embs, lengths = scorer.encode_captions(captions)
+    got = scorer.score_embeddings(scorer.encode_images(feats), word_embs, lengths)
+    assert np.abs(got - scorer.score(feats, captions)).max() <= 1e-6
+
+
+def test_match_makes_the_projections_it_is_not_given(scorer, test_split):
+    _, _, feats, captions = test_split
+    region_embs, (word_embs, lengths) = scorer.encode_images(feats[:3]), scorer.encode_captions(captions[:4])
+    given = scorer.match(region_embs, word_embs, lengths, scorer.project("region", region_embs),
+                         scorer.project("word", word_embs))
+    assert scorer.projected and np.abs(scorer.match(region_embs, word_embs, lengths) - given).max() == 0
+
+
+def test_scorer_reads_format_1_model_dirs(tmp_path, tiny_checkpoint, scorer, test_split):  # noqa: F811
+    """Format 1: a matcher of region_embs, word_embs, lengths and no projection graphs."""
+    from export.onnx_export import export_checkpoint
+    export_checkpoint(tiny_checkpoint, tmp_path / "m", matcher="plain", verify=False)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    old = Scorer(tmp_path / "m", device="cpu", threads=1)
+    _, _, feats, captions = test_split
+    assert not old.projected and old.project("region", feats) is None
+    assert np.abs(old.score(feats, captions) - scorer.score(feats, captions)).max() <= TOL
+
+
 def test_scorer_reads_a_memmap_a_shard_at_a_time(scorer, test_split):
     ims, _, feats, captions = test_split
     mm = np.load(ims, mmap_mode="r")
