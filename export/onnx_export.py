@@ -226,10 +226,9 @@ class ProjectionGraph(nn.Module):
 
     def __init__(self, model: IMRAM, side: str):
         super().__init__()
-        from imram_min import fast
-        stack = {"region": fast.region_projection_weights, "word": fast.word_projection_weights}[side]
+        from imram_min.fast import direction_weights, projection_weights
         with torch.no_grad():
-            weight, bias = stack(fast.direction_weights(model))
+            weight, bias = projection_weights(direction_weights(model), side)
         self.weight_t, self.bias = weight.T.contiguous(), bias.clone()
 
     def forward(self, embs: torch.Tensor) -> torch.Tensor:
@@ -419,7 +418,8 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
     os.makedirs(parent, exist_ok=True)
     signatures = graph_signatures(cfg.img_dim, cfg.embed_size, projection_size(model, matcher))
     matcher_module = build_matcher(model, matcher).eval()
-    projections = {g: ProjectionGraph(model, g.split("_")[0]).eval() for g in PROJECTION_FILES if g in signatures}
+    projections = {f"{side}_projection": ProjectionGraph(model, side).eval()
+                   for side in ("region", "word") if f"{side}_projection" in signatures}
     ex = example_inputs(model)
 
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -431,7 +431,7 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
         matcher_args = (ex["region_embs"], ex["word_embs"], ex["lengths"])
         files_written = dict(FILES)
         for name, module in projections.items():  # region_projection, then word_projection
-            embs = ex["region_embs"] if name == "region_projection" else ex["word_embs"]
+            embs = ex[name.replace("projection", "embs")]  # region_embs, word_embs
             _export_graph(module, (embs,), os.path.join(tmp, PROJECTION_FILES[name]), signatures[name], opset)
             files_written[name] = PROJECTION_FILES[name]
             with torch.no_grad():

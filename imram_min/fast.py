@@ -5,7 +5,7 @@ step and query item (2 layers of (2d -> d)). Four exact restructurings remove mo
 
 1. Split each MDU weight W = [W_q | W_c]. The attended context c_i = sum_j a_ij v_j is a convex
    combination of fixed context items, so W_c c_i + b = sum_j a_ij (W_c v_j + b) (the weights sum
-   to 1): project every context item once (``region_projections`` / ``word_projections``), then
+   to 1): project every context item once (``projections``), then
    mix the projections with the attention weights.
 2. At step 1 the query is the caption (or image) alone: W_q q once per item, not per pair.
 3. No update after the last step: it is never used.
@@ -67,51 +67,37 @@ def direction_weights(model: IMRAM) -> dict:
             if memory is not None}
 
 
-def _stack(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(W (2d, d), b (2d,) or None), ...] -> (W (P, d), b (P,)): the parts one above the other."""
-    weight = torch.cat([w for w, _ in parts], 0)
-    bias = torch.cat([torch.zeros_like(w[:, 0]) if b is None else b for w, b in parts], 0)
-    return weight, bias
+CONTEXT_OF = {"region": "t2i", "word": "i2t"}  # the direction in which each side is the context
 
 
-def region_projection_weights(weights: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W (P, d), b (P,)) with region_proj = v W^T + b, P = 2d per direction, directions in the
-    order t2i, i2t: for t2i the regions are the context, W_c v + b (the bias rides with the
-    context: the attention weights over it sum to 1); for i2t they are the query, W_q v.
-    weights: ``direction_weights``; None when it is empty (no update is made)."""
-    parts = [(weights["t2i"][1], weights["t2i"][2])] if "t2i" in weights else []
-    parts += [(weights["i2t"][0], None)] if "i2t" in weights else []
-    return _stack(parts) if parts else None
+def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W (P, d), b (P,)) with side "region" or "word"'s projections = x W^T + b, P = 2d per
+    direction, directions in the order of ``weights`` (t2i, i2t). In the direction where this side
+    is the context: W_c x + b (the bias rides with the context: the attention weights over it sum
+    to 1); where it is the query: W_q x. So regions give [t2i: W_c v + b | i2t: W_q v] and words
+    [t2i: W_q w | i2t: W_c w + b]. weights: ``direction_weights``; None when it is empty."""
+    if not weights:
+        return None
+    parts = [(w_c, b) if name == CONTEXT_OF[side] else (w_q, torch.zeros_like(b))
+             for name, (w_q, w_c, b) in weights.items()]
+    return torch.cat([w for w, _ in parts], 0), torch.cat([b for _, b in parts], 0)
 
 
-def word_projection_weights(weights: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W (P, d), b (P,)) with word_proj = w W^T + b: [t2i: W_q w | i2t: W_c w + b]."""
-    parts = [(weights["t2i"][0], None)] if "t2i" in weights else []
-    parts += [(weights["i2t"][1], weights["i2t"][2])] if "i2t" in weights else []
-    return _stack(parts) if parts else None
-
-
-def region_projections(model: IMRAM, region_embs: torch.Tensor, weights: dict | None = None):
-    """Per-image parts of the MDU pre-activations (restructurings 1 and 2), once per image:
-    region_embs (n_img, n_region, d) -> (n_img, n_region, P), see ``region_projection_weights``.
-    None when no update is made. weights: ``direction_weights`` (made here when None)."""
-    stacked = region_projection_weights(direction_weights(model) if weights is None else weights)
-    return None if stacked is None else region_embs @ stacked[0].T + stacked[1]
-
-
-def word_projections(model: IMRAM, word_embs: torch.Tensor, weights: dict | None = None):
-    """Per-caption parts: word_embs (n_cap, n_word, d) -> (n_cap, n_word, P), see
-    ``word_projection_weights``. None when no update is made."""
-    stacked = word_projection_weights(direction_weights(model) if weights is None else weights)
-    return None if stacked is None else word_embs @ stacked[0].T + stacked[1]
+def projections(model: IMRAM, embs: torch.Tensor, side: str, weights: dict | None = None):
+    """Per-item parts of the MDU pre-activations (restructurings 1 and 2), once per item:
+    side "region": region_embs (n_img, n_region, d), "word": word_embs (n_cap, n_word, d) ->
+    (n, n_items, P), see ``projection_weights``. None when no update is made.
+    weights: ``direction_weights`` (made here when None)."""
+    stacked = projection_weights(direction_weights(model) if weights is None else weights, side)
+    return None if stacked is None else embs @ stacked[0].T + stacked[1]
 
 
 def split_directions(proj: torch.Tensor | None, weights: dict) -> dict:
-    """(..., 2d per direction) -> {direction: (..., 2d)}, views in the order t2i, i2t."""
+    """(..., 2d per direction) -> {direction: (..., 2d)}, views in the order of ``weights``."""
     if proj is None:
         return {}
     width = proj.shape[-1] // len(weights)
-    return {name: proj[..., i * width:(i + 1) * width] for i, name in enumerate(n for n in ("t2i", "i2t") if n in weights)}
+    return {name: proj[..., i * width:(i + 1) * width] for i, name in enumerate(weights)}
 
 
 def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, raw: torch.Tensor,
@@ -129,7 +115,7 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     export it may be its ``onnx_query_weights`` pair).
     query_mask (n_q_items, n_query) / context_mask (n_c_items, n_context): False on padding.
     query_proj (n_q_items, n_query, 2d) = W_q q and context_proj (n_c_items, n_context, 2d) =
-    W_c v + b: this direction's slices of ``region_projections`` / ``word_projections``
+    W_c v + b: this direction's slices of the ``projections`` of each side
     (unused, may be None, when K = 1). Returns (K, n_c_items, n_q_items).
     """
     n_c_items, n_q_items, n_query, n_context = raw.shape
@@ -215,7 +201,7 @@ def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.T
     """{"t2i": (K, n_img, n_cap), "i2t": (K, n_img, n_cap)}, equal to ``IMRAM.step_scores``.
 
     region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
-    region_proj / word_proj: ``region_projections`` / ``word_projections`` of exactly these items
+    region_proj / word_proj: the ``projections`` of exactly these items
     (made here when None); weights: ``direction_weights`` (made here when None); query_weights:
     {direction: ``onnx_query_weights``} to use for the step-2 products instead (ONNX export only).
     Traceable: no Python-side use of tensor values, so it exports to ONNX with dynamic sizes.
@@ -224,9 +210,9 @@ def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.T
     n_cap, n_word, _ = word_embs.shape
     weights = direction_weights(model) if weights is None else weights
     if weights and region_proj is None:
-        region_proj = region_projections(model, region_embs, weights)
+        region_proj = projections(model, region_embs, "region", weights)
     if weights and word_proj is None:
-        word_proj = word_projections(model, word_embs, weights)
+        word_proj = projections(model, word_embs, "word", weights)
     region_parts, word_parts = split_directions(region_proj, weights), split_directions(word_proj, weights)
     word_mask = torch.arange(n_word, device=word_embs.device)[None, :] < lengths.to(word_embs.device)[:, None]
     # <region r of image i, word w of caption c>, shared by both directions: (n_img, n_region, n_cap, n_word)
@@ -329,8 +315,8 @@ def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
     img_block, cap_block = pair_block_sizes(n_img, n_cap, n_region, word_embs.shape[1], d, max_elems)
     # per-item projections once for the whole shard, not once per block (restructurings 1 and 2)
     weights = direction_weights(model)
-    region_proj = region_projections(model, region_embs, weights)
-    word_proj = word_projections(model, word_embs, weights)
+    region_proj = projections(model, region_embs, "region", weights)
+    word_proj = projections(model, word_embs, "word", weights)
     cols = []
     for j in range(0, n_cap, cap_block):
         idx = order[j:j + cap_block]

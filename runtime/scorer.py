@@ -228,6 +228,34 @@ def check_image_paths(paths: Sequence[str | os.PathLike], name: str = "images") 
     return found
 
 
+def length_shards(lengths: np.ndarray, step: int):
+    """Yield the indices of shards of ``step`` captions of similar length, longest first."""
+    order = np.argsort(-lengths, kind="stable")
+    for j in range(0, len(order), step):
+        yield order[j:j + step]
+
+
+def progress_ticker(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None]:
+    """A function to call after each block of work: it calls progress(done, total), if given."""
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+    return tick
+
+
+def output_array(out: np.ndarray | None, n_img: int, n_cap: int) -> np.ndarray:
+    """``out`` checked to be float32 (n_img, n_cap), or a new such array when None."""
+    if out is None:
+        return np.empty((n_img, n_cap), dtype=np.float32)
+    if out.shape != (n_img, n_cap) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {(n_img, n_cap)}, got {out.dtype} {out.shape}")
+    return out
+
+
 def list_some(items: Sequence[int], n: int = 10) -> str:
     """'1, 4, 9' or '1, 4, ... (25 in all)'."""
     shown = ", ".join(str(i) for i in items[:n])
@@ -456,24 +484,15 @@ class Scorer:
         """Similarities (n_img, n_cap) float32 of every image with every caption, from embeddings:
         region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d) (zeros or anything past each
         length), lengths (n_cap,). As ``score`` does after encoding: captions sorted by length into
-        shards, images in groups, matcher calls of shard x shard pairs."""
+        shards, images in groups, matcher calls of shard x shard pairs. out, progress: as ``score``."""
         region_embs = np.asarray(region_embs, dtype=np.float32)
         word_embs, lengths = np.asarray(word_embs, dtype=np.float32), np.asarray(lengths, dtype=np.int64)
         n_img, n_cap = len(region_embs), len(lengths)
         step = self.shard_size(region_embs.shape[1], word_embs.shape[1])
-        out = np.empty((n_img, n_cap), dtype=np.float32) if out is None else out
-        order = np.argsort(-lengths, kind="stable")
-        caption_shards = []
-        for j in range(0, n_cap, step):
-            idx = order[j:j + step]
-            caption_shards.append((idx, np.ascontiguousarray(word_embs[idx, :int(lengths[idx].max())]), lengths[idx]))
-        total, done = len(caption_shards) * -(-n_img // step), 0
-
-        def tick():
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total)
+        out = output_array(out, n_img, n_cap)
+        caption_shards = [(idx, np.ascontiguousarray(word_embs[idx, :int(lengths[idx].max())]), lengths[idx])
+                          for idx in length_shards(lengths, step)]
+        tick = progress_ticker(len(caption_shards) * -(-n_img // step), progress)
         group = self.group_size(region_embs.shape[1], step)
         for i in range(0, n_img, group):
             self._score_group(region_embs[i:i + group], caption_shards, step, out[i:i + group], tick)
@@ -482,9 +501,7 @@ class Scorer:
     def _caption_shards(self, tokens: np.ndarray, lengths: np.ndarray, step: int):
         """Yield (caption indices, word_embs (n, n_word_shard, d), lengths (n,)) for shards of ``step``
         captions of similar length (longest first), each padded only to its own longest caption."""
-        order = np.argsort(-lengths, kind="stable")
-        for j in range(0, len(order), step):
-            idx = order[j:j + step]
+        for idx in length_shards(lengths, step):
             lens = lengths[idx]
             yield idx, self.encode_tokens(tokens[idx, :int(lens.max())], lens), lens
 
@@ -513,19 +530,11 @@ class Scorer:
         step = self.shard_size(n_region, tokens.shape[1])
         group = self.group_size(n_region, step)
         n_cap_shards, n_img_shards = -(-len(captions) // step), -(-n_img // step)
-        total, done = n_cap_shards * (1 + n_img_shards), 0
+        total = n_cap_shards * (1 + n_img_shards)
         if paths is not None:  # + the batches of pictures of every image group
             total += sum(-(-min(group, n_img - i) // self.image_batch) for i in range(0, n_img, group))
-        if out is None:
-            out = np.empty((n_img, len(captions)), dtype=np.float32)
-        elif out.shape != (n_img, len(captions)) or out.dtype != np.float32:
-            raise ValueError(f"out must be float32 of shape {(n_img, len(captions))}, got {out.dtype} {out.shape}")
-
-        def tick():
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total)
+        out = output_array(out, n_img, len(captions))
+        tick = progress_ticker(total, progress)
         caption_shards = []
         for shard in self._caption_shards(tokens, lengths, step):
             caption_shards.append(shard)
