@@ -34,6 +34,8 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -256,6 +258,14 @@ def output_array(out: np.ndarray | None, n_img: int, n_cap: int) -> np.ndarray:
     return out
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def list_some(items: Sequence[int], n: int = 10) -> str:
     """'1, 4, 9' or '1, 4, ... (25 in all)'."""
     shown = ", ".join(str(i) for i in items[:n])
@@ -269,10 +279,12 @@ class Scorer:
     model_dir: a folder written by ``python -m export``. device: "auto" (CUDA when onnxruntime
     offers it, else CPU), "cpu" or "cuda" (DeviceError if unavailable). shard: images and
     captions per shard (None: from PAIR_BUDGET). threads: ONNX Runtime intra-op threads (None:
-    its default). image_batch: pictures decoded and run through the feature extractor at a time.
+    its default); on the CPU the matcher instead runs on ``workers`` threads side by side (threads,
+    or None: the CPUs this process may use), each call single-threaded. image_batch: pictures decoded and run through the feature extractor at a time.
     tf32: let CUDA's matrix products use TF32 (faster on recent GPUs, scores move by ~1e-4).
     Attributes: manifest, config (the model config dict), vocab, img_dim, embed_size, mode,
-    n_steps, device ("cpu"/"cuda"), provider (the provider in use), has_feature_extractor and,
+    n_steps, device ("cpu"/"cuda"), provider (the provider in use), workers (matcher calls run
+    side by side: 1 on CUDA), has_feature_extractor and,
     when it has one, preprocessing (the manifest's feature spec), feature_size, feature_grid.
     The feature extractor's session is made on first use.
     """
@@ -311,6 +323,10 @@ class Scorer:
         if threads:
             self._quiet_options.intra_op_num_threads = int(threads)
         self._quiet_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # on the CPU, matcher calls run side by side, one per core, each on its calling thread
+        self._matcher_options = ort.SessionOptions()
+        self._matcher_options.log_severity_level = 3
+        self._matcher_options.intra_op_num_threads = 1
         self.projected = takes_projections(self.manifest)
         self.graphs = GRAPHS + (PROJECTIONS if self.projected else ())
         self.sessions = {g: self._load_session(g, providers) for g in self.graphs}
@@ -323,6 +339,7 @@ class Scorer:
         self._providers = providers if used[0] == CUDA else [CPU]
         self.provider = used[0]
         self.device = "cuda" if self.provider == CUDA else "cpu"
+        self.workers = 1 if self.device == "cuda" else int(threads or available_cpus())
 
     def _load_session(self, graph: str, providers: list) -> ort.InferenceSession:
         spec = self.manifest["graphs"][graph]
@@ -330,6 +347,8 @@ class Scorer:
         options = self._options
         if graph != "matcher":  # idle threads of one session spinning for work would slow the matcher's
             options = self._quiet_options
+        elif providers == [CPU]:
+            options = self._matcher_options
         try:
             session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -468,15 +487,29 @@ class Scorer:
                      tick: Callable) -> None:
         """out (n, n_cap) <- one image group's region_embs (n, n_region, d) x every caption shard
         (indices, word_embs, lengths) in matcher calls of ``step`` images, the group and each
-        caption shard projected once."""
+        caption shard projected once. The calls run on ``self.workers`` threads; the next caption
+        shard is projected while they run, and at most two shards' calls are queued at a time."""
         region_proj = self.project("region", region_embs)
-        for idx, word_embs, lens in caption_shards:
-            word_proj = self.project("word", word_embs)
-            for i in range(0, len(region_embs), step):
-                rows = slice(i, i + step)
-                out[rows, idx] = self.match(region_embs[rows], word_embs, lens,
-                                            None if region_proj is None else region_proj[rows], word_proj)
-                tick()
+        with ThreadPoolExecutor(self.workers) as pool:
+            queued = deque()  # (caption indices, [(rows, future)]) of the shards in flight
+
+            def collect():
+                idx, calls = queued.popleft()
+                for rows, call in calls:
+                    out[rows, idx] = call.result()
+                    tick()
+            for idx, word_embs, lens in caption_shards:
+                word_proj = self.project("word", word_embs)
+                calls = []
+                for i in range(0, len(region_embs), step):
+                    rows = slice(i, i + step)
+                    calls.append((rows, pool.submit(self.match, region_embs[rows], word_embs, lens,
+                                                    None if region_proj is None else region_proj[rows], word_proj)))
+                queued.append((idx, calls))
+                if len(queued) > 2:
+                    collect()
+            while queued:
+                collect()
 
     def score_embeddings(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
                          out: np.ndarray | None = None,

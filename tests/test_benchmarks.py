@@ -31,9 +31,10 @@ def _table_rows(output: str, names) -> dict:
 
 
 def test_score_and_train_step_run_and_are_exact(tmp_path):
+    """score.py in 2 rounds (every scorer twice, in turn), train_step.py once."""
     score_json, train_json = tmp_path / "score.json", tmp_path / "train.json"
     score = _start("score.py", ["--size", "small", "--n-img", "3", "--n-cap", "4", "--scorers", ",".join(CPU_SCORERS),
-                                "--json", str(score_json), *TINY_MODEL])
+                                "--rounds", "2", "--json", str(score_json), *TINY_MODEL])
     train = _start("train_step.py", ["--device", "cpu", "--batch-size", "4", "--iters", "1",
                                      "--json", str(train_json), *TINY_MODEL])
     score_out, _ = score.communicate(timeout=300)
@@ -53,6 +54,10 @@ def test_score_and_train_step_run_and_are_exact(tmp_path):
         res = report["scorers"][name]
         assert res["status"] == "ok" and res["pairs"] == 12 and res["pairs_per_s"] > 0 and res["mem_peak_mb"] > 0
         assert res["max_abs_diff"] <= 1e-5
+        assert len(res["times"]) == 2 and res["seconds"] == min(res["times"])  # one time per round, the best shown
+        if name != "loop":
+            assert len(res["x_loop_rounds"]) == 2
+    assert "x loop within each round" in score_out
     assert report["flops_per_pair"]["fast"] < report["flops_per_pair"]["original"]
 
     assert train.returncode == 0, train_out
@@ -64,3 +69,17 @@ def test_score_and_train_step_run_and_are_exact(tmp_path):
     for name in ("original", "fast", "fast-nockpt"):
         assert results[name]["samples_per_s"] > 0 and results[name]["grads_saved"]
     assert results["fast"]["grad_max_abs_diff"] <= 1e-4 * results["fast"]["grad_max_abs"]
+
+
+def test_rounds_keep_the_fastest_time_the_highest_memory_and_the_worst_check():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.score import merge_rounds
+    first = {"status": "ok", "pairs_per_s": 10.0, "times": [2.0], "mem_peak_mb": 50.0, "max_abs_diff": 1e-7,
+             "check": "PASS"}
+    second = {"status": "ok", "pairs_per_s": 20.0, "times": [1.0], "mem_peak_mb": 40.0, "max_abs_diff": 2e-5,
+              "check": "FAIL"}
+    merged = merge_rounds(merge_rounds(None, first), second)
+    assert merged["pairs_per_s"] == 20.0 and merged["times"] == [2.0, 1.0] and merged["mem_peak_mb"] == 50.0
+    assert merged["max_abs_diff"] == 2e-5 and merged["check"] == "FAIL"
+    failed = {"status": "error", "error": "boom"}
+    assert merge_rounds(merged, failed) is failed

@@ -88,6 +88,33 @@ def test_fast_in_small_blocks_equals_model(mode, max_elems):
 
 
 @pytest.mark.parametrize("mode", IMRAM_MODES)
+def test_fast_blocks_side_by_side_equal_one_after_another(mode):
+    model = make_model(F64, mode=mode, n_steps=3)
+    feats, tokens, lengths = make_inputs(shuffled_1_to_40(7), n_img=5, n_region=4, dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    with torch.no_grad():
+        side_by_side = fast.similarity(model, r, w, lengths, max_elems=300, workers=3)
+        assert max_diff(side_by_side, fast.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
+        assert max_diff(side_by_side, model.similarity(r, w, lengths)) <= 1e-12
+
+
+def test_worker_threads_run_single_threaded_in_the_callers_grad_mode_and_keep_order():
+    threads = torch.get_num_threads()
+    seen = lambda job: (job, torch.get_num_threads(), torch.is_grad_enabled())  # noqa: E731
+    with torch.no_grad():
+        assert fast.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, False) for i in range(5)]
+    assert fast.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, True) for i in range(5)]
+    assert fast.in_worker_threads(seen, [0, 1], 1) == [(0, threads, True), (1, threads, True)]
+    assert torch.get_num_threads() == threads
+
+
+def test_blocks_run_side_by_side_only_for_cpu_inference():
+    assert fast.block_workers(torch.device("cpu"), grad=False) == torch.get_num_threads()
+    assert fast.block_workers(torch.device("cpu"), grad=True) == 1
+    assert fast.block_workers(torch.device("cuda"), grad=False) == 1
+
+
+@pytest.mark.parametrize("mode", IMRAM_MODES)
 def test_fast_ignores_word_embeddings_past_each_length(mode):
     model = make_model(F64, mode=mode, n_steps=3)
     feats, tokens, lengths = make_inputs([2, 6, 1, 4], dtype=F64)
@@ -125,9 +152,10 @@ def test_fast_gradients_match_reference_loop(mode, raw_feature_norm):
     assert max_diff(w1.grad, w2.grad) <= 1e-10
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("checkpoint,workers", [(False, 1), (True, 1), (True, 3)],
+                         ids=["plain", "checkpoint", "checkpoint-3-threads"])
 @pytest.mark.parametrize("mode", IMRAM_MODES)
-def test_fast_parameter_gradients_equal_model(mode, checkpoint):
+def test_fast_parameter_gradients_equal_model(mode, checkpoint, workers):
     model = make_model(F64, mode=mode, n_steps=3)
     feats, tokens, lengths = make_inputs([3, 1, 5, 2], dtype=F64)
     probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
@@ -139,7 +167,8 @@ def test_fast_parameter_gradients_equal_model(mode, checkpoint):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     expected = grads(lambda r, w: model.similarity(r, w, lengths))
-    got = grads(lambda r, w: fast.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint))
+    got = grads(lambda r, w: fast.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
+                                             workers=workers))
     assert set(got) == set(expected)
     for name in expected:
         assert torch.isfinite(expected[name]).all() and torch.isfinite(got[name]).all(), f"{name}: {NAN_GRAD_MSG}"

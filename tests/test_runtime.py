@@ -89,6 +89,23 @@ def test_scores_do_not_depend_on_the_image_group(tiny_model_dir, scorer, test_sp
     assert np.abs(small.score(feats, captions) - expected).max() <= 1e-6
 
 
+def test_matcher_calls_side_by_side_give_the_same_scores(tiny_model_dir, scorer, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    side_by_side = Scorer(tiny_model_dir, device="cpu", shard=2, threads=3)
+    assert scorer.workers == 1 and side_by_side.workers == 3
+    expected = Scorer(tiny_model_dir, device="cpu", shard=2, threads=1).score(feats, captions)
+    assert np.abs(side_by_side.score(feats, captions) - expected).max() <= 1e-6
+
+
+def test_progress_counts_every_matcher_call_once_in_order(tiny_model_dir, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    calls = []
+    Scorer(tiny_model_dir, device="cpu", shard=2, threads=3).score(feats, captions, progress=lambda d, t: calls.append((d, t)))
+    total = calls[0][1]
+    assert calls == [(i, total) for i in range(1, total + 1)]
+    assert total == -(-len(captions) // 2) * (1 + -(-len(feats) // 2))
+
+
 def test_score_embeddings_equals_score(scorer, test_split):
     _, _, feats, captions = test_split
     word_embs, lengths = scorer.encode_captions(captions)
