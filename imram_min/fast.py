@@ -23,6 +23,10 @@ are summed inside one batched GEMM (baddbmm), one sigmoid serves both MDU units 
 rows are doubled and tanh(x) = 2 sigmoid(2x) - 1), the gated update is one lerp, and the last
 update is never normalised (its raw scores are divided by its norm instead).
 
+On a CPU, ``similarity`` scores blocks side by side, one per core, each with single-threaded
+kernels (``block_workers``, ``in_worker_threads``): the blocks are independent, and splitting
+each of the many small per-pair kernels across the cores left cores idle at every barrier.
+
 The exported matcher takes the projections as inputs, made once per item by two small graphs
 (export.onnx_export.ProjectionGraph). Under ONNX export the update is written for ONNX Runtime:
 update and gate halves as separate products (ONNX Runtime copies every slice of a per-pair
