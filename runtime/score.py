@@ -277,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: CUDA when onnxruntime offers it, else CPU (default: %(default)s)")
     p.add_argument("--shard", type=int, default=None, metavar="N",
                    help="images and captions per shard (default: from a memory budget)")
-    p.add_argument("--threads", type=int, default=None, metavar="T", help="ONNX Runtime intra-op threads; on the CPU also the matcher calls run side by side "
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="ONNX Runtime intra-op threads, and on the CPU the matcher calls run side by side "
                         "(default: ONNX Runtime's / the CPUs this process may use)")
     p.add_argument("--image-batch", type=int, default=IMAGE_BATCH, metavar="N",
                    help="pictures decoded and run through the feature extractor at a time (default: %(default)s)")

@@ -27,8 +27,8 @@ images x ``shard`` captions. The largest tensor of one matcher call is about
 shard^2 * max(n_region, n_word) * 2d values; the default shard keeps that near PAIR_BUDGET
 values. On the CPU the matcher calls run side by side on ``workers`` threads, each call
 single-threaded (one call per core beats every call split across the cores: ~10% on 2 cores),
-while the main thread projects the next caption shard. Padding never changes a score (the matcher masks it exactly), so the result does not
-depend on the shard size beyond float rounding.
+while the main thread projects the next caption shard. Padding never changes a score (the
+matcher masks it exactly), so the result does not depend on the shard size beyond float rounding.
 """
 from __future__ import annotations
 
@@ -281,8 +281,9 @@ class Scorer:
     model_dir: a folder written by ``python -m export``. device: "auto" (CUDA when onnxruntime
     offers it, else CPU), "cpu" or "cuda" (DeviceError if unavailable). shard: images and
     captions per shard (None: from PAIR_BUDGET). threads: ONNX Runtime intra-op threads (None:
-    its default); on the CPU the matcher instead runs on ``workers`` threads side by side (threads,
-    or None: the CPUs this process may use), each call single-threaded. image_batch: pictures decoded and run through the feature extractor at a time.
+    its default); on the CPU the matcher's calls instead run single-threaded, ``workers`` of them
+    side by side (threads, or None: the CPUs this process may use). image_batch: pictures
+    decoded and run through the feature extractor at a time.
     tf32: let CUDA's matrix products use TF32 (faster on recent GPUs, scores move by ~1e-4).
     Attributes: manifest, config (the model config dict), vocab, img_dim, embed_size, mode,
     n_steps, device ("cpu"/"cuda"), provider (the provider in use), workers (matcher calls run
@@ -490,16 +491,17 @@ class Scorer:
         """out (n, n_cap) <- one image group's region_embs (n, n_region, d) x every caption shard
         (indices, word_embs, lengths) in matcher calls of ``step`` images, the group and each
         caption shard projected once. The calls run on ``self.workers`` threads; the next caption
-        shard is projected while they run, and at most two shards' calls are queued at a time."""
+        shard is projected while they run, and at most three shards' calls are in flight."""
         region_proj = self.project("region", region_embs)
-        with ThreadPoolExecutor(self.workers) as pool:
-            queued = deque()  # (caption indices, [(rows, future)]) of the shards in flight
+        queued = deque()  # (caption indices, [(rows, future)]) of the shards in flight
 
-            def collect():
-                idx, calls = queued.popleft()
-                for rows, call in calls:
-                    out[rows, idx] = call.result()
-                    tick()
+        def collect():
+            idx, calls = queued.popleft()
+            for rows, call in calls:
+                out[rows, idx] = call.result()
+                tick()
+        pool = ThreadPoolExecutor(self.workers)
+        try:
             for idx, word_embs, lens in caption_shards:
                 word_proj = self.project("word", word_embs)
                 calls = []
@@ -512,6 +514,8 @@ class Scorer:
                     collect()
             while queued:
                 collect()
+        finally:  # on an error (or Ctrl-C) the calls not yet started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def score_embeddings(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
                          out: np.ndarray | None = None,

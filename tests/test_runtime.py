@@ -106,6 +106,22 @@ def test_progress_counts_every_matcher_call_once_in_order(tiny_model_dir, test_s
     assert total == -(-len(captions) // 2) * (1 + -(-len(feats) // 2))
 
 
+def test_a_failing_matcher_call_raises_from_score(tiny_model_dir, test_split):  # noqa: F811
+    _, _, feats, captions = test_split
+    scorer = Scorer(tiny_model_dir, device="cpu", shard=1, threads=2)
+    calls = []
+
+    def match(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("matcher broke")
+        return np.zeros((len(args[0]), len(args[2])), dtype=np.float32)
+    scorer.match = match
+    with pytest.raises(RuntimeError, match="matcher broke"):
+        scorer.score(feats, captions)
+    assert len(calls) < len(feats) * len(captions)  # the calls after it were dropped
+
+
 def test_score_embeddings_equals_score(scorer, test_split):
     _, _, feats, captions = test_split
     word_embs, lengths = scorer.encode_captions(captions)
