@@ -3,10 +3,10 @@
 
 Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json, and
 for the fast matcher of a model that updates its memory region_projection.onnx and
-word_projection.onnx (see export/onnx_export.py). --feature-extractor adds feature_extractor.onnx (EfficientNet-Lite0
-grid features, for models with img_dim 1280) so that ``python -m runtime.score`` takes pictures;
-its size and grid default to those recorded with the checkpoint's training data (features.json
-of the data folder), else 128 px and 4.
+word_projection.onnx (see export/onnx_export.py). --feature-extractor adds
+feature_extractor.onnx (EfficientNet-Lite0 grid features, for models with img_dim 1280) so that
+``python -m runtime.score`` takes pictures; its size and grid default to those recorded with the
+checkpoint's training data (features.json of the data folder), else 128 px and 4.
 
 A bad checkpoint or argument: one "error: ..." line, exit status 2; graphs that fail their check
 (invalid ONNX, or ONNX Runtime != PyTorch): exit status 1.

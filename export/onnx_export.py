@@ -229,7 +229,7 @@ class ProjectionGraph(nn.Module):
         from imram_min.fast import direction_weights, projection_weights
         with torch.no_grad():
             weight, bias = projection_weights(direction_weights(model), side)
-        self.weight_t, self.bias = weight.T.contiguous(), bias.clone()
+        self.side, self.weight_t, self.bias = side, weight.T.contiguous(), bias.clone()
 
     def forward(self, embs: torch.Tensor) -> torch.Tensor:
         return embs @ self.weight_t + self.bias
@@ -431,7 +431,7 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
         matcher_args = (ex["region_embs"], ex["word_embs"], ex["lengths"])
         files_written = dict(FILES)
         for name, module in projections.items():  # region_projection, then word_projection
-            embs = ex[name.replace("projection", "embs")]  # region_embs, word_embs
+            embs = ex[f"{module.side}_embs"]
             _export_graph(module, (embs,), os.path.join(tmp, PROJECTION_FILES[name]), signatures[name], opset)
             files_written[name] = PROJECTION_FILES[name]
             with torch.no_grad():

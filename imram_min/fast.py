@@ -5,8 +5,8 @@ step and query item (2 layers of (2d -> d)). Four exact restructurings remove mo
 
 1. Split each MDU weight W = [W_q | W_c]. The attended context c_i = sum_j a_ij v_j is a convex
    combination of fixed context items, so W_c c_i + b = sum_j a_ij (W_c v_j + b) (the weights sum
-   to 1): project every context item once (``projections``), then
-   mix the projections with the attention weights.
+   to 1): project every context item once (``projections``), then mix the projections with the
+   attention weights.
 2. At step 1 the query is the caption (or image) alone: W_q q once per item, not per pair.
 3. No update after the last step: it is never used.
 4. The step score cos(q_i, c_i^k) needs only <q_i, c_i^k> = sum_j a_ij <q_i, v_j> (the step-1

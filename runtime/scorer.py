@@ -10,8 +10,9 @@ A model dir is what ``python -m export`` writes: image_encoder.onnx, text_encode
 matcher.onnx, vocab.json and manifest.json; with the fast matcher (the default) of a model that
 updates its memory also region_projection.onnx and word_projection.onnx, which make the per-item
 parts of the memory updates once per image / caption for the matcher; and with
-``--feature-extractor`` feature_extractor.onnx plus the preprocessing in the manifest. Loading it checks the manifest's
-format and the SHA-256 of every file it lists, so a half-copied or edited model dir is refused.
+``--feature-extractor`` feature_extractor.onnx plus the preprocessing in the manifest. Loading it
+checks the manifest's format and the SHA-256 of every file it lists, so a half-copied or edited
+model dir is refused.
 
 Image files (``score`` given a list of paths, ``image_features``, ``encode_image_files``) are
 decoded with Pillow and preprocessed with numpy by runtime.images exactly as
@@ -260,6 +261,18 @@ def output_array(out: np.ndarray | None, n_img: int, n_cap: int) -> np.ndarray:
     return out
 
 
+def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime session options: errors only on stderr (no provider-fallback chatter),
+    ``threads`` intra-op threads (None: its default), idle threads spinning for work or not."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -317,19 +330,7 @@ class Scorer:
             raise ModelDirError(f"{vocab_path}: {len(self.vocab)} words, the model has {self.config['vocab_size']}")
 
         providers = resolve_providers(device, tf32)
-        self._options = ort.SessionOptions()
-        self._options.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
-        if threads:
-            self._options.intra_op_num_threads = int(threads)
-        self._quiet_options = ort.SessionOptions()  # the same, but threads that sleep when idle
-        self._quiet_options.log_severity_level = 3
-        if threads:
-            self._quiet_options.intra_op_num_threads = int(threads)
-        self._quiet_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # on the CPU, matcher calls run side by side, one per core, each on its calling thread
-        self._matcher_options = ort.SessionOptions()
-        self._matcher_options.log_severity_level = 3
-        self._matcher_options.intra_op_num_threads = 1
+        self._threads = threads
         self.projected = takes_projections(self.manifest)
         self.graphs = GRAPHS + (PROJECTIONS if self.projected else ())
         self.sessions = {g: self._load_session(g, providers) for g in self.graphs}
@@ -347,11 +348,12 @@ class Scorer:
     def _load_session(self, graph: str, providers: list) -> ort.InferenceSession:
         spec = self.manifest["graphs"][graph]
         path = os.path.join(self.model_dir, spec["file"])
-        options = self._options
         if graph != "matcher":  # idle threads of one session spinning for work would slow the matcher's
-            options = self._quiet_options
-        elif providers == [CPU]:
-            options = self._matcher_options
+            options = session_options(self._threads, spinning=False)
+        elif providers == [CPU]:  # matcher calls run side by side, one per core, each on its calling thread
+            options = session_options(1)
+        else:
+            options = session_options(self._threads)
         try:
             session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
