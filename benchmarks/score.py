@@ -10,7 +10,7 @@ Scorers (each gets the same precomputed region / word embeddings, and is timed o
     loop        benchmarks/original_loop.per_caption_similarity: the original evaluation, one
                 caption at a time against every image of the shard (the speed baseline)
     plain       IMRAM.similarity (imram_min/model.py), batched
-    fast        imram_min.fast.similarity
+    fast        imram_min.schedule.similarity
     onnx-cpu    the model exported with matcher="fast" (export.export_model) to a temporary
                 folder, scored by runtime.Scorer.score_embeddings on ONNX Runtime (CPU), as
                 python -m runtime.score does after encoding: captions sorted by length into shards,
@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every scorer this many times in turn (loop, plain, fast, ..., loop, plain, ...), each "
                         "time a new process; a scorer's best time over all rounds is reported, and the ratios of "
                         "each round (1)")
-    p.add_argument("--max-elems", type=int, help=f"fast.similarity max_elems (CPU: its default, as evaluation; "
-                                                 "CUDA: evaluate.CUDA_MAX_ELEMS, as evaluation)")
+    p.add_argument("--max-elems", type=int, help=f"schedule.similarity max_elems (CPU: its default, as evaluation; "
+                                                 "CUDA: schedule.CUDA_MAX_ELEMS, as evaluation)")
     p.add_argument("--max-pairs", type=int, default=4096, help="IMRAM.similarity max_pairs (4096)")
     p.add_argument("--shard", type=int, help="ONNX shard: images = captions per matcher call (default: runtime.Scorer's)")
     p.add_argument("--budget-seconds", type=float,
@@ -343,8 +343,8 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
     import torch
 
     from benchmarks.original_loop import per_caption_similarity
-    from imram_min import fast
-    from imram_min.evaluate import CUDA_MAX_ELEMS
+    from imram_min import schedule
+    from imram_min.schedule import CUDA_MAX_ELEMS
 
     cuda = name.endswith("-cuda")
     if cfg["threads"]:
@@ -358,7 +358,7 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(cfg).to(device)
     kind = name.split("-")[0]
-    fast_default = inspect.signature(fast.similarity).parameters["max_elems"].default
+    fast_default = inspect.signature(schedule.similarity).parameters["max_elems"].default
     max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if cuda else fast_default)
 
     def score(r, w, n):
@@ -366,7 +366,7 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
             return per_caption_similarity(model, r, w, n)
         if kind == "plain":
             return model.similarity(r, w, n, max_pairs=cfg["max_pairs"])
-        return fast.similarity(model, r, w, n, max_elems=max_elems)
+        return schedule.similarity(model, r, w, n, max_elems=max_elems)
 
     def sync():
         if cuda:
@@ -539,9 +539,9 @@ def run_child(argv: list[str], max_seconds: float) -> dict:
     """Run a child process that prints one JSON line; returns it, or a status for a crash / timeout.
 
     Every child keeps freed memory for reuse, with the glibc settings that
-    imram_min.fast.retain_freed_memory gives the training and evaluation commands (here through
+    imram_min.schedule.retain_freed_memory gives the training and evaluation commands (here through
     the environment, so that a child need not import torch to get them)."""
-    from imram_min.fast import MMAP_THRESHOLD, TRIM_THRESHOLD
+    from imram_min.schedule import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     try:

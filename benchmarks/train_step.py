@@ -10,9 +10,9 @@ batch, contrastive_loss (hardest negatives), backward, gradient-norm clipping (2
 (lr 2e-4). Scorers of the B x B similarities:
     original     benchmarks/original_loop.per_caption_similarity with autograd: the original
                  training, one caption at a time against the batch's images
-    fast         imram_min.fast.similarity(..., checkpoint=True): blocks recomputed in backward
-                 (what train.py does on a GPU, through evaluate.score_pairs)
-    fast-nockpt  imram_min.fast.similarity(..., checkpoint=False) (train.py on the CPU)
+    fast         imram_min.schedule.similarity(..., checkpoint=True): blocks recomputed in backward
+                 (what train.py does on a GPU, through schedule.score_pairs)
+    fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False) (train.py on the CPU)
     plain        IMRAM.similarity (model.py, the reference form), on request
 
 Each scorer runs in its own process (``--only NAME`` + the same flags prints one JSON line) so
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3, help="timed steps (3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (1)")
     p.add_argument("--check-batch", type=int, help="samples of the gradient-check step (default: the batch size)")
-    p.add_argument("--max-elems", type=int, help="fast.similarity max_elems (default: its default, as train.py)")
+    p.add_argument("--max-elems", type=int, help="schedule.similarity max_elems (default: its default, as train.py)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (default off: exact float32)")
     p.add_argument("--max-seconds", type=float, default=900, help="per scorer process (900)")
@@ -121,7 +121,7 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
     import torch
 
     from benchmarks.original_loop import per_caption_similarity
-    from imram_min import fast
+    from imram_min import schedule
     from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
 
     result = {"name": name, "status": "ok", "batch_size": cfg["batch_size"], "check_batch": cfg["check_batch"],
@@ -150,8 +150,8 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
         feats, tokens, lengths = make_batch(cfg)
         feats, tokens, lengths = torch.from_numpy(feats).to(device), torch.from_numpy(tokens).to(device), \
             torch.from_numpy(lengths)  # lengths stay on the CPU, as train.py keeps them
-        # else as train.py (evaluate.score_pairs): fast's default on the CPU, CUDA_MAX_ELEMS on a GPU
-        from imram_min.evaluate import CUDA_MAX_ELEMS
+        # else as train.py (schedule.score_pairs): fast's default on the CPU, CUDA_MAX_ELEMS on a GPU
+        from imram_min.schedule import CUDA_MAX_ELEMS
         max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if device.type == "cuda" else None)
         fast_kw = {"max_elems": max_elems} if max_elems else {}
 
@@ -160,7 +160,7 @@ def run_one(name: str, cfg: dict, save_grads: str | None) -> dict:
                 return per_caption_similarity(model, r, w, n)
             if name == "plain":
                 return model.similarity(r, w, n)
-            return fast.similarity(model, r, w, n, checkpoint=(name == "fast"), **fast_kw)
+            return schedule.similarity(model, r, w, n, checkpoint=(name == "fast"), **fast_kw)
 
         def step(b: int, keep_grads: bool = False):
             t0 = time.perf_counter()

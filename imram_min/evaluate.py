@@ -39,38 +39,12 @@ from tqdm import tqdm
 
 from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset
-from imram_min import fast
+from imram_min import schedule
 from imram_min.model import IMRAM
 from runtime import atomic
 
 
-# --------------------------------------------------------------------------- scoring
-CUDA_MAX_ELEMS = 1 << 26  # fast.similarity's block size on a GPU: its CPU default leaves a GPU launch-bound
-
-
-def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
-    """THE single call site of pair scoring, for evaluation and for training (train.py imports it).
-
-    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
-    Differentiable. The exact fast form (``imram_min.fast``); the reference form is
-    ``model.similarity``, and the tests hold the two together. When training on a GPU, each block
-    of pairs is recomputed in the backward pass instead of stored (activation checkpointing),
-    which bounds the memory of a step at batch 128, d = 1024.
-    """
-    if not region_embs.is_cuda:
-        return fast.similarity(model, region_embs, word_embs, lengths)
-    return fast.similarity(model, region_embs, word_embs, lengths, max_elems=CUDA_MAX_ELEMS,
-                           checkpoint=torch.is_grad_enabled())
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
+# --------------------------------------------------------------------------- encoding
 @torch.no_grad()
 def encode_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,32 +78,6 @@ def encode_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.devi
         out = model.encode_captions(tokens.to(device), lens)
         word_embs[j:j + len(lens), :out.shape[1]] = out.float().cpu()
     return region_embs, word_embs, lengths
-
-
-@torch.no_grad()
-def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                 device: str | torch.device = "cpu", shard_size: int = 128, progress: bool = False) -> np.ndarray:
-    """All pair scores (n_img, n_cap) float32, computed in shards of ``shard_size`` images x captions.
-
-    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
-    device; each caption shard is trimmed to its own longest caption before it is scored.
-    """
-    model.eval()
-    device = torch.device(device)
-    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
-    sims = np.zeros((n_img, n_cap), dtype=np.float32)
-    regions = region_embs.to(device)
-    lengths = lengths.cpu()
-    n_shards = math.ceil(n_img / shard_size) * math.ceil(n_cap / shard_size)
-    with tqdm(total=n_shards, desc="similarities", disable=not progress, leave=False) as bar:
-        for j in range(0, n_cap, shard_size):
-            lens = lengths[j:j + shard_size]
-            words = word_embs[j:j + shard_size, :int(lens.max())].to(device)
-            for i in range(0, n_img, shard_size):
-                block = score_pairs(model, regions[i:i + shard_size], words, lens)
-                sims[i:i + shard_size, j:j + shard_size] = block.float().cpu().numpy()
-                bar.update(1)
-    return sims
 
 
 # --------------------------------------------------------------------------- ranking
@@ -219,11 +167,11 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
     sims = None
     if return_sims or not fold5:
-        sims = similarities(model, region_embs, word_embs, lengths, device, shard_size, progress)
+        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, shard_size, progress)
     if fold5:
         folds = []
         for im, ca in fold_slices(n_img, cpi):
-            block = sims[im, ca] if sims is not None else similarities(
+            block = sims[im, ca] if sims is not None else schedule.similarities(
                 model, region_embs[im], word_embs[ca], lengths[ca], device, shard_size, progress)
             folds.append(metrics_from_sims(block, cpi))
         result = average_folds(folds)
@@ -267,9 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     args = p.parse_args(argv)
-    fast.retain_freed_memory()
+    schedule.retain_freed_memory()
 
-    device = resolve_device(args.device)
+    device = schedule.resolve_device(args.device)
     model, vocab, meta = load_model(args.checkpoint, device)
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import evaluate
+from imram_min import evaluate, schedule
 from imram_min.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from imram_min.data import PrecompDataset, collate, load_features, load_vocab
 from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
@@ -186,7 +186,7 @@ def train_epoch(model: IMRAM, loader, optimizer, cfg: TrainConfig, device: torch
     for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
         region_embs = model.encode_images(region_feats.to(device, non_blocking=True))
         word_embs = model.encode_captions(tokens.to(device, non_blocking=True), lengths)  # lengths stay on the CPU
-        sims = evaluate.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+        sims = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
         max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
         loss = contrastive_loss(sims, model.cfg.margin, max_violation)
         optimizer.zero_grad(set_to_none=True)
@@ -224,7 +224,7 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the last epoch's log entry (or {} if there was nothing left to train)."""
     given = vars(build_parser().parse_args(argv))
-    evaluate.fast.retain_freed_memory()
+    schedule.retain_freed_memory()
     resume_path = given.pop("resume", None)
     state = None
     if resume_path:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_settings, train_settings, from_file = resolve_settings(given, given["data"])
         tcfg = TrainConfig(**train_settings)
 
-    device = evaluate.resolve_device(tcfg.device)
+    device = schedule.resolve_device(tcfg.device)
     os.makedirs(tcfg.out, exist_ok=True)
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)

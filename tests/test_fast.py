@@ -14,7 +14,7 @@ for _p in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _p)
 
 import reference as ref  # noqa: E402
-from imram_min import fast  # noqa: E402
+from imram_min import fast, schedule  # noqa: E402
 from imram_min.model import RAW_FEATURE_NORMS  # noqa: E402
 from test_model import (F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,  # noqa: E402
                         shuffled_1_to_40)  # noqa: E402
@@ -36,7 +36,7 @@ def test_fast_equals_model_and_the_paper_loop(mode, n_steps, no_IMRAM_norm, raw_
     feats, tokens, lengths = make_inputs([3, 1, 7, 4, 2], dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = fast.similarity(model, r, w, lengths)
+        got = schedule.similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert got.shape == (3, 5) and got.dtype == dtype
     assert max_diff(got, expected) <= tol
@@ -54,7 +54,7 @@ def test_fast_for_caption_lengths_1_to_40(mode, raw_feature_norm, dtype):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(), n_img=2, n_region=6, dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = fast.similarity(model, r, w, lengths)
+        got = schedule.similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= {F64: 1e-12, F32: 1e-5}[dtype]
     if dtype == F32:
@@ -82,7 +82,7 @@ def test_fast_in_small_blocks_equals_model(mode, max_elems):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(3), n_img=3, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = fast.similarity(model, r, w, lengths, max_elems=max_elems)
+        got = schedule.similarity(model, r, w, lengths, max_elems=max_elems)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= 1e-12
 
@@ -93,8 +93,8 @@ def test_fast_blocks_side_by_side_equal_one_after_another(mode):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(7), n_img=5, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        side_by_side = fast.similarity(model, r, w, lengths, max_elems=300, workers=3)
-        assert max_diff(side_by_side, fast.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
+        side_by_side = schedule.similarity(model, r, w, lengths, max_elems=300, workers=3)
+        assert max_diff(side_by_side, schedule.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
         assert max_diff(side_by_side, model.similarity(r, w, lengths)) <= 1e-12
 
 
@@ -102,16 +102,16 @@ def test_worker_threads_run_single_threaded_in_the_callers_grad_mode_and_keep_or
     threads = torch.get_num_threads()
     seen = lambda job: (job, torch.get_num_threads(), torch.is_grad_enabled())  # noqa: E731
     with torch.no_grad():
-        assert fast.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, False) for i in range(5)]
-    assert fast.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, True) for i in range(5)]
-    assert fast.in_worker_threads(seen, [0, 1], 1) == [(0, threads, True), (1, threads, True)]
+        assert schedule.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, False) for i in range(5)]
+    assert schedule.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, True) for i in range(5)]
+    assert schedule.in_worker_threads(seen, [0, 1], 1) == [(0, threads, True), (1, threads, True)]
     assert torch.get_num_threads() == threads
 
 
 def test_blocks_run_side_by_side_only_for_cpu_inference():
-    assert fast.block_workers(torch.device("cpu"), grad=False) == torch.get_num_threads()
-    assert fast.block_workers(torch.device("cpu"), grad=True) == 1
-    assert fast.block_workers(torch.device("cuda"), grad=False) == 1
+    assert schedule.block_workers(torch.device("cpu"), grad=False) == torch.get_num_threads()
+    assert schedule.block_workers(torch.device("cpu"), grad=True) == 1
+    assert schedule.block_workers(torch.device("cuda"), grad=False) == 1
 
 
 @pytest.mark.parametrize("mode", IMRAM_MODES)
@@ -122,7 +122,7 @@ def test_fast_ignores_word_embeddings_past_each_length(mode):
     pad = (torch.arange(w.shape[1])[None] >= lengths[:, None])[..., None]
     garbage = w + pad * torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 10
     with torch.no_grad():
-        assert max_diff(fast.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(schedule.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 @pytest.mark.parametrize("no_txtnorm", [False, True])
@@ -131,7 +131,7 @@ def test_fast_mean_mode_equals_model(no_txtnorm):
     feats, tokens, lengths = make_inputs([3, 1, 7, 4], dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        assert max_diff(fast.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(schedule.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 GRAD_SWEEP = list(itertools.product(IMRAM_MODES, RAW_FEATURE_NORMS))
@@ -144,7 +144,7 @@ def test_fast_gradients_match_reference_loop(mode, raw_feature_norm):
     r, w = embed(model, feats, tokens, lengths)
     probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
     r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
-    (fast.similarity(model, r1, w1, lengths) * probe).sum().backward()
+    (schedule.similarity(model, r1, w1, lengths) * probe).sum().backward()
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
     (ref.similarity(model, r2, w2, lengths) * probe).sum().backward()
     assert torch.isfinite(r1.grad).all() and torch.isfinite(w1.grad).all(), NAN_GRAD_MSG
@@ -167,7 +167,7 @@ def test_fast_parameter_gradients_equal_model(mode, checkpoint, workers):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     expected = grads(lambda r, w: model.similarity(r, w, lengths))
-    got = grads(lambda r, w: fast.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
+    got = grads(lambda r, w: schedule.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
                                              workers=workers))
     assert set(got) == set(expected)
     for name in expected:

@@ -1,0 +1,155 @@
+"""The one user-error path of every command of the project (torch-free: the runtime uses it, and so
+do ``imram_min``'s and ``export``'s commands).
+
+A user error (a missing or malformed file, a bad flag, bad input) ends a command with one line
+``error: ...`` on stderr and exit status 2: never a traceback. Tracebacks are left to genuine
+bugs. SIGTERM and SIGHUP unwind the program like Ctrl-C, so that every ``finally`` runs and no
+temporary file is left behind (``runtime.atomic`` removes its own on every exit path).
+
+    def main(argv=None) -> int:
+        return cli.run(_main, argv)          # _main(argv) raises cli.UserError(...) on bad input
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+import warnings
+from typing import Callable, Sequence
+
+USAGE = 2  # exit status of every user error
+INTERRUPTED = 130
+
+
+class UserError(ValueError):
+    """Anything the user can fix. Its message is printed as one line: name the file or flag and
+    what was expected."""
+
+
+def one_line(message: object) -> str:
+    """The message on one line, control characters (terminal escape codes among them) shown escaped."""
+    return printable(" ".join(str(message).split()))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, CR, BEL, ...) written as escapes, so that echoing user
+    input (a caption, a file name) cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error: PROG: ...`` line and exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
+        sys.exit(USAGE)
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM / SIGHUP handler: unwinds like KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, _frame):
+    raise _Terminated(signum)
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+        user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Call ``main(argv)``; turn a user error into one stderr line and exit status 2.
+
+    user_errors: more exception classes that mean bad input (besides UserError). A full disk
+    (ENOSPC, EDQUOT) and an unreadable or unwritable path are user errors too. Warnings from the
+    libraries (numpy, Pillow, onnxruntime) are not printed: what matters to the user is checked and
+    reported as an error line.
+    """
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            handlers[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            status = main(argv)
+        return 0 if status is None else int(status)
+    except (UserError, *user_errors) as e:
+        return _fail(e)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(f"no space left on the device{_where(e)}; nothing was written")
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.EPERM) \
+                and e.filename is not None:
+            return _fail(f"{e.strerror}: {e.filename}")
+        if e.errno == errno.EPIPE or isinstance(e, BrokenPipeError):
+            _quiet_stdout()
+            return 1
+        raise
+    except MemoryError:
+        return _fail("out of memory: use smaller inputs")
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except _Terminated as e:
+        signum = e.args[0]
+        print(f"error: stopped by signal {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _where(e: OSError) -> str:
+    return f" writing {e.filename}" if e.filename else ""
+
+
+def _fail(message: object) -> int:
+    print("error: " + one_line(message), file=sys.stderr)
+    return USAGE
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``| head``) Python would complain while flushing stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# --------------------------------------------------------------------------- paths
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are one file (the same path, a hard link, or a symlink to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_file(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), flag: str = "--output") -> str:
+    """Refuse an output path that is (or links to) one of ``inputs``, is a folder, or whose folder is
+    missing or not writable. Returns the path. Raises UserError."""
+    path = os.fspath(path)
+    for src in inputs:
+        if src is not None and os.path.exists(src) and same_file(path, src):
+            raise UserError(f"{flag} {path} is the input {os.fspath(src)}: refusing to overwrite an input")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: the folder {folder} is not writable")
+    return path
+
+
+def check_count(value: int, flag: str, low: int = 1, high: int | None = None) -> int:
+    """An integer flag within [low, high]; raises UserError otherwise."""
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise UserError(f"{flag} must be {bound}, got {value}")
+    return value
