@@ -133,9 +133,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, image).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)  # integers; converted to float64 a band of rows at a time (same values)
         top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        out = np.empty(pixels.shape, np.uint8)
+        for r in range(0, len(pixels), 256):
+            out[r:r + 256] = np.clip(pixels[r:r + 256].astype(np.float64) / top * 255.0 + 0.5, 0, 255)
+        image = Image.fromarray(out)
     return image.convert("RGB")
 
 
