@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 
 import torch
@@ -68,12 +67,16 @@ class ConvertError(ValueError):
 
 def load_original(path: str | os.PathLike) -> dict:
     """torch.load the original checkpoint safely: tensors, containers and argparse.Namespace only."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{os.fspath(path)}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConvertError(f"{path}: refused to load: it pickles something other than tensors, plain containers "
-                           f"and argparse.Namespace (nothing in it was run): {safe_load_reason(e)}") from None
+    except Exception as e:  # UnpicklingError for foreign classes, RuntimeError / EOFError for broken files, ...
+        reason = safe_load_reason(e).replace("plain tensors/containers",
+                                             "plain tensors/containers or argparse.Namespace")
+        verb = "refused to load" if "pickles" in reason else "cannot load"
+        raise ConvertError(f"{os.fspath(path)}: {verb}: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConvertError(f"{path}: expected a dict with a 'model' entry (an original IMRAM checkpoint)")
     return ckpt
