@@ -17,6 +17,7 @@ atomically (``runtime.atomic``): a reader never sees a half-written file.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -99,6 +100,8 @@ def safe_load_reason(error: Exception) -> str:
                 f"(pickle opcode {operand.group(1)}; nothing in it was run)")
     if isinstance(error, EOFError):
         return "the file is empty or truncated"
+    if isinstance(error, OSError) and error.errno not in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.EPERM):
+        return f"the file is truncated or corrupted ({' '.join(text.split())})"
     if "PytorchStreamReader" in text or "zip archive" in text:
         gist = text.split(". ")[0].strip().rstrip(".")
         return f"the file is truncated or corrupted ({gist})"
@@ -112,7 +115,7 @@ def safe_load_reason(error: Exception) -> str:
 def load_failure(path: str | os.PathLike, error: Exception) -> str:
     """One line: ``path`` could not be loaded safely, and why (``safe_load_reason``)."""
     reason = safe_load_reason(error)
-    verb = "refused to load" if "pickles" in reason else "cannot load"
+    verb = "refused to load" if reason.startswith("it pickles") else "cannot load"
     return f"{os.fspath(path)}: {verb}: {reason}"
 
 

@@ -149,9 +149,6 @@ def resolve_settings(given: dict, data_dir: str) -> tuple[dict, dict, list[str]]
     from_file = sorted(k for k in file_defaults if k not in given)
     settings.update({k: file_defaults[k] for k in from_file})
     settings.update(given)
-    if from_file:
-        print(f"from {os.path.join(data_dir, DEFAULTS_FILE)}: "
-              + ", ".join(f"{k}={file_defaults[k]}" for k in from_file))
     check_settings(settings, {k: os.path.join(data_dir, DEFAULTS_FILE) for k in from_file})
     return {k: settings[k] for k in MODEL_KEYS}, {k: settings[k] for k in asdict(TrainConfig())}, from_file
 
@@ -372,6 +369,9 @@ def _main(argv: list[str] | None) -> dict:
                             f"Adam state, more than this machine's {have / 2 ** 30:.1f} GiB: use a smaller "
                             "--embed-size / --word-dim / --num-layers")
     clear_old_run = check_run_folder(tcfg.out, tcfg.data, resume_path, overwrite)
+    if state is None and from_file:  # said once every check has passed: a refused run prints only its error
+        chosen = {**model_settings, **train_settings}
+        print(f"from {os.path.join(tcfg.data, DEFAULTS_FILE)}: " + ", ".join(f"{k}={chosen[k]}" for k in from_file))
 
     if clear_old_run:  # --overwrite: the old run goes as a whole, before the new one writes anything
         for name in RUN_FILES:
