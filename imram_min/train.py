@@ -20,6 +20,15 @@ Outputs, all written atomically:
     RUN/log.jsonl     per epoch: epoch (1-based: epochs done), lr, train_loss (mean per batch),
                       i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr, t2i_..., rsum, seconds
 
+Checks and the run folder: every setting (flag, train_defaults.json value, resumed setting: type
+and range), the device, the vocabulary and every split read (features shape and dtype, caption
+count, train and dev of one img_dim), the model's memory and the run folder are checked before
+anything is trained or written; bad input is one ``error: ...`` line, exit status 2, and leaves
+every file as it was. A run folder holds one run: --out must be new or empty, or the folder of
+the --resume checkpoint, else --overwrite must be given, and then the old run's config.json,
+log.jsonl, best.pt and last.pt are removed together (other files are kept) once the checks have
+passed, before the new config.json is written.
+
 ``--resume RUN/last.pt`` continues exactly where last.pt stopped: weights, Adam state, epoch
 (hence the lr schedule), best rsum and the RNG states (torch, CUDA, numpy, random, and the
 generator that shuffles the batches), so 2 epochs straight and 1 + resume + 1 give identical
