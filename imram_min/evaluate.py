@@ -229,7 +229,8 @@ def _main(argv: list[str] | None) -> dict:
     checks.data_folder(args.data)
     split = checks.split(args.data, args.split)
     checks.max_captions(args.max_captions, split, "--max-captions")
-    n_img = split.n_images if args.max_captions is None else min(args.max_captions, split.n_captions) // split.caps_per_image
+    n_img = split.n_images if args.max_captions is None else \
+        min(args.max_captions, split.n_captions) // split.caps_per_image
     if args.fold5 and n_img % 5:
         raise cli.UserError(f"--fold5: {n_img} images of split {args.split!r} cannot be cut into 5 equal folds")
     inputs = [args.checkpoint, split.features, split.captions]

@@ -264,7 +264,8 @@ def check_outputs(out: str, inputs: Sequence[str], overwrite: bool) -> tuple[str
                                 (f"the preprocessing file {FEATURES_JSON}", spec)], inputs)
     for path in (path_list, spec):
         if os.path.isdir(path):
-            raise cli.UserError(f"{path} is a folder; --out's folder needs the file name for its own {os.path.basename(path)}")
+            raise cli.UserError(f"{path} is a folder; --out's folder needs that name for its own "
+                                f"{os.path.basename(path)}")
     others = [os.path.basename(p) for p in (path_list, spec) if os.path.exists(p)]
     if others and not os.path.exists(out) and not overwrite:
         raise cli.UserError(f"{folder} already holds {' and '.join(others)} of another feature file (not of --out "
@@ -313,7 +314,8 @@ def _main(argv: Sequence[str] | None) -> None:
     need = min(args.batch_size, len(paths)) * 200 * args.size ** 2  # rough peak of the network's activations
     have = checks.physical_memory()
     if have is not None and need > have:
-        raise cli.UserError(f"--batch-size {args.batch_size} at --size {args.size} needs about {need / 2 ** 30:.1f} GiB, "
+        raise cli.UserError(f"--batch-size {args.batch_size} at --size {args.size} needs about "
+                            f"{need / 2 ** 30:.1f} GiB, "
                             f"more than this machine's {have / 2 ** 30:.1f} GiB: use a smaller --batch-size")
     weights_path()  # the weights package is there (ImportError otherwise)
 

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -217,7 +216,8 @@ def check_run_folder(out: str, data: str, resume_path: str | None, overwrite: bo
         return False  # resuming in place: the run goes on
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries and not overwrite:
-        raise UserError(f"--out {out} is not empty (holds {', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
+        held = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"--out {out} is not empty (holds {held}): "
                         "give a new folder, continue its run with --resume, or add --overwrite to replace it")
     return bool(entries)
 

@@ -185,7 +185,8 @@ def check_outputs_distinct(outputs: Sequence[tuple[str, str | os.PathLike | None
                 raise UserError(f"{flag} {path} is the input {os.fspath(src)}: refusing to overwrite an input")
     for i, (flag_a, a) in enumerate(given):
         for flag_b, b in given[i + 1:]:
-            if os.path.abspath(a) == os.path.abspath(b) or (os.path.exists(a) and os.path.exists(b) and same_file(a, b)):
+            if os.path.abspath(a) == os.path.abspath(b) or \
+                    (os.path.exists(a) and os.path.exists(b) and same_file(a, b)):
                 raise UserError(f"{flag_a} and {flag_b} are the same file {a}: give two different names")
 
 
