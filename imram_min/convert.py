@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 
 import torch
 
 from imram_min.checkpoint import safe_load_reason, save_checkpoint
 from imram_min.model import IMRAM, IMRAMConfig
-from runtime.text import Vocabulary
+from runtime import cli
+from runtime.text import Vocabulary, VocabularyError
 
 # The original train.py's argparse defaults (store_true flags default to False).
 ORIGINAL_DEFAULTS = {
@@ -68,12 +68,16 @@ class ConvertError(ValueError):
 
 def load_original(path: str | os.PathLike) -> dict:
     """torch.load the original checkpoint safely: tensors, containers and argparse.Namespace only."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{os.fspath(path)}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConvertError(f"{path}: refused to load: it pickles something other than tensors, plain containers "
-                           f"and argparse.Namespace (nothing in it was run): {safe_load_reason(e)}") from None
+    except Exception as e:  # UnpicklingError for foreign classes, RuntimeError / EOFError for broken files, ...
+        reason = safe_load_reason(e).replace("plain tensors/containers",
+                                             "plain tensors/containers or argparse.Namespace")
+        verb = "refused to load" if reason.startswith("it pickles") else "cannot load"
+        raise ConvertError(f"{os.fspath(path)}: {verb}: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConvertError(f"{path}: expected a dict with a 'model' entry (an original IMRAM checkpoint)")
     return ckpt
@@ -226,11 +230,21 @@ def convert(src: str | os.PathLike, vocab_path: str | os.PathLike, out: str | os
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Convert an original IMRAM checkpoint to the imram-min format.")
+    """Convert; returns the new checkpoint's meta. Bad input: one ``error: ...`` line, SystemExit(2)."""
+    return cli.call(_main, argv, user_errors=(ConvertError, VocabularyError))
+
+
+def _main(argv: list[str] | None) -> dict:
+    p = cli.ArgumentParser(prog="python -m imram_min.convert",
+                           description="Convert an original IMRAM checkpoint to the imram-min format.")
     p.add_argument("checkpoint", help="original model_best.pth.tar / checkpoint.pth.tar")
     p.add_argument("--vocab", required=True, help="the SCAN vocabulary JSON it was trained with")
     p.add_argument("--out", required=True, help="imram-min checkpoint to write")
     args = p.parse_args(argv)
+    for flag, path in (("checkpoint", args.checkpoint), ("--vocab", args.vocab)):
+        if not os.path.isfile(path):
+            raise cli.UserError(f"{flag} {path}: no such file")
+    cli.check_output_file(args.out, [args.checkpoint, args.vocab], "--out")
     meta = convert(args.checkpoint, args.vocab, args.out)
     print(f"wrote {args.out} ({meta})")
     return meta

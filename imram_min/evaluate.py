@@ -29,7 +29,6 @@ d) float32 on the CPU, as the original does; shards are moved to the device one 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -39,9 +38,9 @@ from tqdm import tqdm
 
 from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset
-from imram_min import schedule
+from imram_min import checks, schedule
 from imram_min.model import IMRAM
-from runtime import atomic
+from runtime import atomic, cli
 
 
 # --------------------------------------------------------------------------- encoding
@@ -203,7 +202,14 @@ def format_table(result: dict, title: str = "") -> str:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
+    """Evaluate; returns the result dict. Bad input (flags, checkpoint, split, output paths): one
+    ``error: ...`` line and SystemExit(2), found before anything is encoded or written."""
+    return cli.call(_main, argv, user_errors=checks.USER_ERRORS)
+
+
+def _main(argv: list[str] | None) -> dict:
+    p = cli.ArgumentParser(prog="python -m imram_min.evaluate",
+                           description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
     p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.convert)")
     p.add_argument("--data", required=True, help="data folder (precomp layout)")
     p.add_argument("--split", default="test", help="split name: DIR/{split}_ims.npy + DIR/{split}_caps.txt")
@@ -215,10 +221,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     args = p.parse_args(argv)
-    schedule.retain_freed_memory()
 
-    device = schedule.resolve_device(args.device)
+    # Every check before the long work: flags, device, split, checkpoint, output paths.
+    cli.check_count(args.batch_size, "--batch-size", 1, checks.MAX_BATCH)
+    cli.check_count(args.shard_size, "--shard-size", 1, checks.MAX_BATCH)
+    device = checks.device(args.device)
+    checks.data_folder(args.data)
+    split = checks.split(args.data, args.split)
+    checks.max_captions(args.max_captions, split, "--max-captions")
+    n_img = split.n_images if args.max_captions is None else \
+        min(args.max_captions, split.n_captions) // split.caps_per_image
+    if args.fold5 and n_img % 5:
+        raise cli.UserError(f"--fold5: {n_img} images of split {args.split!r} cannot be cut into 5 equal folds")
+    inputs = [args.checkpoint, split.features, split.captions]
+    outputs = [("--json", args.json), ("--save-sims", args.save_sims)]
+    for flag, path in outputs:
+        if path is not None:
+            cli.check_output_file(path, inputs, flag)
+    cli.check_outputs_distinct(outputs, inputs)
+    if args.save_sims is not None and n_img * split.n_captions * 4 > (checks.physical_memory() or float("inf")):
+        raise cli.UserError(f"--save-sims: the {n_img} x {split.n_captions} float32 matrix would not fit in memory; "
+                            "use --max-captions or --fold5 without --save-sims")
     model, vocab, meta = load_model(args.checkpoint, device)
+    if model.cfg.img_dim != split.img_dim:
+        raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
+                            f"takes img_dim {model.cfg.img_dim}")
+
+    schedule.retain_freed_memory()
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
           f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
