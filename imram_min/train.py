@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 from imram_min import evaluate, schedule
 from imram_min.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from imram_min.data import PrecompDataset, collate, load_features, load_vocab
+from imram_min.data import PrecompDataset, collate, load_features, load_vocab, vocab_path
 from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
-from runtime import atomic
+from runtime import atomic, cli
 
 
 @dataclass
@@ -221,6 +221,15 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
     atomic.write_text(dst, "".join(lines))
 
 
+def require_vocabulary(data_dir: str) -> None:
+    """Exit with one line saying which command makes a vocabulary when the data folder has none."""
+    try:
+        vocab_path(data_dir)
+    except FileNotFoundError as e:
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        raise SystemExit(cli.USAGE) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the last epoch's log entry (or {} if there was nothing left to train)."""
     given = vars(build_parser().parse_args(argv))
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if "data" not in given or "out" not in given:
             raise SystemExit("--data and --out are required (unless --resume)")
+        require_vocabulary(given["data"])
         model_settings, train_settings, from_file = resolve_settings(given, given["data"])
         tcfg = TrainConfig(**train_settings)
 
