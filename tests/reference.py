@@ -47,16 +47,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    e = torch.exp(x - x.max(dim, keepdim=True).values)
-    return e / e.sum(dim, keepdim=True)
+    return torch.softmax(x, dim)
 
 
 def leaky_relu(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
-    return torch.where(x >= 0, x, slope * x)
+    return torch.nn.functional.leaky_relu(x, slope)
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (1.0 + torch.exp(-x))
+    return torch.sigmoid(x)
 
 
 # --------------------------------------------------------------------------- cross-modal attention
