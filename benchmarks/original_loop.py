@@ -33,9 +33,9 @@ def per_caption_similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: t
     for j in range(word_embs.shape[0]):
         words = word_embs[j, : int(lengths[j])][None].expand(n_img, -1, -1)  # (n_img, n_word_j, d)
         score = 0
-        if model.t2i is not None:
-            score = score + _direction(words, region_embs, model.t2i, model.cfg)
-        if model.i2t is not None:
-            score = score + _direction(region_embs, words, model.i2t, model.cfg)
+        if model.text_mdu is not None:
+            score = score + _direction(words, region_embs, model.text_mdu, model.cfg)
+        if model.image_mdu is not None:
+            score = score + _direction(region_embs, words, model.image_mdu, model.cfg)
         columns.append(score)
     return torch.stack(columns, 1)

@@ -55,7 +55,6 @@ the loop within each round are printed too.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -339,6 +338,25 @@ def export_onnx(cfg: dict, out_dir: str) -> float:
 
 
 # --------------------------------------------------------------------------- one scorer, in this process
+def plain_similarity(model, region_embs, word_embs, lengths, max_pairs: int):
+    """IMRAM.similarity (the reference form) in blocks of at most ``max_pairs`` image x caption pairs,
+    each block's captions trimmed to their longest: (n_img, n_cap)."""
+    import torch
+
+    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
+    cap_block = max(1, min(n_cap, max_pairs))
+    img_block = max(1, min(n_img, max_pairs // cap_block))
+    rows = []
+    for i in range(0, n_img, img_block):
+        cols = []
+        for j in range(0, n_cap, cap_block):
+            n_word = int(lengths[j:j + cap_block].max())
+            cols.append(model.similarity(region_embs[i:i + img_block], word_embs[j:j + cap_block, :n_word],
+                                         lengths[j:j + cap_block]))
+        rows.append(torch.cat(cols, 1))
+    return torch.cat(rows, 0)
+
+
 def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.ndarray]:
     import torch
 
@@ -358,14 +376,13 @@ def run_torch(name: str, cfg: dict, regions, words, lengths) -> tuple[dict, np.n
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(cfg).to(device)
     kind = name.split("-")[0]
-    fast_default = inspect.signature(schedule.similarity).parameters["max_elems"].default
-    max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if cuda else fast_default)
+    max_elems = cfg["max_elems"] or (CUDA_MAX_ELEMS if cuda else schedule.CPU_MAX_ELEMS)
 
     def score(r, w, n):
         if kind == "loop":
             return per_caption_similarity(model, r, w, n)
         if kind == "plain":
-            return model.similarity(r, w, n, max_pairs=cfg["max_pairs"])
+            return plain_similarity(model, r, w, n, cfg["max_pairs"])
         return schedule.similarity(model, r, w, n, max_elems=max_elems)
 
     def sync():

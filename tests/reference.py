@@ -118,11 +118,12 @@ class Weights:
         self.gru.load_state_dict({k[len("txt_enc.rnn."):]: v for k, v in params.items()
                                   if k.startswith("txt_enc.rnn.")})
 
-        self.mem = {}
-        for direction in ("t2i", "i2t"):
-            if f"{direction}.update.weight" in params:
-                self.mem[direction] = (params[f"{direction}.update.weight"], params[f"{direction}.update.bias"],
-                                       params[f"{direction}.gate.weight"], params[f"{direction}.gate.bias"])
+        self.mem = {}  # {"text": Text-IMRAM's MDU, "image": Image-IMRAM's}
+        for direction in ("text", "image"):
+            mdu = f"{direction}_mdu"
+            if f"{mdu}.update.weight" in params:
+                self.mem[direction] = (params[f"{mdu}.update.weight"], params[f"{mdu}.update.bias"],
+                                       params[f"{mdu}.gate.weight"], params[f"{mdu}.gate.bias"])
 
 
 def memory_distillation(q: torch.Tensor, c: torch.Tensor, mem, no_IMRAM_norm: bool) -> torch.Tensor:
@@ -170,9 +171,9 @@ def pair_step_scores(w: Weights, regions: torch.Tensor, words: torch.Tensor) -> 
     regions, words = regions.to(DT), words.to(DT)
     out = {}
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        out["t2i"] = imram_steps(w, words, regions, w.mem["t2i"])
+        out["text"] = imram_steps(w, words, regions, w.mem["text"])
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        out["i2t"] = imram_steps(w, regions, words, w.mem["i2t"])
+        out["image"] = imram_steps(w, regions, words, w.mem["image"])
     return out
 
 
