@@ -2,7 +2,9 @@
 
 Nothing here changes a score: ``imram_min.model`` states the method and ``imram_min.fast`` its exact
 restructuring; this file decides block sizes, caption bucketing by length, worker threads, activation
-checkpointing and allocator settings. Training, evaluation, the benchmarks and export share it.
+checkpointing and allocator settings. ``similarity`` is the one tiler of the pair matrix (its plan is
+``runtime.tiles``', shared with the runtime); training (``score_pairs``) and evaluation
+(``similarities``) both go through it.
 """
 from __future__ import annotations
 
