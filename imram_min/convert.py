@@ -18,8 +18,8 @@ to ``imram_min.model``:
 
     img_enc.fc{,_local}.{weight, bias, weight_g, weight_v} -> img_enc.fc.*
     txt_enc.embed.weight, txt_enc.rnn.*                     -> the same
-    linear_t2i.* -> t2i.update.*    gate_t2i.* -> t2i.gate.*
-    linear_i2t.* -> i2t.update.*    gate_i2t.* -> i2t.gate.*
+    linear_t2i.* -> text_mdu.update.*    gate_t2i.* -> text_mdu.gate.*     (Text-IMRAM)
+    linear_i2t.* -> image_mdu.update.*   gate_i2t.* -> image_mdu.gate.*    (Image-IMRAM)
 
 The original builds all four memory layers whatever its model_mode; those of a direction the
 mode does not use are dropped (and said so). Any other missing or unexpected key, or a shape
@@ -59,7 +59,8 @@ ORIGINAL_DEFAULTS = {
 }
 MODES = {"full_IMRAM": "full", "text_IMRAM": "text", "image_IMRAM": "image"}
 LIST_ORDER = ("img_enc", "txt_enc", "linear_t2i", "gate_t2i", "linear_i2t", "gate_i2t")
-MEMORY_NAMES = {"linear_t2i": "t2i.update", "gate_t2i": "t2i.gate", "linear_i2t": "i2t.update", "gate_i2t": "i2t.gate"}
+MEMORY_NAMES = {"linear_t2i": "text_mdu.update", "gate_t2i": "text_mdu.gate",
+                "linear_i2t": "image_mdu.update", "gate_i2t": "image_mdu.gate"}
 
 
 class ConvertError(ValueError):
@@ -173,7 +174,7 @@ def convert_state(original: dict[str, torch.Tensor], model: IMRAM) -> tuple[dict
         name = map_name(key)
         if name is None:
             unexpected.append(key)
-        elif name not in expected and name.split(".")[0] in ("t2i", "i2t"):
+        elif name not in expected and name.split(".")[0] in ("text_mdu", "image_mdu"):
             dropped.append(key)  # a memory the mode does not use
         elif name not in expected:
             unexpected.append(key)

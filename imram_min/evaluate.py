@@ -4,7 +4,7 @@
                                              [--save-sims SIMS.npy] [--device auto] [--batch-size 128]
 
 Steps: encode every image of the split once and every caption (batched), score all
-(image, caption) pairs in shards (``similarities``), then rank:
+(image, caption) pairs in bounded-memory blocks (``schedule.similarities``), then rank:
 
 * i2t (image -> text, caption retrieval): for image i the rank of its best-ranked ground-truth
   caption; the ground truth of image i is captions cpi*i .. cpi*i + cpi-1 (cpi = captions per
@@ -25,7 +25,7 @@ own, and the metrics are averaged over the folds (rsum = mean of the folds' rsum
 it the whole split is one retrieval pool (COCO 5K, Flickr30K 1K).
 
 Memory: the caption embeddings are held padded to the split's longest caption, (n_cap, n_word,
-d) float32 on the CPU, as the original does; shards are moved to the device one at a time.
+d) float32 on the CPU, as the original does; blocks of captions are moved to the device one at a time.
 """
 from __future__ import annotations
 
@@ -153,8 +153,7 @@ def average_folds(folds: list[dict]) -> dict:
 
 
 def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
-                   fold5: bool = False, return_sims: bool = False, shard_size: int = 128,
-                   progress: bool = False) -> dict:
+                   fold5: bool = False, return_sims: bool = False, progress: bool = False) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
@@ -166,12 +165,12 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
     sims = None
     if return_sims or not fold5:
-        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, shard_size, progress)
+        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress)
     if fold5:
         folds = []
         for im, ca in fold_slices(n_img, cpi):
             block = sims[im, ca] if sims is not None else schedule.similarities(
-                model, region_embs[im], word_embs[ca], lengths[ca], device, shard_size, progress)
+                model, region_embs[im], word_embs[ca], lengths[ca], device, progress)
             folds.append(metrics_from_sims(block, cpi))
         result = average_folds(folds)
     else:
@@ -218,13 +217,11 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("--save-sims", metavar="OUT.npy", help="write the (n_img, n_cap) float32 similarity matrix")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
-    p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     args = p.parse_args(argv)
 
     # Every check before the long work: flags, device, split, checkpoint, output paths.
     cli.check_count(args.batch_size, "--batch-size", 1, checks.MAX_BATCH)
-    cli.check_count(args.shard_size, "--shard-size", 1, checks.MAX_BATCH)
     device = checks.device(args.device)
     checks.data_folder(args.data)
     split = checks.split(args.data, args.split)
@@ -252,7 +249,7 @@ def _main(argv: list[str] | None) -> dict:
     print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
           f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
-                            return_sims=bool(args.save_sims), shard_size=args.shard_size, progress=True)
+                            return_sims=bool(args.save_sims), progress=True)
     sims = result.pop("sims", None)
     result["split"] = args.split
     print(format_table(result, f"{args.split}{' (5-fold mean)' if args.fold5 else ''}: "

@@ -273,9 +273,9 @@ def train_epoch(model: IMRAM, loader, optimizer, cfg: TrainConfig, device: torch
     for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
         region_embs = model.encode_images(region_feats.to(device, non_blocking=True))
         word_embs = model.encode_captions(tokens.to(device, non_blocking=True), lengths)  # lengths stay on the CPU
-        sims = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+        pair_scores = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
         max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
-        loss = contrastive_loss(sims, model.cfg.margin, max_violation)
+        loss = contrastive_loss(pair_scores, model.cfg.margin, max_violation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

@@ -112,10 +112,11 @@ class Weights:
         self.params = params = {name: p if dtype is None else p.detach().to(dtype).clone()
                                 for name, p in model.named_parameters()}
         self.mem = {}
-        for direction in ("t2i", "i2t"):
-            if f"{direction}.update.weight" in params:
-                self.mem[direction] = (params[f"{direction}.update.weight"], params[f"{direction}.update.bias"],
-                                       params[f"{direction}.gate.weight"], params[f"{direction}.gate.bias"])
+        for direction in ("text", "image"):  # {"text": Text-IMRAM's MDU, "image": Image-IMRAM's}
+            mdu = f"{direction}_mdu"
+            if f"{mdu}.update.weight" in params:
+                self.mem[direction] = (params[f"{mdu}.update.weight"], params[f"{mdu}.update.bias"],
+                                       params[f"{mdu}.gate.weight"], params[f"{mdu}.gate.bias"])
 
     def image_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (d, img_dim), b (d,)) of the image encoder."""
@@ -187,9 +188,9 @@ def pair_step_scores(w: Weights, regions: torch.Tensor, words: torch.Tensor) -> 
     regions, words = regions.to(w.dtype or regions.dtype), words.to(w.dtype or words.dtype)
     out = {}
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        out["t2i"] = imram_steps(w, words, regions, w.mem["t2i"])
+        out["text"] = imram_steps(w, words, regions, w.mem["text"])
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        out["i2t"] = imram_steps(w, regions, words, w.mem["i2t"])
+        out["image"] = imram_steps(w, regions, words, w.mem["image"])
     return out
 
 
@@ -202,9 +203,9 @@ def caption_scores(w: Weights, region_embs: torch.Tensor, words: torch.Tensor) -
     words = words[None].expand(region_embs.shape[0], -1, -1)  # (n_img, n_word, d): the caption per image
     score = 0
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        score = score + sum(imram_steps(w, words, region_embs, w.mem["t2i"]))
+        score = score + sum(imram_steps(w, words, region_embs, w.mem["text"]))
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        score = score + sum(imram_steps(w, region_embs, words, w.mem["i2t"]))
+        score = score + sum(imram_steps(w, region_embs, words, w.mem["image"]))
     return score
 
 
