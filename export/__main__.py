@@ -13,19 +13,29 @@ A bad checkpoint or argument: one "error: ..." line, exit status 2; graphs that 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
+from runtime import cli
+
 from .onnx_export import (DEFAULT_FEATURE_SIZE, DEFAULT_GRID, DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
-                          MATCHER_FORMS, MAX_OPSET, MIN_OPSET, ExportError, ExportSettingsError, export_checkpoint)
+                          FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
+                          PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
+
+MAX_FEATURE_SIZE, MAX_GRID = 2048, 64  # as python -m imram_min.features
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export",
-                                description="Export an imram-min checkpoint to ONNX (3 graphs + vocab + manifest, "
-                                            "and optionally a picture feature extractor).")
+    """Export; 0 on success, 2 after one error line for bad input, 1 when the graphs fail their check."""
+    from imram_min.checkpoint import CheckpointError
+    return cli.run(_main, argv, user_errors=(CheckpointError, ExportSettingsError))
+
+
+def _main(argv: list[str] | None) -> int:
+    p = cli.ArgumentParser(prog="python -m export",
+                           description="Export an imram-min checkpoint to ONNX (3 graphs + vocab + manifest, "
+                                       "and optionally a picture feature extractor).")
     p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or made by imram_min.convert)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write (created if needed)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default %(default)s)")
@@ -42,29 +52,37 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"N x N regions per picture (default: as recorded with the training data, else {DEFAULT_GRID})")
     args = p.parse_args(argv)
     opset, matcher = args.opset, args.matcher
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        p.exit(2, f"error: --opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}\n")
+    cli.check_count(opset, "--opset", MIN_OPSET, MAX_OPSET)
     if matcher not in MATCHER_FORMS:
-        p.exit(2, f"error: --matcher must be one of {', '.join(MATCHER_FORMS)}, got {matcher!r}\n")
+        raise cli.UserError(f"--matcher must be one of {', '.join(MATCHER_FORMS)}, got {matcher!r}")
     if not args.feature_extractor and (args.feature_size is not None or args.grid is not None):
-        p.exit(2, "error: --feature-size and --grid set up the feature extractor: add --feature-extractor\n")
-    if args.feature_size is not None and args.feature_size < 32:
-        p.exit(2, f"error: --feature-size must be at least 32 pixels, got {args.feature_size}\n")
-    if args.grid is not None and args.grid < 1:
-        p.exit(2, f"error: --grid must be >= 1, got {args.grid}\n")
+        raise cli.UserError("--feature-size and --grid set up the feature extractor: add --feature-extractor")
+    if args.feature_size is not None:
+        cli.check_count(args.feature_size, "--feature-size", 32, MAX_FEATURE_SIZE)
+    if args.grid is not None:
+        cli.check_count(args.grid, "--grid", 1, MAX_GRID)
     if not os.path.isfile(args.checkpoint):
-        p.exit(2, f"error: {args.checkpoint}: no such checkpoint file\n")
+        raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
+    cli.check_output_folder(args.out, "--out")
+    written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE]
+    cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
+                               [args.checkpoint])
 
-    from imram_min.checkpoint import CheckpointError
+    from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    try:  # the checkpoint's weights fit its config: checked before any graph is made
+        model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(args.checkpoint) else f"{args.checkpoint}: {message}") \
+            from None
     t0 = time.perf_counter()
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opset=opset, matcher=matcher,
                                      verify=not args.no_verify, feature_extractor=args.feature_extractor,
                                      feature_size=args.feature_size, grid=args.grid)
-    except (CheckpointError, ExportSettingsError, OSError) as e:
-        p.exit(2, "error: " + " ".join(str(e).split()) + "\n")
     except ExportError as e:  # the graphs came out wrong: a bug, not bad input
-        p.exit(1, f"error: export check failed: {e}\n")
+        print(f"error: export check failed: {cli.one_line(e)}", file=sys.stderr)
+        return 1
     cfg = manifest["model_config"]
     check = manifest["verification"]
     note = "" if check is None else ", ONNX Runtime vs PyTorch max abs diff " + \

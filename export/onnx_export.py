@@ -21,28 +21,7 @@ MODEL_DIR/
                             -> region_feats (n_img, grid*grid, 1280) f32; manifest "preprocessing" holds
                             runtime.images.feature_spec(size, grid) (network, size, grid, normalisation)
 
-How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(..., dynamo=False)``):
-
-* The image encoder is the model's own ``ImageEncoder``.
-* The text encoder is ``TextEncoderGraph``, an export-friendly equivalent of ``TextEncoder``
-  built from its weights. The model packs the padded batch (pack_padded_sequence) so that the
-  backward GRU direction starts at each caption's own last word. Here each direction is a plain
-  unidirectional GRU: the forward one runs over the padded batch as is (a position only sees
-  the words before it, so padding after the caption changes nothing), the backward one over
-  each caption reversed *within its own length* (an index gather: position t reads word
-  len-1-t, padding stays at the end), and its outputs are gathered back the same way.
-  Positions past each length are set to exact zeros with a Where. No packed sequences, no
-  sequence_lens, no Python-side use of the lengths: nothing of the example batch is baked in.
-* The matcher is built by ``build_matcher``, THE one place that chooses the formulation:
-  "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``
-  with its weights as constants. The projection graphs (fast form only) are ``ProjectionGraph``s.
-* The feature extractor is ``imram_min.features.GridFeatureExtractor``: EfficientNet-Lite0 with
-  the packaged ImageNet weights, then the grid pooling as a MatMul with a constant matrix (equal to
-  the adaptive average pooling of ``extract_features``, and exportable for any size and grid).
-  Its input side is fixed (``size``); the batch is dynamic. Which size and grid: those recorded
-  with the checkpoint's training data (``recorded_feature_settings``), else 128 px and 4 x 4.
-
-Why the TorchScript exporter: the dynamo exporter took ~30x longer, recorded the example's
+How each graph is made: ``export.graphs``. Why the TorchScript exporter: the dynamo exporter took ~30x longer, recorded the example's
 n_word in the output shape, and its optimiser dropped the ``+ 1e-8`` of l2norm (0/0 = NaN on
 zero padding rows). The graphs are checked with ``onnx.checker.check_model(full_check=True)``
 and, unless ``verify=False``, compared with PyTorch under ONNX Runtime on a batch of other sizes.
@@ -62,18 +41,19 @@ import onnx
 import torch
 import torch.nn as nn
 
-from imram_min.model import IMRAM, TextEncoder, l2norm
+from imram_min.model import IMRAM
 from runtime.scorer import sha256_file
 from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
 from runtime.text import PAD, Vocabulary
+
+from .graphs import (DEFAULT_MATCHER, MATCHER_FORMS, ImageEncoderGraph, ProjectionGraph, TextEncoderGraph,  # noqa: F401
+                     build_matcher, projection_size)
 
 FORMAT = "imram-min-onnx"
 FORMAT_VERSION = 2  # 2: the fast matcher takes per-item projections from two more graphs
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # GRU with linear_before_reset, Trilu-free; 14 is the oldest we test
 MAX_OPSET = 20  # the newest the TorchScript exporter writes
-MATCHER_FORMS = ("plain", "fast")
-DEFAULT_MATCHER = "fast"  # imram_min.fast: exact, ~6x fewer FLOPs at d = 1024
 VERIFY_TOL = 1e-4  # export-time sanity check (the tests hold the graphs to 1e-5)
 DEFAULT_FEATURE_SIZE, DEFAULT_GRID = 128, 4  # = imram_min.features.DEFAULT_SIZE, DEFAULT_GRID (a test checks)
 
@@ -134,123 +114,6 @@ def _dynamic_axes(signature: dict) -> dict:
     for item in signature["inputs"] + signature["outputs"]:
         axes[item["name"]] = {i: s for i, s in enumerate(item["shape"]) if isinstance(s, str)}
     return axes
-
-
-# --------------------------------------------------------------------------- export-friendly modules
-class ImageEncoderGraph(nn.Module):
-    """region_feats (n_img, n_region, img_dim) -> region_embs (n_img, n_region, d): the model's encoder."""
-
-    def __init__(self, model: IMRAM):
-        super().__init__()
-        self.img_enc = model.img_enc
-
-    def forward(self, region_feats: torch.Tensor) -> torch.Tensor:
-        return self.img_enc(region_feats)
-
-
-def _unidirectional_gru(rnn: nn.GRU, layer: int, reverse: bool) -> nn.GRU:
-    """A one-layer, one-direction GRU holding a copy of one (layer, direction) of ``rnn``'s weights."""
-    gru = nn.GRU(rnn.input_size if layer == 0 else rnn.hidden_size * (2 if rnn.bidirectional else 1),
-                 rnn.hidden_size, num_layers=1, bias=rnn.bias, batch_first=True)
-    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
-    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if rnn.bias else [])
-    with torch.no_grad():
-        for name in names:
-            getattr(gru, name + "_l0").copy_(getattr(rnn, name + suffix))
-    return gru
-
-
-class TextEncoderGraph(nn.Module):
-    """tokens (n_cap, n_word) int64 + lengths (n_cap,) int64 -> word_embs (n_cap, n_word, d).
-
-    Equal to ``TextEncoder`` (packed bi-GRU) for every length 1..n_word in the batch, with no
-    packing: per layer a forward GRU over the padded batch and, if bidirectional, a backward
-    GRU run forward over each caption reversed within its own length (``reverse_within_length``).
-    Outputs are exact zeros past each length. Weights are copied from ``txt_enc``.
-    """
-
-    def __init__(self, txt_enc: TextEncoder):
-        super().__init__()
-        rnn = txt_enc.rnn
-        if rnn.dropout and txt_enc.training:
-            raise ValueError("export the text encoder in eval mode (GRU dropout)")
-        self.bi_gru, self.no_txtnorm, self.embed_size = txt_enc.bi_gru, txt_enc.no_txtnorm, txt_enc.embed_size
-        self.embed = txt_enc.embed
-        self.forward_grus = nn.ModuleList(_unidirectional_gru(rnn, k, False) for k in range(rnn.num_layers))
-        self.backward_grus = nn.ModuleList(_unidirectional_gru(rnn, k, True) for k in range(rnn.num_layers)) \
-            if rnn.bidirectional else None
-
-    @staticmethod
-    def reverse_within_length(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x (n_cap, n_word, c) -> x[b, index[b, t]]: with ``index`` from ``reversal_index`` each
-        caption reversed within its length, padding left in place. Its own inverse."""
-        return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, n_word)
-        lengths = lengths.to(tokens.device)[:, None]  # (n_cap, 1)
-        valid = positions < lengths  # (n_cap, n_word)
-        index = torch.where(valid, lengths - 1 - positions, positions)  # len-1-t inside, t on padding
-        x = self.embed(tokens)  # (n_cap, n_word, word_dim)
-        for k, gru in enumerate(self.forward_grus):
-            out, _ = gru(x)  # (n_cap, n_word, d)
-            if self.backward_grus is not None:
-                back, _ = self.backward_grus[k](self.reverse_within_length(x, index))
-                out = torch.cat([out, self.reverse_within_length(back, index)], -1)  # (n_cap, n_word, 2d)
-            x = out
-        if self.bi_gru:
-            x = (x[..., : self.embed_size] + x[..., self.embed_size:]) / 2
-        if not self.no_txtnorm:
-            x = l2norm(x)
-        return torch.where(valid[..., None], x, torch.zeros_like(x))
-
-
-class PlainMatcher(nn.Module):
-    """(region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,)) -> sims (n_img, n_cap).
-
-    ``model.step_scores`` summed over steps and directions, on the whole padded batch (padding
-    is masked inside, so the result does not depend on it); "mean" mode: the baseline.
-    """
-
-    def __init__(self, model: IMRAM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.block_similarity(region_embs, word_embs, lengths)
-
-
-class ProjectionGraph(nn.Module):
-    """embs (n, n_items, d) -> embs W^T + b (n, n_items, P): ``imram_min.fast``'s per-item
-    projections of one side ("region" or "word"), the weights made once, as graph constants."""
-
-    def __init__(self, model: IMRAM, side: str):
-        super().__init__()
-        from imram_min.fast import direction_weights, projection_weights
-        with torch.no_grad():
-            weight, bias = projection_weights(direction_weights(model), side)
-        self.side, self.weight_t, self.bias = side, weight.T.contiguous(), bias.clone()
-
-    def forward(self, embs: torch.Tensor) -> torch.Tensor:
-        return embs @ self.weight_t + self.bias
-
-
-def projection_size(model: IMRAM, form: str = DEFAULT_MATCHER) -> int:
-    """P of the projection graphs, 0 when there are none (the plain form, K = 1, the mean baseline)."""
-    if form != "fast":
-        return 0
-    from imram_min.fast import direction_weights
-    return 2 * model.cfg.embed_size * len(direction_weights(model))
-
-
-def build_matcher(model: IMRAM, form: str = DEFAULT_MATCHER) -> nn.Module:
-    """THE one place that wraps the model's matcher for export: "plain" (model.py) or "fast" (fast.py)."""
-    if form == "plain":
-        return PlainMatcher(model)
-    if form == "fast":
-        from imram_min.fast import FastMatcher
-        return FastMatcher(model, constant_weights=True)
-    raise ValueError(f"matcher form must be one of {MATCHER_FORMS}, got {form!r}")
 
 
 # --------------------------------------------------------------------------- example inputs

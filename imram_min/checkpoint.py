@@ -17,7 +17,9 @@ atomically (``runtime.atomic``): a reader never sees a half-written file.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 import torch
 
@@ -59,6 +61,21 @@ def vocab_from_dict(d: dict) -> Vocabulary:
 
 
 # --------------------------------------------------------------------------- save / load
+RENAMED_PREFIXES = {"t2i.": "text_mdu.", "i2t.": "image_mdu."}  # imram-min's older names of the two MDUs
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """A model state dict with the parameter names of older imram-min checkpoints upgraded:
+    ``t2i.*`` -> ``text_mdu.*`` (Text-IMRAM's MDU), ``i2t.*`` -> ``image_mdu.*`` (Image-IMRAM's).
+    Other keys, and current names, are kept as they are."""
+    def upgraded(key: str) -> str:
+        for old, new in RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    return {upgraded(k): v for k, v in state.items()}
+
+
 def make_checkpoint(model: IMRAM, vocab: Vocabulary, meta: dict | None = None,
                     train_state: dict | None = None) -> dict:
     """The checkpoint dict of ``model`` (weights copied to CPU)."""
@@ -83,21 +100,50 @@ def save_checkpoint(path: str | os.PathLike, model: IMRAM, vocab: Vocabulary, me
 
 
 def safe_load_reason(error: Exception) -> str:
-    """The gist of a weights_only load failure, without torch's advice to load unsafely."""
-    text = str(error).split("WeightsUnpickler error:")[-1].strip()
-    return text.splitlines()[0].split(" Please use `torch.serialization")[0] if text else type(error).__name__
+    """The gist of a weights_only load failure, on one line, without torch's advice to load unsafely.
+
+    A refused class or function: "it pickles NAME, which is not plain tensors/containers"; other
+    failures: what is wrong with the file (empty, truncated, not a PyTorch file). Never a hint to
+    load with weights_only=False."""
+    text = str(error)
+    refused = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if refused:
+        return f"it pickles {refused.group(1)}, which is not plain tensors/containers (nothing in it was run)"
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        return (f"not a PyTorch checkpoint, or it pickles something other than plain tensors/containers "
+                f"(pickle opcode {operand.group(1)}; nothing in it was run)")
+    if isinstance(error, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(error, OSError) and error.errno not in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.EPERM):
+        return f"the file is truncated or corrupted ({' '.join(text.split())})"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        gist = text.split(". ")[0].strip().rstrip(".")
+        return f"the file is truncated or corrupted ({gist})"
+    if isinstance(error, (KeyError, UnicodeDecodeError)) or not text.strip():
+        return "not a PyTorch checkpoint file"
+    keep = [s for s in re.split(r"(?<=\.)\s+", " ".join(text.split()))
+            if s and not re.search(r"weights_only|torch\.serialization|safe_globals|Weights only load failed", s)]
+    return " ".join(keep)[:300] or type(error).__name__
+
+
+def load_failure(path: str | os.PathLike, error: Exception) -> str:
+    """One line: ``path`` could not be loaded safely, and why (``safe_load_reason``)."""
+    reason = safe_load_reason(error)
+    verb = "refused to load" if reason.startswith("it pickles") else "cannot load"
+    return f"{os.fspath(path)}: {verb}: {reason}"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint dict safely (weights_only=True, on CPU) and check its format."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{os.fspath(path)}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for foreign classes, RuntimeError for non-zip files, ...
-        reason = safe_load_reason(e)
         hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.convert)" \
-            if "argparse.Namespace" in reason else ""
-        raise CheckpointError(f"{path}: cannot load as an imram-min checkpoint "
-                              f"(safe loading, weights_only=True): {reason}{hint}") from None
+            if "argparse.Namespace" in str(e) else ""
+        raise CheckpointError(load_failure(path, e) + hint) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.convert)" \
@@ -111,12 +157,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tuple[IMRAM, Vocabulary]:
     """Rebuild (model in eval mode on ``device``, vocabulary) from a checkpoint dict."""
-    cfg = IMRAMConfig.from_dict(ckpt["config"])
+    try:
+        cfg = IMRAMConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint config is not a valid IMRAMConfig: {e}") from None
     vocab = vocab_from_dict(ckpt["vocab"])
     if len(vocab) != cfg.vocab_size:
         raise CheckpointError(f"checkpoint vocabulary has {len(vocab)} words but config.vocab_size={cfg.vocab_size}")
     model = IMRAM(cfg)
-    model.load_state_dict(ckpt["model"])  # strict: missing/unexpected keys raise
+    try:
+        model.load_state_dict(upgrade_state_dict(ckpt["model"]))  # strict: missing/unexpected keys raise
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError("checkpoint weights do not fit its config: " + " ".join(str(e).split())[:600]) from None
     return model.to(device).eval(), vocab
 
 
@@ -127,7 +179,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     last.pt is not included; read it with ``load_checkpoint``).
     """
     ckpt = load_checkpoint(path)
-    model, vocab = model_from_checkpoint(ckpt, device)
+    try:
+        model, vocab = model_from_checkpoint(ckpt, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
     meta = dict(ckpt.get("meta") or {})
     meta.update(format=ckpt["format"], config=dict(ckpt["config"]))
     return model, vocab, meta

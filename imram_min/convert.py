@@ -18,8 +18,8 @@ to ``imram_min.model``:
 
     img_enc.fc{,_local}.{weight, bias, weight_g, weight_v} -> img_enc.fc.*
     txt_enc.embed.weight, txt_enc.rnn.*                     -> the same
-    linear_t2i.* -> t2i.update.*    gate_t2i.* -> t2i.gate.*
-    linear_i2t.* -> i2t.update.*    gate_i2t.* -> i2t.gate.*
+    linear_t2i.* -> text_mdu.update.*    gate_t2i.* -> text_mdu.gate.*     (Text-IMRAM)
+    linear_i2t.* -> image_mdu.update.*   gate_i2t.* -> image_mdu.gate.*    (Image-IMRAM)
 
 The original builds all four memory layers whatever its model_mode; those of a direction the
 mode does not use are dropped (and said so). Any other missing or unexpected key, or a shape
@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 
 import torch
 
 from imram_min.checkpoint import safe_load_reason, save_checkpoint
 from imram_min.model import IMRAM, IMRAMConfig
-from runtime.text import Vocabulary
+from runtime import cli
+from runtime.text import Vocabulary, VocabularyError
 
 # The original train.py's argparse defaults (store_true flags default to False).
 ORIGINAL_DEFAULTS = {
@@ -59,7 +59,8 @@ ORIGINAL_DEFAULTS = {
 }
 MODES = {"full_IMRAM": "full", "text_IMRAM": "text", "image_IMRAM": "image"}
 LIST_ORDER = ("img_enc", "txt_enc", "linear_t2i", "gate_t2i", "linear_i2t", "gate_i2t")
-MEMORY_NAMES = {"linear_t2i": "t2i.update", "gate_t2i": "t2i.gate", "linear_i2t": "i2t.update", "gate_i2t": "i2t.gate"}
+MEMORY_NAMES = {"linear_t2i": "text_mdu.update", "gate_t2i": "text_mdu.gate",
+                "linear_i2t": "image_mdu.update", "gate_i2t": "image_mdu.gate"}
 
 
 class ConvertError(ValueError):
@@ -68,12 +69,16 @@ class ConvertError(ValueError):
 
 def load_original(path: str | os.PathLike) -> dict:
     """torch.load the original checkpoint safely: tensors, containers and argparse.Namespace only."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{os.fspath(path)}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConvertError(f"{path}: refused to load: it pickles something other than tensors, plain containers "
-                           f"and argparse.Namespace (nothing in it was run): {safe_load_reason(e)}") from None
+    except Exception as e:  # UnpicklingError for foreign classes, RuntimeError / EOFError for broken files, ...
+        reason = safe_load_reason(e).replace("plain tensors/containers",
+                                             "plain tensors/containers or argparse.Namespace")
+        verb = "refused to load" if reason.startswith("it pickles") else "cannot load"
+        raise ConvertError(f"{os.fspath(path)}: {verb}: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConvertError(f"{path}: expected a dict with a 'model' entry (an original IMRAM checkpoint)")
     return ckpt
@@ -169,7 +174,7 @@ def convert_state(original: dict[str, torch.Tensor], model: IMRAM) -> tuple[dict
         name = map_name(key)
         if name is None:
             unexpected.append(key)
-        elif name not in expected and name.split(".")[0] in ("t2i", "i2t"):
+        elif name not in expected and name.split(".")[0] in ("text_mdu", "image_mdu"):
             dropped.append(key)  # a memory the mode does not use
         elif name not in expected:
             unexpected.append(key)
@@ -226,11 +231,21 @@ def convert(src: str | os.PathLike, vocab_path: str | os.PathLike, out: str | os
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Convert an original IMRAM checkpoint to the imram-min format.")
+    """Convert; returns the new checkpoint's meta. Bad input: one ``error: ...`` line, SystemExit(2)."""
+    return cli.call(_main, argv, user_errors=(ConvertError, VocabularyError))
+
+
+def _main(argv: list[str] | None) -> dict:
+    p = cli.ArgumentParser(prog="python -m imram_min.convert",
+                           description="Convert an original IMRAM checkpoint to the imram-min format.")
     p.add_argument("checkpoint", help="original model_best.pth.tar / checkpoint.pth.tar")
     p.add_argument("--vocab", required=True, help="the SCAN vocabulary JSON it was trained with")
     p.add_argument("--out", required=True, help="imram-min checkpoint to write")
     args = p.parse_args(argv)
+    for flag, path in (("checkpoint", args.checkpoint), ("--vocab", args.vocab)):
+        if not os.path.isfile(path):
+            raise cli.UserError(f"{flag} {path}: no such file")
+    cli.check_output_file(args.out, [args.checkpoint, args.vocab], "--out")
     meta = convert(args.checkpoint, args.vocab, args.out)
     print(f"wrote {args.out} ({meta})")
     return meta

@@ -43,7 +43,7 @@ import tarfile
 import time
 import numpy as np
 
-from imram_min.data import DEFAULT_TRAIN_SETTINGS
+from imram_min.synthetic import DEFAULT_TRAIN_SETTINGS
 from runtime.atomic import save_npy, write_bytes, write_text
 from runtime.images import FEATURES_JSON, write_feature_spec, write_path_list
 from runtime.text import Vocabulary, tokenize

@@ -4,7 +4,7 @@
                                              [--save-sims SIMS.npy] [--device auto] [--batch-size 128]
 
 Steps: encode every image of the split once and every caption (batched), score all
-(image, caption) pairs in shards (``similarities``), then rank:
+(image, caption) pairs in bounded-memory blocks (``schedule.similarities``), then rank:
 
 * i2t (image -> text, caption retrieval): for image i the rank of its best-ranked ground-truth
   caption; the ground truth of image i is captions cpi*i .. cpi*i + cpi-1 (cpi = captions per
@@ -25,11 +25,10 @@ own, and the metrics are averaged over the folds (rsum = mean of the folds' rsum
 it the whole split is one retrieval pool (COCO 5K, Flickr30K 1K).
 
 Memory: the caption embeddings are held padded to the split's longest caption, (n_cap, n_word,
-d) float32 on the CPU, as the original does; shards are moved to the device one at a time.
+d) float32 on the CPU, as the original does; blocks of captions are moved to the device one at a time.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -39,9 +38,9 @@ from tqdm import tqdm
 
 from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset
-from imram_min import schedule
+from imram_min import checks, schedule
 from imram_min.model import IMRAM
-from runtime import atomic
+from runtime import atomic, cli
 
 
 # --------------------------------------------------------------------------- encoding
@@ -154,8 +153,7 @@ def average_folds(folds: list[dict]) -> dict:
 
 
 def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
-                   fold5: bool = False, return_sims: bool = False, shard_size: int = 128,
-                   progress: bool = False) -> dict:
+                   fold5: bool = False, return_sims: bool = False, progress: bool = False) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
@@ -167,12 +165,12 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
     sims = None
     if return_sims or not fold5:
-        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, shard_size, progress)
+        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress)
     if fold5:
         folds = []
         for im, ca in fold_slices(n_img, cpi):
             block = sims[im, ca] if sims is not None else schedule.similarities(
-                model, region_embs[im], word_embs[ca], lengths[ca], device, shard_size, progress)
+                model, region_embs[im], word_embs[ca], lengths[ca], device, progress)
             folds.append(metrics_from_sims(block, cpi))
         result = average_folds(folds)
     else:
@@ -203,7 +201,14 @@ def format_table(result: dict, title: str = "") -> str:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
+    """Evaluate; returns the result dict. Bad input (flags, checkpoint, split, output paths): one
+    ``error: ...`` line and SystemExit(2), found before anything is encoded or written."""
+    return cli.call(_main, argv, user_errors=checks.USER_ERRORS)
+
+
+def _main(argv: list[str] | None) -> dict:
+    p = cli.ArgumentParser(prog="python -m imram_min.evaluate",
+                           description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
     p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.convert)")
     p.add_argument("--data", required=True, help="data folder (precomp layout)")
     p.add_argument("--split", default="test", help="split name: DIR/{split}_ims.npy + DIR/{split}_caps.txt")
@@ -212,18 +217,39 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save-sims", metavar="OUT.npy", help="write the (n_img, n_cap) float32 similarity matrix")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
-    p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     args = p.parse_args(argv)
-    schedule.retain_freed_memory()
 
-    device = schedule.resolve_device(args.device)
+    # Every check before the long work: flags, device, split, checkpoint, output paths.
+    cli.check_count(args.batch_size, "--batch-size", 1, checks.MAX_BATCH)
+    device = checks.device(args.device)
+    checks.data_folder(args.data)
+    split = checks.split(args.data, args.split)
+    checks.max_captions(args.max_captions, split, "--max-captions")
+    n_img = split.n_images if args.max_captions is None else \
+        min(args.max_captions, split.n_captions) // split.caps_per_image
+    if args.fold5 and n_img % 5:
+        raise cli.UserError(f"--fold5: {n_img} images of split {args.split!r} cannot be cut into 5 equal folds")
+    inputs = [args.checkpoint, split.features, split.captions]
+    outputs = [("--json", args.json), ("--save-sims", args.save_sims)]
+    for flag, path in outputs:
+        if path is not None:
+            cli.check_output_file(path, inputs, flag)
+    cli.check_outputs_distinct(outputs, inputs)
+    if args.save_sims is not None and n_img * split.n_captions * 4 > (checks.physical_memory() or float("inf")):
+        raise cli.UserError(f"--save-sims: the {n_img} x {split.n_captions} float32 matrix would not fit in memory; "
+                            "use --max-captions or --fold5 without --save-sims")
     model, vocab, meta = load_model(args.checkpoint, device)
+    if model.cfg.img_dim != split.img_dim:
+        raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
+                            f"takes img_dim {model.cfg.img_dim}")
+
+    schedule.retain_freed_memory()
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
           f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
-                            return_sims=bool(args.save_sims), shard_size=args.shard_size, progress=True)
+                            return_sims=bool(args.save_sims), progress=True)
     sims = result.pop("sims", None)
     result["split"] = args.split
     print(format_table(result, f"{args.split}{' (5-fold mean)' if args.fold5 else ''}: "

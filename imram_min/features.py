@@ -32,7 +32,6 @@ with the same size and grid as the ones it was trained on.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -44,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from imram_min import checks
+from runtime import cli
 from runtime.atomic import save_npy
 from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, list_images, load_and_preprocess,
                             write_feature_spec, write_path_list)
@@ -231,41 +232,105 @@ def extract_features(paths: Sequence[str | os.PathLike], grid: int = DEFAULT_GRI
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+MAX_SIZE, MAX_GRID, MAX_BATCH = 2048, 64, 4096
+PATH_LIST = "images.txt"
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Every picture exists and Pillow can identify it (its header only): a bad one is found before
+    any extraction, not after hours of it."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: no such image file")
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ImageError(f"{path}: not an image file Pillow can read ({' '.join(str(e).split())})") from None
+
+
+def check_outputs(out: str, inputs: Sequence[str], overwrite: bool) -> tuple[str, str]:
+    """The overwrite policy. --out, images.txt and features.json beside it are one set. images.txt
+    or features.json already in the folder without the --out file describe another feature file:
+    refused unless --overwrite. No output may be an input (an image or a list of paths)."""
+    if os.path.isdir(out):
+        raise cli.UserError(f"--out {out} is a folder; give a .npy file name")
+    folder = os.path.dirname(os.path.abspath(out))
+    cli.check_output_folder(folder, "--out's folder")
+    path_list, spec = os.path.join(folder, PATH_LIST), os.path.join(folder, FEATURES_JSON)
+    cli.check_outputs_distinct([("--out", out), (f"the order file {PATH_LIST}", path_list),
+                                (f"the preprocessing file {FEATURES_JSON}", spec)], inputs)
+    for path in (path_list, spec):
+        if os.path.isdir(path):
+            raise cli.UserError(f"{path} is a folder; --out's folder needs that name for its own "
+                                f"{os.path.basename(path)}")
+    others = [os.path.basename(p) for p in (path_list, spec) if os.path.exists(p)]
+    if others and not os.path.exists(out) and not overwrite:
+        raise cli.UserError(f"{folder} already holds {' and '.join(others)} of another feature file (not of --out "
+                            f"{os.path.basename(out)}): write into another folder, or add --overwrite to replace them")
+    return path_list, spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Extract; 0 on success. Bad input: one ``error: ...`` line, status 2, nothing written."""
+    return cli.run(_main, argv, user_errors=(ImageError, ImportError))
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    parser = cli.ArgumentParser(
         prog="python -m imram_min.features",
         description="Images -> (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (.npy), "
                     "plus images.txt beside it listing the images in row order and features.json "
-                    "describing the preprocessing (network, size, grid, normalisation).")
+                    "describing the preprocessing (network, size, grid, normalisation). The three files are "
+                    "one set: images.txt / features.json of another feature file in the folder are not "
+                    "replaced without --overwrite.")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive, sorted) or .txt files of paths")
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--grid", type=int, default=DEFAULT_GRID,
-                        help=f"N: N x N regions per image (default {DEFAULT_GRID})")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"input side in pixels (default {DEFAULT_SIZE})")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
+                        help=f"N: N x N regions per image, 1..{MAX_GRID} (default {DEFAULT_GRID})")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"input side in pixels, 32..{MAX_SIZE} (default {DEFAULT_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=32, help=f"pictures per batch, 1..{MAX_BATCH} (default 32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace images.txt / features.json of another feature file in --out's folder")
     args = parser.parse_args(argv)
 
-    if args.grid < 1 or args.size < 32:
-        parser.error(f"--grid must be >= 1 and --size >= 32, got --grid {args.grid} --size {args.size}")
+    # Every check before the long work: flags, device, each picture's header, output paths, memory.
+    cli.check_count(args.grid, "--grid", 1, MAX_GRID)
+    cli.check_count(args.size, "--size", 32, MAX_SIZE)
+    cli.check_count(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    device = checks.device(args.device)
     try:
         paths = list_images(args.images)
-        if not paths:
-            raise ImageError(f"{' '.join(args.images)}: no image paths")
-        t0 = time.perf_counter()
-        feats = extract_features(paths, args.grid, args.size, args.device, args.batch_size, progress=True)
-    except (ImageError, FileNotFoundError, ImportError) as e:  # bad input or no weights: one line, exit 2
-        parser.exit(2, "error: " + " ".join(str(e).split()) + "\n")
+    except FileNotFoundError as e:
+        raise cli.UserError(str(e)) from None
+    if not paths:
+        raise ImageError(f"{' '.join(args.images)}: no image paths")
+    path_list, spec = check_outputs(args.out, [*args.images, *paths], args.overwrite)
+    check_images(paths)
+    need = min(args.batch_size, len(paths)) * 200 * args.size ** 2  # rough peak of the network's activations
+    have = checks.physical_memory()
+    if have is not None and need > have:
+        raise cli.UserError(f"--batch-size {args.batch_size} at --size {args.size} needs about "
+                            f"{need / 2 ** 30:.1f} GiB, "
+                            f"more than this machine's {have / 2 ** 30:.1f} GiB: use a smaller --batch-size")
+    weights_path()  # the weights package is there (ImportError otherwise)
+
+    t0 = time.perf_counter()
+    feats = extract_features(paths, args.grid, args.size, device, args.batch_size, progress=True)
     seconds = time.perf_counter() - t0
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    save_npy(args.out, feats)
-    write_path_list(os.path.join(out_dir, "images.txt"), paths)
-    write_feature_spec(os.path.join(out_dir, FEATURES_JSON), args.size, args.grid)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if os.path.exists(args.out):  # the old set goes first: a stop between the writes leaves no mismatched set
+        os.remove(args.out)
+    write_path_list(path_list, paths)
+    write_feature_spec(spec, args.size, args.grid)
+    save_npy(args.out, feats)  # last: the .npy completes the set
     print(f"{args.out}: {feats.shape} float32 from {len(paths)} images in {seconds:.1f} s; "
-          f"order in {os.path.join(out_dir, 'images.txt')}, preprocessing in "
-          f"{os.path.join(out_dir, FEATURES_JSON)}", file=sys.stderr)
+          f"order in {path_list}, preprocessing in {spec}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

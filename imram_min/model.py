@@ -3,25 +3,48 @@
 Chen, Ding, Liu, Lin, Liu and Han, CVPR 2020. The whole method in one file, top to bottom:
 
 1. ``IMRAMConfig``: the hyper-parameters, with the defaults of the original code.
-2. ``ImageEncoder``: precomputed region features -> region embeddings.
-3. ``TextEncoder``: token ids -> word embeddings (bi-GRU, the two directions averaged).
-4. ``attention_weights`` / ``attend``: the cross-modal attention unit (CAU).
-5. ``MemoryDistillation``: the memory distillation unit (MDU).
-6. ``recurrent_attention_memory``: K steps of CAU + MDU, one routine for both directions.
-   Text-IMRAM is words attending regions, Image-IMRAM is regions attending words.
-7. ``IMRAM``: encoders + memories + the pair score, for all image x caption pairs at once.
-8. ``contrastive_loss``: the hinge triplet ranking loss (hardest negatives or summed).
+2. ``ImageEncoder``, ``TextEncoder``: the feature representation (paper Sec. 3.1).
+3. ``attention_weights`` / ``attend``: the cross-modal attention unit, CAU (Sec. 3.2).
+4. ``MemoryDistillation``: the memory distillation unit, MDU (Sec. 3.2).
+5. ``recurrent_attention_memory``: K steps of CAU + MDU, the iterative matching (Sec. 3.3); one
+   routine for both directions: Text-IMRAM ("text": words attend regions) and Image-IMRAM
+   ("image": regions attend words).
+6. ``IMRAM``: encoders + the two MDUs + the pair score, for all image x caption pairs at once.
+7. ``contrastive_loss``: the hinge triplet ranking loss (Sec. 3.4).
 
-Notation (paper, Sec. 3): an image is a set of regions v_1..v_n, a caption a set of words
-w_1..w_m, both embedded in R^d. In one direction the *query* items attend over the *context*
-items: for Text-IMRAM the query is the words and the context the regions; for Image-IMRAM
-the other way round.
+Notation. An image I is a set of region embeddings v_1..v_n, a caption T a set of word
+embeddings w_1..w_m, all in R^d. In one direction the *query* items q_i attend over the
+*context* items v_j (Text-IMRAM: q = words, v = regions; Image-IMRAM: q = regions, v = words).
+The paper's *memory* m_i is the query refined step after step; it starts as the query itself.
+The labels (1)..(12) below are this file's, not the paper's equation numbers; ``imram_min.fast``
+refers to them.
 
-Shapes: ``n_img`` images with ``n_region`` regions, ``n_cap`` captions padded to
-``n_word`` words, embedding size ``d``. Scores are always laid out ``(n_img, n_cap)``.
+    (1)  v_j = l2norm(W_v f_j + b_v)                    region features f_j -> embeddings   Sec. 3.1
+    (2)  w_i = l2norm((GRU_fwd(x)_i + GRU_bwd(x)_i) / 2) word embeddings x_i -> embeddings  Sec. 3.1
+    CAU, at step k with the memory m (m = q at step 1):                                    Sec. 3.2
+    (3)  s_ij = <m_i, v_j>                              raw scores
+    (4)  s_ij <- [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)      clipped l2 normalisation over the QUERY axis i
+    (5)  a_ij = softmax_j(lambda s_ij)                  attention over the context axis j
+    (6)  c_i = sum_j a_ij v_j                           what the memory attended
+    MDU:                                                                                   Sec. 3.2
+    (7)  o_i = tanh(W_o [m_i; c_i] + b_o)               the update
+    (8)  g_i = sigmoid(W_g [m_i; c_i] + b_g)            the gate
+    (9)  m_i <- l2norm(g_i * m_i + (1 - g_i) * o_i)     the memory update
+    Iterative matching:                                                                    Sec. 3.3
+    (10) F_k(I, T) = (1/n_q) sum_i cos(q_i, c_i^k)      the ORIGINAL query against what the
+                                                        memory attended at step k
+    (11) F(I, T) = sum_{k=1..K} F_k(I, T)               Text- or Image-IMRAM;
+                                                        Full IMRAM: F_text + F_image
+    Loss:                                                                                  Sec. 3.4
+    (12) L = sum_{(I,T)} [m - F(I,T) + F(I,T^)]_+ + [m - F(I,T) + F(I^,T)]_+
+         over the matching pairs of a batch, T^ and I^ the hardest negatives in the batch
+         (margin m; or the sum over all negatives)
 
-This file is the readable reference. ``imram_min.fast`` computes exactly the same scores
-with less arithmetic, and the tests hold the two together.
+Shapes: ``n_img`` images with ``n_region`` regions, ``n_cap`` captions padded to ``n_word``
+words, embedding size ``d``. Pair scores are always laid out ``(n_img, n_cap)``.
+
+This file is the readable reference. ``imram_min.fast`` computes exactly the same scores with
+less arithmetic, and the tests hold the two together (and both to a per-pair loop).
 """
 from __future__ import annotations
 
@@ -96,7 +119,7 @@ def cosine(x1: torch.Tensor, x2: torch.Tensor, dim: int = -1, eps: float = EPS) 
     return (x1 * x2).sum(dim) / (x1.norm(dim=dim) * x2.norm(dim=dim)).clamp(min=eps)
 
 
-# --------------------------------------------------------------------------- encoders
+# --------------------------------------------------------------------------- feature representation (Sec. 3.1)
 class ImageEncoder(nn.Module):
     """Region features (n_img, n_region, img_dim) -> region embeddings (n_img, n_region, d).
 
@@ -125,8 +148,8 @@ class ImageEncoder(nn.Module):
         return self.fc.weight_g * self.fc.weight_v / self.fc.weight_v.norm()
 
     def forward(self, region_feats: torch.Tensor) -> torch.Tensor:
-        region_embs = F.linear(region_feats, self.weight(), self.fc.bias)
-        return region_embs if self.no_imgnorm else l2norm(region_embs)
+        region_embs = F.linear(region_feats, self.weight(), self.fc.bias)  # W_v f_j + b_v
+        return region_embs if self.no_imgnorm else l2norm(region_embs)  # (1)
 
 
 class TextEncoder(nn.Module):
@@ -151,65 +174,73 @@ class TextEncoder(nn.Module):
         out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
         if self.bi_gru:
-            out = (out[..., : self.embed_size] + out[..., self.embed_size:]) / 2
-        return out if self.no_txtnorm else l2norm(out)
+            out = (out[..., : self.embed_size] + out[..., self.embed_size:]) / 2  # (GRU_fwd + GRU_bwd) / 2
+        return out if self.no_txtnorm else l2norm(out)  # (2)
 
 
-# --------------------------------------------------------------------------- cross-modal attention unit
-def attention_weights(sims: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
-                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of each query item over the context items, from raw scores s_ij = <q_i, c_j>.
+def word_mask(lengths: torch.Tensor, n_word: int, device: torch.device | None = None) -> torch.Tensor:
+    """(n_cap, n_word) bool, True at the valid words of each caption: position < length.
 
-    sims: (..., n_query, n_context). query_mask (..., n_query) / context_mask (..., n_context):
-    bool, False on padding. Two normalisations, as the original:
-      1. over the *query* axis by ``cfg.raw_feature_norm``; ``clipped_l2norm`` is the paper's
-         s_ij <- [s_ij]_+ / sqrt(sum_i [s_ij]_+^2), with LeakyReLU(0.1) as [.]_+ like the code.
-         Padded query items take no part in it.
-      2. a_ij = softmax_j(lambda * s_ij) over the *context* axis, padded context items excluded.
-    Returns a: (..., n_query, n_context).
+    lengths (n_cap,) int. THE one definition of the mask (model, fast, export, schedule and the
+    mean baseline use it). Traceable: ``n_word`` may be a traced size.
     """
-    how = cfg.raw_feature_norm
+    device = lengths.device if device is None else device
+    return torch.arange(n_word, device=device)[None, :] < lengths.to(device)[:, None]
+
+
+# --------------------------------------------------------------------------- cross-modal attention unit (Sec. 3.2)
+def attention_weights(raw_scores: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
+                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """a_ij of (4)-(5) from the raw scores s_ij = <m_i, v_j> of (3).
+
+    raw_scores (..., n_query, n_context); query_mask (..., n_query) / context_mask
+    (..., n_context): bool, False on padding. Returns a (..., n_query, n_context).
+    ``cfg.raw_feature_norm`` picks the normalisation over the query axis; ``clipped_l2norm`` is
+    the paper's (4), with LeakyReLU(0.1) as [.]_+ like the original code. Padded query items take
+    no part in it; padded context items get no attention.
+    """
+    s, how = raw_scores, cfg.raw_feature_norm
     if query_mask is not None:
-        sims = sims.masked_fill(~query_mask[..., :, None], 0.0)
+        s = s.masked_fill(~query_mask[..., :, None], 0.0)
     if context_mask is not None:
         # A padded context item's column is all zeros; its norm over the query axis would have an
-        # infinite gradient (0/0 = NaN in training). Any non-zero filler will do: step 2 drops it.
-        sims = sims.masked_fill(~context_mask[..., None, :], 1.0)
+        # infinite gradient (0/0 = NaN in training). Any non-zero filler will do: (5) drops it.
+        s = s.masked_fill(~context_mask[..., None, :], 1.0)
     if how.startswith("clipped"):
-        sims = F.leaky_relu(sims, 0.1)
+        s = F.leaky_relu(s, 0.1)  # [s_ij]_+
     if how in ("l2norm", "clipped_l2norm"):
-        sims = l2norm(sims, dim=-2)
+        s = l2norm(s, dim=-2)  # (4): s_ij / sqrt(sum_i s_ij^2), over the query axis i
     elif how in ("l1norm", "clipped_l1norm"):
-        sims = l1norm(sims, dim=-2)
+        s = l1norm(s, dim=-2)  # s_ij / sum_i |s_ij|
     elif how == "softmax":
         if query_mask is not None:
-            sims = sims.masked_fill(~query_mask[..., :, None], float("-inf"))
-        sims = sims.softmax(-2)
+            s = s.masked_fill(~query_mask[..., :, None], float("-inf"))
+        s = s.softmax(-2)  # softmax_i(s_ij)
     # "clipped" and "no_norm" stop here
-    logits = cfg.lambda_softmax * sims
+    logits = cfg.lambda_softmax * s  # lambda s_ij
     if context_mask is not None:
         logits = logits.masked_fill(~context_mask[..., None, :], float("-inf"))
-    return logits.softmax(-1)
+    return logits.softmax(-1)  # (5): a_ij = softmax_j(lambda s_ij)
 
 
-def attend(query: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
+def attend(memory: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
            query_mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-    """Cross-modal attention unit: each query item gathers the context items it matches.
+    """The CAU: each memory item gathers the context items it matches, (3)-(6).
 
-    query: (..., n_query, d); context: (..., n_context, d) (leading dims broadcast).
-    Returns attended (..., n_query, d), c_i = sum_j a_ij c_j, and the weights a (..., n_query, n_context).
+    memory (..., n_query, d); context (..., n_context, d) (leading dims broadcast).
+    Returns (attended c (..., n_query, d), weights a (..., n_query, n_context)).
     """
-    weights = attention_weights(query @ context.transpose(-1, -2), cfg, query_mask, context_mask)
-    return weights @ context, weights
+    raw_scores = memory @ context.transpose(-1, -2)  # (3): s_ij = <m_i, v_j>
+    weights = attention_weights(raw_scores, cfg, query_mask, context_mask)  # (4)-(5)
+    return weights @ context, weights  # (6): c_i = sum_j a_ij v_j
 
 
-# --------------------------------------------------------------------------- memory distillation unit
+# --------------------------------------------------------------------------- memory distillation unit (Sec. 3.2)
 class MemoryDistillation(nn.Module):
-    """Refines the query with what it attended (paper Sec. 3.2):
+    """The MDU, (7)-(9) without the l2norm: refines the memory with what it attended.
 
-        o  = tanh(W_o [q; c] + b_o)        (``update``; original ``linear_t2i`` / ``linear_i2t``)
-        g  = sigmoid(W_g [q; c] + b_g)     (``gate``;   original ``gate_t2i`` / ``gate_i2t``)
-        q' = g * q + (1 - g) * o
+    Parameters ``update`` (W_o, b_o; the original's ``linear_t2i`` / ``linear_i2t``) and ``gate``
+    (W_g, b_g; the original's ``gate_t2i`` / ``gate_i2t``), each a Linear (2d -> d).
     """
 
     def __init__(self, embed_size: int):
@@ -217,13 +248,15 @@ class MemoryDistillation(nn.Module):
         self.update = nn.Linear(2 * embed_size, embed_size)
         self.gate = nn.Linear(2 * embed_size, embed_size)
 
-    def forward(self, query: torch.Tensor, attended: torch.Tensor, return_gate: bool = False):
-        query = query.expand_as(attended)
-        qc = torch.cat([query, attended], -1)
-        o = torch.tanh(self.update(qc))
-        g = torch.sigmoid(self.gate(qc))
-        new_query = g * query + (1 - g) * o
-        return (new_query, g) if return_gate else new_query
+    def forward(self, memory: torch.Tensor, attended: torch.Tensor, return_gate: bool = False):
+        """memory (..., n_query, d) (broadcast to attended's shape), attended (..., n_query, d)
+        -> new memory (..., n_query, d) [, gate g (..., n_query, d)]."""
+        memory = memory.expand_as(attended)
+        mc = torch.cat([memory, attended], -1)  # [m_i; c_i]
+        o = torch.tanh(self.update(mc))  # (7): o_i = tanh(W_o [m_i; c_i] + b_o)
+        g = torch.sigmoid(self.gate(mc))  # (8): g_i = sigmoid(W_g [m_i; c_i] + b_g)
+        new_memory = g * memory + (1 - g) * o  # (9), before the l2norm
+        return (new_memory, g) if return_gate else new_memory
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -233,29 +266,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum(-1) / mask.sum(-1).to(x.dtype)
 
 
-def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, memory: MemoryDistillation,
+# --------------------------------------------------------------------------- iterative matching (Sec. 3.3)
+def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, mdu: MemoryDistillation,
                                cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
                                context_mask: torch.Tensor | None = None, trace: list | None = None) -> torch.Tensor:
-    """K steps of attention and memory refinement; one routine for both directions.
+    """Step scores F_1..F_K of (10), K = ``cfg.n_steps``: one routine for both directions.
 
-    query: (..., n_query, d), context: (..., n_context, d), broadcast against each other
-    (e.g. (1, n_cap, n_word, d) against (n_img, 1, n_region, d) scores all pairs).
-    Returns step scores (n_steps, ...): F_k = mean_i cos(q_i, c_i^k), the cosine between the
-    *original* query item and what it attended at step k, averaged over the valid query items.
-    ``trace``, if a list, receives per step a dict with the attention weights and gate values.
+    query (..., n_query, d), context (..., n_context, d), broadcast against each other (e.g.
+    (1, n_cap, n_word, d) against (n_img, 1, n_region, d) scores all pairs); mdu: this
+    direction's MemoryDistillation; query_mask (..., n_query) / context_mask (..., n_context).
+    Returns (K, ...), e.g. (K, n_img, n_cap). ``trace``, if a list, receives per step a dict
+    {"attention": a (..., n_query, n_context), "gate": g (..., n_query, d) or None at the last step}.
     """
-    q = query
+    memory = query  # m = q at step 1
     step_scores = []
     for k in range(cfg.n_steps):
-        attended, weights = attend(q, context, cfg, query_mask, context_mask)
-        step_scores.append(masked_mean(cosine(query, attended), query_mask))
+        attended, weights = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6)
+        step_scores.append(masked_mean(cosine(query, attended), query_mask))  # (10): the ORIGINAL query q_i
         if k == cfg.n_steps - 1:
             if trace is not None:
                 trace.append({"attention": weights, "gate": None})
             break  # the original also updates after the last step, but never uses the result
-        q, gate = memory(q, attended, return_gate=True)
+        memory, gate = mdu(memory, attended, return_gate=True)  # (7)-(9)
         if not cfg.no_IMRAM_norm:
-            q = l2norm(q)
+            memory = l2norm(memory)  # (9): the l2norm
         if trace is not None:
             trace.append({"attention": weights, "gate": gate})
     return torch.stack(step_scores)
@@ -263,10 +297,12 @@ def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, memor
 
 # --------------------------------------------------------------------------- the model
 class IMRAM(nn.Module):
-    """Encoders + the two recurrent attention memories.
+    """Encoders + the two MDUs: ``forward(region_feats, tokens, lengths)`` -> pair scores (n_img, n_cap).
 
-    ``forward(region_feats, tokens, lengths)`` -> similarities (n_img, n_cap). Pair score
-    F(I, T) = sum_k F_k(I, T) over the K steps, and over both directions for ``full``.
+    ``text_mdu``: Text-IMRAM's MDU (words attend regions), present in modes "full" and "text";
+    ``image_mdu``: Image-IMRAM's (regions attend words), in "full" and "image". (Checkpoints of
+    imram-min before this naming hold them as ``t2i.*`` / ``i2t.*``: ``imram_min.checkpoint``
+    upgrades those keys.)
     """
 
     def __init__(self, cfg: IMRAMConfig):
@@ -275,98 +311,86 @@ class IMRAM(nn.Module):
         self.img_enc = ImageEncoder(cfg.img_dim, cfg.embed_size, cfg.img_encoder, cfg.no_imgnorm)
         self.txt_enc = TextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers,
                                    cfg.bi_gru, cfg.no_txtnorm)
-        # Text-IMRAM: words attend regions; Image-IMRAM: regions attend words.
-        self.t2i = MemoryDistillation(cfg.embed_size) if cfg.mode in ("full", "text") else None
-        self.i2t = MemoryDistillation(cfg.embed_size) if cfg.mode in ("full", "image") else None
+        self.text_mdu = MemoryDistillation(cfg.embed_size) if cfg.mode in ("full", "text") else None
+        self.image_mdu = MemoryDistillation(cfg.embed_size) if cfg.mode in ("full", "image") else None
+
+    def mdus(self) -> dict:
+        """{"text": text_mdu, "image": image_mdu}, the directions of the model's mode (empty for "mean")."""
+        return {name: mdu for name, mdu in (("text", self.text_mdu), ("image", self.image_mdu)) if mdu is not None}
 
     def encode_images(self, region_feats: torch.Tensor) -> torch.Tensor:
-        """(n_img, n_region, img_dim) -> (n_img, n_region, d)."""
+        """(1): (n_img, n_region, img_dim) -> region_embs (n_img, n_region, d)."""
         return self.img_enc(region_feats)
 
     def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(n_cap, n_word) int64 + (n_cap,) -> (n_cap, n_word, d), zeros past each length."""
+        """(2): (n_cap, n_word) int64 + lengths (n_cap,) -> word_embs (n_cap, n_word, d), zeros past each length."""
         return self.txt_enc(tokens, lengths)
 
     def step_scores(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                     trace: dict | None = None) -> dict:
-        """All pairs at once: {"t2i": (K, n_img, n_cap), "i2t": (K, n_img, n_cap)} (present directions).
+        """F_k of (10) for all pairs at once: {"text": (K, n_img, n_cap), "image": (K, n_img, n_cap)}
+        (the directions of the model's mode).
 
         region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,).
+        ``trace``, if a dict, receives {direction: the per-step list of ``recurrent_attention_memory``}.
         """
-        word_mask = torch.arange(word_embs.shape[1], device=word_embs.device) < lengths.to(word_embs.device)[:, None]
+        mask = word_mask(lengths, word_embs.shape[1], word_embs.device)[None]  # (1, n_cap, n_word)
         regions = region_embs[:, None]  # (n_img, 1, n_region, d)
         words = word_embs[None]  # (1, n_cap, n_word, d)
         out = {}
-        if self.t2i is not None:  # words attend regions
-            t = [] if trace is not None else None
-            out["t2i"] = recurrent_attention_memory(words, regions, self.t2i, self.cfg,
-                                                    query_mask=word_mask[None], context_mask=None, trace=t)
+        for direction, mdu in self.mdus().items():
+            steps = [] if trace is not None else None
+            if direction == "text":  # Text-IMRAM: words attend regions
+                out["text"] = recurrent_attention_memory(words, regions, mdu, self.cfg, query_mask=mask, trace=steps)
+            else:  # Image-IMRAM: regions attend words
+                out["image"] = recurrent_attention_memory(regions, words, mdu, self.cfg, context_mask=mask,
+                                                          trace=steps)
             if trace is not None:
-                trace["t2i"] = t
-        if self.i2t is not None:  # regions attend words
-            t = [] if trace is not None else None
-            out["i2t"] = recurrent_attention_memory(regions, words, self.i2t, self.cfg,
-                                                    query_mask=None, context_mask=word_mask[None], trace=t)
-            if trace is not None:
-                trace["i2t"] = t
+                trace[direction] = steps
         return out
 
-    def block_similarity(self, region_embs: torch.Tensor, word_embs: torch.Tensor,
-                         lengths: torch.Tensor) -> torch.Tensor:
-        """Similarities (n_img, n_cap) of one block, all pairs at once: the sum over directions and
-        steps of the step scores (or the mean-pooled baseline's cosine). Traceable for ONNX."""
-        if self.cfg.mode == "mean":
-            return mean_pooled_similarity(region_embs, word_embs, lengths)
-        return sum(s.sum(0) for s in self.step_scores(region_embs, word_embs, lengths).values())
+    def similarity(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pair scores F(I, T) of (11), all pairs at once: (n_img, n_cap).
 
-    def similarity(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                   max_pairs: int = 4096) -> torch.Tensor:
-        """Similarities (n_img, n_cap) of embedded images and captions.
-
-        Scores blocks of at most ``max_pairs`` image x caption pairs at a time so that the
-        per-pair memory (block x n_region x d) stays bounded whatever the shard size.
+        region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,). The
+        sum of the step scores over steps and directions (mode "mean": the baseline). Memory grows
+        with n_img x n_cap x max(n_region, n_word) x d: for many pairs, ``imram_min.schedule``
+        scores blocks. Traceable for ONNX.
         """
         if self.cfg.mode == "mean":
             return mean_pooled_similarity(region_embs, word_embs, lengths)
-        n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
-        cap_block = max(1, min(n_cap, max_pairs))
-        img_block = max(1, min(n_img, max_pairs // cap_block))
-        rows = []
-        for i in range(0, n_img, img_block):
-            cols = []
-            for j in range(0, n_cap, cap_block):
-                n_word = int(lengths[j:j + cap_block].max())  # trim padding shared by the block
-                cols.append(self.block_similarity(region_embs[i:i + img_block], word_embs[j:j + cap_block, :n_word],
-                                                  lengths[j:j + cap_block]))
-            rows.append(torch.cat(cols, 1))
-        return torch.cat(rows, 0)
+        return sum(steps.sum(0) for steps in self.step_scores(region_embs, word_embs, lengths).values())
 
     def forward(self, region_feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """region_feats (n_img, n_region, img_dim), tokens (n_cap, n_word), lengths (n_cap,) -> (n_img, n_cap)."""
         return self.similarity(self.encode_images(region_feats), self.encode_captions(tokens, lengths), lengths)
 
 
 def mean_pooled_similarity(region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The VSE-style baseline: cosine of the mean region embedding and the mean word embedding."""
-    word_mask = torch.arange(word_embs.shape[1], device=word_embs.device) < lengths.to(word_embs.device)[:, None]
-    image = l2norm(region_embs.mean(1))
-    caption = l2norm((word_embs * word_mask[..., None]).sum(1) / lengths.to(word_embs)[:, None])
+    """The VSE-style baseline (mode "mean", not IMRAM): cos(mean_j v_j, mean_i w_i) -> (n_img, n_cap).
+
+    region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,).
+    """
+    mask = word_mask(lengths, word_embs.shape[1], word_embs.device)  # (n_cap, n_word)
+    image = l2norm(region_embs.mean(1))  # (n_img, d)
+    caption = l2norm((word_embs * mask[..., None]).sum(1) / lengths.to(word_embs)[:, None])  # (n_cap, d)
     return image @ caption.T
 
 
-# --------------------------------------------------------------------------- loss
-def contrastive_loss(sims: torch.Tensor, margin: float = 0.2, max_violation: bool = True) -> torch.Tensor:
-    """Hinge triplet ranking loss on a batch of matching pairs (the diagonal of ``sims``).
+# --------------------------------------------------------------------------- loss (Sec. 3.4)
+def contrastive_loss(pair_scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True) -> torch.Tensor:
+    """(12): the hinge triplet ranking loss on a batch of matching pairs (the diagonal).
 
-    sims: (n, n), sims[i, j] = F(image i, caption j). Caption retrieval (per image, over
-    captions) and image retrieval (per caption, over images); with ``max_violation`` only
-    the hardest negative counts (VSE++), else all negatives are summed.
+    pair_scores (n, n), pair_scores[i, j] = F(image i, caption j). With ``max_violation`` only
+    the hardest negatives T^ (per image) and I^ (per caption) count (VSE++), else every negative
+    is summed. Returns a 0-d tensor.
     """
-    positive = sims.diag()
-    cost_cap = (margin + sims - positive[:, None]).clamp(min=0)  # image i vs wrong captions
-    cost_img = (margin + sims - positive[None, :]).clamp(min=0)  # caption j vs wrong images
-    eye = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    positive = pair_scores.diag()  # F(I, T)
+    cost_cap = (margin + pair_scores - positive[:, None]).clamp(min=0)  # [m - F(I,T) + F(I,T')]_+, row I
+    cost_img = (margin + pair_scores - positive[None, :]).clamp(min=0)  # [m - F(I,T) + F(I',T)]_+, column T
+    eye = torch.eye(pair_scores.shape[0], dtype=torch.bool, device=pair_scores.device)
     cost_cap = cost_cap.masked_fill(eye, 0)
     cost_img = cost_img.masked_fill(eye, 0)
-    if max_violation:
+    if max_violation:  # T^ = argmax_T' F(I, T'), I^ = argmax_I' F(I', T)
         return cost_cap.max(1).values.sum() + cost_img.max(0).values.sum()
     return cost_cap.sum() + cost_img.sum()

@@ -2,12 +2,13 @@
 
 Nothing here changes a score: ``imram_min.model`` states the method and ``imram_min.fast`` its exact
 restructuring; this file decides block sizes, caption bucketing by length, worker threads, activation
-checkpointing and allocator settings. Training, evaluation, the benchmarks and export share it.
+checkpointing and allocator settings. ``similarity`` is the one tiler of the pair matrix (its plan is
+``runtime.tiles``', shared with the runtime); training (``score_pairs``) and evaluation
+(``similarities``) both go through it.
 """
 from __future__ import annotations
 
 import ctypes
-import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
+
+from runtime import tiles
 
 from .fast import FastMatcher, direction_weights, projections
 from .model import IMRAM
@@ -45,15 +48,8 @@ def retain_freed_memory() -> bool:
 
 
 CAPTION_BLOCK = 8  # captions per block at most: few captions of similar length pad little (bucketing)
-
-
-def pair_block_sizes(n_img: int, n_cap: int, n_region: int, n_word: int, d: int, max_elems: int):
-    """Images and captions per block so that one per-pair state tensor holds at most ``max_elems`` values."""
-    per_pair = max(n_region, n_word) * 2 * d
-    pairs = max(1, max_elems // per_pair)
-    cap_block = max(1, min(n_cap, pairs, CAPTION_BLOCK))
-    img_block = max(1, min(n_img, pairs // cap_block))
-    return img_block, cap_block
+CPU_MAX_ELEMS = 1 << 22  # values in a block's largest per-pair tensor on a CPU (16 MB in float32: stays in cache)
+CUDA_MAX_ELEMS = 1 << 26  # the same on a GPU: the CPU bound leaves a GPU launch-bound
 
 
 def block_workers(device: torch.device, grad: bool) -> int:
@@ -86,68 +82,81 @@ def in_worker_threads(fn, jobs: list, workers: int) -> list:
 
 
 def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-               max_elems: int = 1 << 22, checkpoint: bool = False, workers: int | None = None) -> torch.Tensor:
-    """Similarities (n_img, n_cap), equal to ``model.similarity``, in bounded-memory blocks.
+               max_elems: int | None = None, checkpoint: bool = False, workers: int | None = None,
+               device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+    """Pair scores (n_img, n_cap), equal to ``model.similarity``, in bounded-memory blocks: THE one tiler.
 
-    Captions are sorted by length so that each block is padded only to its own longest caption
-    (bucketing), then put back in their order. ``max_elems`` bounds the largest per-pair tensor
-    of a block (default 4M values, 16 MB in float32: small blocks stay in cache). With ``checkpoint`` (training) each block's
-    activations are recomputed in the backward pass instead of stored, so the memory of a
-    training step is that of one block plus the (n_img, n_cap) scores. ``workers``: threads
-    scoring blocks side by side (None: ``block_workers``; 1: one block after another).
+    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
+    device; scored on ``device`` (default: region_embs's), the result on it too. The plan is
+    ``runtime.tiles``': captions sorted by length (longest first) in blocks of at most
+    CAPTION_BLOCK, each padded only to its own longest caption (bucketing) and moved to the device
+    when its turn comes; within a caption block, image slices such that a block's largest per-pair
+    tensor holds at most ``max_elems`` values (default CPU_MAX_ELEMS, CUDA_MAX_ELEMS on a GPU).
+    The per-item projections of ``imram_min.fast`` are made once per item: the images' once for
+    the call (n_img x n_region x P on the device), the captions' once per caption block.
+
+    checkpoint (training): each block's activations are recomputed in the backward pass instead
+    of stored, so the memory of a training step is that of one block plus the (n_img, n_cap)
+    scores. workers: threads scoring blocks side by side (None: ``block_workers``; 1: one block
+    after another). progress: a tqdm bar over the blocks. Differentiable.
     """
-    matcher = FastMatcher(model)
-    lengths_cpu = lengths.cpu()
-    order = torch.argsort(lengths_cpu, descending=True, stable=True)
+    device = region_embs.device if device is None else torch.device(device)
     n_img, n_region, d = region_embs.shape
-    n_cap = word_embs.shape[0]
-    img_block, cap_block = pair_block_sizes(n_img, n_cap, n_region, word_embs.shape[1], d, max_elems)
-    # per-item projections once for the whole shard, not once per block (restructurings 1 and 2)
+    n_cap, n_word = word_embs.shape[:2]
+    if max_elems is None:
+        max_elems = CUDA_MAX_ELEMS if device.type == "cuda" else CPU_MAX_ELEMS
+    regions = region_embs.to(device)
+    if n_img == 0 or n_cap == 0:
+        return regions.new_zeros(n_img, n_cap)
+    lengths_cpu = lengths.cpu()
+    per_pair = lambda n_word: max(n_region, n_word) * 2 * d  # noqa: E731  values of the largest per-pair tensor
+    # the plan: caption blocks (similar lengths, longest first), then per caption block its image slices
+    _, cap_block = tiles.block_sizes(n_img, n_cap, per_pair(n_word), max_elems, CAPTION_BLOCK)
+    plan = []
+    for idx in tiles.caption_blocks(lengths_cpu.numpy(), cap_block):
+        block_word = int(lengths_cpu[idx].max())  # this caption block is padded to its own longest caption
+        img_block, _ = tiles.block_sizes(n_img, len(idx), per_pair(block_word), max_elems, CAPTION_BLOCK)
+        plan.append((idx, block_word, tiles.pair_blocks(n_img, img_block, [idx])))
+
+    matcher = FastMatcher(model)
     weights = direction_weights(model)
-    region_proj = projections(model, region_embs, "region", weights)
-    word_proj = projections(model, word_embs, "word", weights)
+    region_proj = projections(model, regions, "region", weights)  # (F1), (F2) of fast.py: once per image
     grad = torch.is_grad_enabled()
-    workers = block_workers(region_embs.device, grad) if workers is None else workers
-    cap_blocks = []
-    for j in range(0, n_cap, cap_block):  # longest captions first: the costliest blocks start first
-        idx = order[j:j + cap_block]
-        n_word = int(lengths_cpu[idx].max())
-        idx_dev = idx.to(word_embs.device)
-        cap_blocks.append((word_embs[idx_dev, :n_word], lengths[idx.to(lengths.device)],
-                           None if word_proj is None else word_proj[idx_dev, :n_word]))
+    workers = block_workers(device, grad) if workers is None else workers
+    cols = []
+    with tqdm(total=sum(len(blocks) for *_, blocks in plan), desc="similarities", disable=not progress,
+              leave=False) as bar:
+        for idx, block_word, blocks in plan:
+            caps = torch.from_numpy(idx)
+            words = word_embs[caps.to(word_embs.device), :block_word].to(device)  # moved in its turn
+            lens = lengths[caps.to(lengths.device)]
+            words_proj = projections(model, words, "word", weights)  # once per caption
 
-    def score_block(job):
-        (words, lens, words_proj), i = job
-        regions_proj = None if region_proj is None else region_proj[i:i + img_block]
-        args = (region_embs[i:i + img_block], words, lens, regions_proj, words_proj, weights)
-        if checkpoint and grad:
-            return activation_checkpoint(matcher, *args, use_reentrant=False)
-        return matcher(*args)
+            def score_block(block, words=words, lens=lens, words_proj=words_proj):
+                images, _ = block
+                args = (regions[images], words, lens, None if region_proj is None else region_proj[images],
+                        words_proj, weights)
+                scores = activation_checkpoint(matcher, *args, use_reentrant=False) if checkpoint and grad \
+                    else matcher(*args)
+                bar.update(1)
+                return scores
 
-    jobs = [(caps, i) for caps in cap_blocks for i in range(0, n_img, img_block)]
-    blocks = iter(in_worker_threads(score_block, jobs, workers))
-    cols = [torch.cat([next(blocks) for _ in range(0, n_img, img_block)], 0) for _ in cap_blocks]
-    sims = torch.cat(cols, 1)
-    return sims[:, torch.argsort(order).to(sims.device)]
-
-
-CUDA_MAX_ELEMS = 1 << 26  # similarity's block size on a GPU: its CPU default leaves a GPU launch-bound
+            cols.append(torch.cat(in_worker_threads(score_block, blocks, workers), 0))  # (n_img, len(idx))
+    order = torch.from_numpy(np.concatenate([idx for idx, *_ in plan]))
+    scores = torch.cat(cols, 1)
+    return scores[:, torch.argsort(order).to(scores.device)]
 
 
 def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-    """THE single call site of pair scoring, for evaluation and for training (train.py imports it).
+    """THE single call site of pair scoring in training (train.py): ``similarity`` on the batch's device.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
-    Differentiable. The exact fast form (``imram_min.fast``); the reference form is
-    ``model.similarity``, and the tests hold the two together. When training on a GPU, each block
-    of pairs is recomputed in the backward pass instead of stored (activation checkpointing),
-    which bounds the memory of a step at batch 128, d = 1024.
+    Differentiable. When training on a GPU, each block of pairs is recomputed in the backward pass
+    instead of stored (activation checkpointing), which bounds the memory of a step at batch 128,
+    d = 1024.
     """
-    if not region_embs.is_cuda:
-        return similarity(model, region_embs, word_embs, lengths)
-    return similarity(model, region_embs, word_embs, lengths, max_elems=CUDA_MAX_ELEMS,
-                           checkpoint=torch.is_grad_enabled())
+    return similarity(model, region_embs, word_embs, lengths, checkpoint=region_embs.is_cuda and torch.is_grad_enabled())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -159,25 +168,11 @@ def resolve_device(device: str) -> torch.device:
 
 @torch.no_grad()
 def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                 device: str | torch.device = "cpu", shard_size: int = 128, progress: bool = False) -> np.ndarray:
-    """All pair scores (n_img, n_cap) float32, computed in shards of ``shard_size`` images x captions.
+                 device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+    """All pair scores (n_img, n_cap) as float32 numpy, for evaluation: ``similarity`` on ``device``.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
-    device; each caption shard is trimmed to its own longest caption before it is scored.
+    device (e.g. a whole split on the CPU); each caption block is moved to ``device`` in its turn.
     """
     model.eval()
-    device = torch.device(device)
-    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
-    sims = np.zeros((n_img, n_cap), dtype=np.float32)
-    regions = region_embs.to(device)
-    lengths = lengths.cpu()
-    n_shards = math.ceil(n_img / shard_size) * math.ceil(n_cap / shard_size)
-    with tqdm(total=n_shards, desc="similarities", disable=not progress, leave=False) as bar:
-        for j in range(0, n_cap, shard_size):
-            lens = lengths[j:j + shard_size]
-            words = word_embs[j:j + shard_size, :int(lens.max())].to(device)
-            for i in range(0, n_img, shard_size):
-                block = score_pairs(model, regions[i:i + shard_size], words, lens)
-                sims[i:i + shard_size, j:j + shard_size] = block.float().cpu().numpy()
-                bar.update(1)
-    return sims
+    return similarity(model, region_embs, word_embs, lengths, device=device, progress=progress).float().cpu().numpy()

@@ -20,6 +20,15 @@ Outputs, all written atomically:
     RUN/log.jsonl     per epoch: epoch (1-based: epochs done), lr, train_loss (mean per batch),
                       i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr, t2i_..., rsum, seconds
 
+Checks and the run folder: every setting (flag, train_defaults.json value, resumed setting: type
+and range), the device, the vocabulary and every split read (features shape and dtype, caption
+count, train and dev of one img_dim), the model's memory and the run folder are checked before
+anything is trained or written; bad input is one ``error: ...`` line, exit status 2, and leaves
+every file as it was. A run folder holds one run: --out must be new or empty, or the folder of
+the --resume checkpoint, else --overwrite must be given, and then the old run's config.json,
+log.jsonl, best.pt and last.pt are removed together (other files are kept) once the checks have
+passed, before the new config.json is written.
+
 ``--resume RUN/last.pt`` continues exactly where last.pt stopped: weights, Adam state, epoch
 (hence the lr schedule), best rsum and the RNG states (torch, CUDA, numpy, random, and the
 generator that shuffles the batches), so 2 epochs straight and 1 + resume + 1 give identical
@@ -30,9 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -40,11 +49,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import evaluate, schedule
-from imram_min.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from imram_min.data import PrecompDataset, collate, load_features, load_vocab
-from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
-from runtime import atomic
+from imram_min import checks, evaluate, schedule
+from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from imram_min.data import PrecompDataset, collate
+from imram_min.model import IMRAM, MODES, RAW_FEATURE_NORMS, IMRAMConfig, contrastive_loss
+from runtime import atomic, cli
+from runtime.cli import UserError
 
 
 @dataclass
@@ -74,10 +84,14 @@ RUNTIME_KEYS = ("device", "workers")  # may differ between a run and its resumpt
 def build_parser() -> argparse.ArgumentParser:
     """Every flag defaults to SUPPRESS, so that parse_args holds exactly the flags given."""
     S = argparse.SUPPRESS
-    p = argparse.ArgumentParser(description="Train IMRAM on precomputed region features.", argument_default=S)
+    p = cli.ArgumentParser(prog="python -m imram_min.train", argument_default=S,
+                           description="Train IMRAM on precomputed region features.")
     p.add_argument("--data", help="data folder (precomp layout, see imram_min.data)")
-    p.add_argument("--out", help="run folder to write (default with --resume: the folder of the checkpoint)")
+    p.add_argument("--out", help="run folder to write: a new or empty folder (default with --resume: the folder "
+                                 "of the checkpoint)")
     p.add_argument("--resume", help="RUN/last.pt to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out folder (its config.json, log.jsonl, best.pt, last.pt)")
     m = p.add_argument_group("model (IMRAMConfig)")
     m.add_argument("--embed-size", dest="embed_size", type=int, help="joint embedding size d (1024)")
     m.add_argument("--word-dim", dest="word_dim", type=int, help="word embedding size (300)")
@@ -112,19 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_defaults_file(data_dir: str) -> dict:
-    """DIR/train_defaults.json as {setting: value}, keys restricted to known settings ({} if absent)."""
+    """DIR/train_defaults.json as {setting: value} ({} if absent). Malformed JSON, anything but an
+    object, or an unknown setting is a UserError naming the file (types are checked with the flags)."""
     path = os.path.join(data_dir, DEFAULTS_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings")
+        raise UserError(f"{path}: expected a JSON object of settings, got {type(raw).__name__}")
     raw = {("n_steps" if k == "iteration_step" else k): v for k, v in raw.items()}
     unknown = sorted(k for k in raw if k not in MODEL_KEYS and k not in TRAIN_KEYS)
     if unknown:
-        print(f"warning: {path}: ignoring unknown settings {unknown}", file=sys.stderr)
-    return {k: v for k, v in raw.items() if k not in unknown}
+        raise UserError(f"{path}: unknown setting(s) {unknown}; known: {', '.join(MODEL_KEYS + TRAIN_KEYS)}")
+    return raw
 
 
 def resolve_settings(given: dict, data_dir: str) -> tuple[dict, dict, list[str]]:
@@ -132,17 +150,86 @@ def resolve_settings(given: dict, data_dir: str) -> tuple[dict, dict, list[str]]
     given = dict(given)
     if given.pop("baseline", None) == "mean":
         if given.get("mode", "mean") != "mean":
-            raise SystemExit(f"--baseline mean conflicts with --mode {given['mode']}")
+            raise UserError(f"--baseline mean conflicts with --mode {given['mode']}")
         given["mode"] = "mean"
     file_defaults = read_defaults_file(data_dir)
     settings = {**{k: getattr(IMRAMConfig, k) for k in MODEL_KEYS}, **asdict(TrainConfig())}
     from_file = sorted(k for k in file_defaults if k not in given)
     settings.update({k: file_defaults[k] for k in from_file})
     settings.update(given)
-    if from_file:
-        print(f"from {os.path.join(data_dir, DEFAULTS_FILE)}: "
-              + ", ".join(f"{k}={file_defaults[k]}" for k in from_file))
+    check_settings(settings, {k: os.path.join(data_dir, DEFAULTS_FILE) for k in from_file})
     return {k: settings[k] for k in MODEL_KEYS}, {k: settings[k] for k in asdict(TrainConfig())}, from_file
+
+
+# --------------------------------------------------------------------------- up-front checks
+_TYPES = {f.name: f.type for f in (*fields(IMRAMConfig), *fields(TrainConfig))}
+_FLAGS = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+_LIMITS = {  # setting: (low, high); high None = unbounded
+    "embed_size": (1, 1 << 16), "word_dim": (1, 1 << 16), "num_layers": (1, 64), "n_steps": (1, 64),
+    "batch_size": (1, checks.MAX_BATCH), "num_epochs": (0, 1 << 20), "lr_update": (1, None),
+    "warmup_epochs": (0, None), "seed": (0, 2 ** 32 - 1), "workers": (0, checks.MAX_WORKERS),
+    "max_dev_captions": (0, None),
+}
+_CHOICES = {"mode": MODES, "raw_feature_norm": RAW_FEATURE_NORMS, "img_encoder": ("basic", "weight_norm")}
+
+
+def check_settings(settings: dict, sources: dict[str, str]) -> None:
+    """Types and ranges of the resolved settings; an error names the flag, or the file a value came
+    from (``sources``: setting -> file)."""
+    def where(key):
+        return f"{sources[key]}: {key}" if key in sources else _FLAGS.get(key, key)
+
+    for key, kind in _TYPES.items():
+        if key not in settings or key in ("data", "out", "vocab_size", "img_dim"):
+            continue
+        value = settings[key]
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
+        if not ok:
+            raise UserError(f"{where(key)} must be a{'n' if kind == 'int' else ''} {kind}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise UserError(f"{where(key)} must be a finite number, got {value!r}")
+        if key in _LIMITS:
+            low, high = _LIMITS[key]
+            if value < low or (high is not None and value > high):
+                raise UserError(f"{where(key)} must be {f'>= {low}' if high is None else f'in {low}..{high}'}, "
+                                f"got {value}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise UserError(f"{where(key)} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if "lr" in settings and settings["lr"] <= 0:
+        raise UserError(f"{where('lr')} must be > 0, got {settings['lr']}")
+
+
+RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt")
+
+
+def check_run_folder(out: str, data: str, resume_path: str | None, overwrite: bool) -> bool:
+    """The run folder policy. A run folder holds one run: --out must be new or empty, or the folder
+    being resumed (--resume OUT/last.pt), or else --overwrite must be given, and then the old run's
+    files (RUN_FILES) are removed once every check has passed, before the new config.json is
+    written. Returns whether to remove them. A refused run writes nothing anywhere."""
+    cli.check_output_folder(out, "--out")
+    if os.path.isdir(data) and os.path.isdir(out) and os.path.samefile(out, data):
+        raise UserError(f"--out {out} is the data folder {data}: give a run folder of its own")
+    if resume_path and os.path.isdir(out) and os.path.samefile(out, os.path.dirname(os.path.abspath(resume_path))):
+        return False  # resuming in place: the run goes on
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and not overwrite:
+        held = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"--out {out} is not empty (holds {held}): "
+                        "give a new folder, continue its run with --resume, or add --overwrite to replace it")
+    return bool(entries)
+
+
+def estimated_bytes(cfg: IMRAMConfig) -> int | None:
+    """Memory of the weights, their gradients and Adam's two moments (float32), counted on the meta device."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in IMRAM(cfg).parameters())
+    except Exception:  # an estimate only: never block training on it
+        return None
+    return 16 * n
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -186,9 +273,9 @@ def train_epoch(model: IMRAM, loader, optimizer, cfg: TrainConfig, device: torch
     for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
         region_embs = model.encode_images(region_feats.to(device, non_blocking=True))
         word_embs = model.encode_captions(tokens.to(device, non_blocking=True), lengths)  # lengths stay on the CPU
-        sims = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+        pair_scores = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
         max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
-        loss = contrastive_loss(sims, model.cfg.margin, max_violation)
+        loss = contrastive_loss(pair_scores, model.cfg.margin, max_violation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -222,49 +309,94 @@ def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train; returns the last epoch's log entry (or {} if there was nothing left to train)."""
+    """Train; returns the last epoch's log entry (or {} if there was nothing left to train).
+
+    Bad input (flags, data, checkpoint, run folder): one ``error: ...`` line on stderr and
+    SystemExit(2), found before anything is trained or written (runtime/cli.py)."""
+    return cli.call(_main, argv, user_errors=(*checks.USER_ERRORS, FloatingPointError))
+
+
+def _main(argv: list[str] | None) -> dict:
     given = vars(build_parser().parse_args(argv))
-    schedule.retain_freed_memory()
+    overwrite = given.pop("overwrite", False)
     resume_path = given.pop("resume", None)
     state = None
     if resume_path:
         ckpt = load_checkpoint(resume_path)
-        if "train_state" not in ckpt:
-            raise SystemExit(f"{resume_path} has no training state (resume from a last.pt)")
+        if not isinstance(ckpt.get("train_state"), dict):
+            raise UserError(f"{resume_path} has no training state (resume from a last.pt)")
         state = ckpt["train_state"]
-        stored_model, stored_train = ckpt["config"], state["train_config"]
-        changed = sorted(k for k in MODEL_KEYS if k in given and given[k] != stored_model[k])
-        if given.get("baseline") == "mean" and stored_model["mode"] != "mean":
+        stored_model, stored_train = ckpt["config"], state.get("train_config")
+        if not isinstance(stored_model, dict) or not isinstance(stored_train, dict) \
+                or set(stored_train) != set(asdict(TrainConfig())):
+            raise CheckpointError(f"{resume_path}: its training state does not hold this version's settings")
+        changed = sorted(k for k in MODEL_KEYS if k in given and given[k] != stored_model.get(k))
+        if given.get("baseline") == "mean" and stored_model.get("mode") != "mean":
             changed.append("mode")
         if changed:
-            raise SystemExit(f"cannot change model settings on resume: {changed}")
+            raise UserError(f"cannot change model settings on resume: {changed}")
         given.pop("baseline", None)
         train_settings = {**stored_train, **{k: v for k, v in given.items() if k in asdict(TrainConfig())}}
         if "out" not in given:
             train_settings["out"] = os.path.dirname(os.path.abspath(resume_path))
+        check_settings(train_settings, {k: f"{resume_path} (train_config)" for k in stored_train if k not in given})
         tcfg = TrainConfig(**train_settings)
         from_file = state.get("from_defaults_file", [])
     else:
         if "data" not in given or "out" not in given:
-            raise SystemExit("--data and --out are required (unless --resume)")
+            raise UserError("--data and --out are required (unless --resume)")
+        checks.data_folder(given["data"])
         model_settings, train_settings, from_file = resolve_settings(given, given["data"])
         tcfg = TrainConfig(**train_settings)
 
-    device = schedule.resolve_device(tcfg.device)
+    # Every check before anything is trained or written: device, data (vocabulary, every split
+    # the run reads), model size, run folder.
+    device = checks.device(tcfg.device)
+    checks.data_folder(tcfg.data)
+    train_split = checks.split(tcfg.data, "train", "--data")
+    dev_split = checks.split(tcfg.data, "dev", "--data")
+    checks.same_features(train_split, dev_split)
+    max_dev = tcfg.max_dev_captions or None  # more than the split holds = all of it
+    checks.max_captions(max_dev, dev_split, _FLAGS["max_dev_captions"])
+    if state is not None:
+        try:
+            model, vocab = model_from_checkpoint(ckpt, "cpu")
+        except CheckpointError as e:
+            raise CheckpointError(f"{resume_path}: {e}") from None
+        if model.cfg.img_dim != train_split.img_dim:
+            raise UserError(f"{train_split.features}: region features of size {train_split.img_dim}, but "
+                            f"{resume_path} was trained on img_dim {model.cfg.img_dim}")
+    else:
+        vocab = checks.vocabulary(tcfg.data)
+        try:
+            cfg = IMRAMConfig(vocab_size=len(vocab), img_dim=train_split.img_dim, **model_settings)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        need, have = estimated_bytes(cfg), checks.physical_memory()
+        if need is not None and have is not None and need > have:
+            raise UserError(f"the model would need about {need / 2 ** 30:.1f} GiB for its weights, gradients and "
+                            f"Adam state, more than this machine's {have / 2 ** 30:.1f} GiB: use a smaller "
+                            "--embed-size / --word-dim / --num-layers")
+    clear_old_run = check_run_folder(tcfg.out, tcfg.data, resume_path, overwrite)
+    if state is None and from_file:  # said once every check has passed: a refused run prints only its error
+        chosen = {**model_settings, **train_settings}
+        print(f"from {os.path.join(tcfg.data, DEFAULTS_FILE)}: " + ", ".join(f"{k}={chosen[k]}" for k in from_file))
+
+    if clear_old_run:  # --overwrite: the old run goes as a whole, before the new one writes anything
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(tcfg.out, name)):
+                os.remove(os.path.join(tcfg.out, name))
     os.makedirs(tcfg.out, exist_ok=True)
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
     loader_generator = torch.Generator().manual_seed(tcfg.seed)
 
-    vocab = load_vocab(tcfg.data)
     if state is not None:
-        model, vocab = model_from_checkpoint(ckpt, device)
+        model = model.to(device)
     else:
-        img_dim = int(load_features(tcfg.data, "train").shape[2])
-        model = IMRAM(IMRAMConfig(vocab_size=len(vocab), img_dim=img_dim, **model_settings)).to(device)
+        model = IMRAM(cfg).to(device)
     train_set = PrecompDataset(tcfg.data, "train", vocab)
-    max_dev = tcfg.max_dev_captions or None  # more than the split holds = all of it
     dev_set = PrecompDataset(tcfg.data, "dev", vocab, max_captions=max_dev)
     loader = torch.utils.data.DataLoader(train_set, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=tcfg.workers, generator=loader_generator,
@@ -320,4 +452,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # bad input: SystemExit(2) after one error line

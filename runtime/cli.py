@@ -153,3 +153,54 @@ def check_count(value: int, flag: str, low: int = 1, high: int | None = None) ->
         bound = f">= {low}" if high is None else f"in {low}..{high}"
         raise UserError(f"{flag} must be {bound}, got {value}")
     return value
+
+
+# --------------------------------------------------------------------------- commands that return a result
+def call(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+         user_errors: tuple[type[BaseException], ...] = ()):
+    """``run`` for a command whose ``main`` returns a result (a dict that notebooks and tests use):
+    the result on success; after the one error line, ``SystemExit(status)``. Run as a script
+    (``python -m ...``) the exit status is then 0 or the error's status."""
+    box = []
+
+    def keep(args):
+        box.append(main(args))
+
+    status = run(keep, argv, user_errors)
+    if status:
+        raise SystemExit(status)
+    return box[0] if box else None
+
+
+def check_outputs_distinct(outputs: Sequence[tuple[str, str | os.PathLike | None]],
+                           inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Each (flag, path) output is none of ``inputs`` (same path, hard link, symlink) and no two
+    outputs are the same file. Raises UserError."""
+    given = [(flag, os.fspath(path)) for flag, path in outputs if path is not None]
+    for flag, path in given:
+        for src in inputs:
+            if src is not None and os.path.exists(src) and os.path.exists(path) and same_file(path, src):
+                raise UserError(f"{flag} {path} is the input {os.fspath(src)}: refusing to overwrite an input")
+            if src is not None and os.path.abspath(path) == os.path.abspath(os.fspath(src)):
+                raise UserError(f"{flag} {path} is the input {os.fspath(src)}: refusing to overwrite an input")
+    for i, (flag_a, a) in enumerate(given):
+        for flag_b, b in given[i + 1:]:
+            if os.path.abspath(a) == os.path.abspath(b) or \
+                    (os.path.exists(a) and os.path.exists(b) and same_file(a, b)):
+                raise UserError(f"{flag_a} and {flag_b} are the same file {a}: give two different names")
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> str:
+    """A folder to write into: an existing folder, or a new one whose nearest existing parent is a
+    writable folder. Nothing is created. Raises UserError."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; expected a folder (an existing one, or a new one to create)")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, so the folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the folder {probe} is not writable")
+    return path

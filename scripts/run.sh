@@ -11,7 +11,7 @@ RUN=${1:-runs/default}
 DATA=${DATA:-data/synthetic}
 
 echo "== 1/5 prepare: the built-in synthetic dataset -> $DATA"
-$PY -m imram_min.data --out "$DATA"
+$PY -m imram_min.synthetic --out "$DATA"
 echo "== 2/5 train -> $RUN"
 # shellcheck disable=SC2086
 $PY -m imram_min.train --data "$DATA" --out "$RUN" ${TRAIN_ARGS:-}

@@ -123,13 +123,18 @@ def run_cli(main, args, capsys):
     return code, out, err
 
 
-def assert_one_error_line(code, stdout, err, out_path, words):
-    """A refused command: exit 2, one "error: " line naming ``words``, no output file, no temporaries."""
+def assert_error_line(code, stdout, err, words):
+    """A refused command: exit 2, nothing on stdout, one "error: " line on stderr naming ``words``."""
     assert code == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and stdout == ""
+    assert "Traceback" not in err and stdout == "", (stdout, err)
     for word in words:
         assert word in err, (word, err)
+
+
+def assert_one_error_line(code, stdout, err, out_path, words):
+    """A refused command: exit 2, one "error: " line naming ``words``, no output file, no temporaries."""
+    assert_error_line(code, stdout, err, words)
     assert not out_path.exists()
     assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
 

@@ -1,10 +1,11 @@
-"""A plain-loop IMRAM, written from the paper's equations and the original code's behaviour.
+"""The paper's per-caption loop: IMRAM written from the equations and the original code's behaviour.
 
-This is the yardstick the tests hold ``imram_min.model`` (and ``imram_min.fast``) against. It
-shares no code with the package: it only *reads* parameters from an ``IMRAM`` module and its
-``cfg`` attributes. Everything is done the way the original evaluation loop does it: one
-caption at a time, sliced to its length (so there is no padding and no mask anywhere), one
-image at a time, in float64 whatever the dtype of the module or of the inputs.
+The one copy of the original way of scoring. The tests hold ``imram_min.model`` and
+``imram_min.fast`` against it (in float64); the benchmarks time it as the speed baseline (in
+the inputs' float32, on the CPU or CUDA). It shares no code with the package: it only *reads*
+parameters from an ``IMRAM`` module and its ``cfg`` attributes. As the original evaluation: one
+caption at a time, sliced to its length (so there is no padding and no mask anywhere), against
+every image of the shard; the memory update runs after the last step too (its result unused).
 
 Semantics (Chen et al., CVPR 2020, and the published code):
 
@@ -46,31 +47,30 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    e = torch.exp(x - x.max(dim, keepdim=True).values)
-    return e / e.sum(dim, keepdim=True)
+    return torch.softmax(x, dim)
 
 
 def leaky_relu(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
-    return torch.where(x >= 0, x, slope * x)
+    return torch.nn.functional.leaky_relu(x, slope)
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (1.0 + torch.exp(-x))
+    return torch.sigmoid(x)
 
 
 # --------------------------------------------------------------------------- cross-modal attention
 def normalise_raw(raw: torch.Tensor, how: str) -> torch.Tensor:
-    """raw (n_c, n_q), normalised over the query axis (axis 1)."""
+    """raw (..., n_c, n_q), normalised over the query axis (the last)."""
     if how == "softmax":
-        return softmax(raw, dim=1)
+        return softmax(raw, dim=-1)
     if how == "l2norm":
-        return l2norm(raw, dim=1)
+        return l2norm(raw, dim=-1)
     if how == "clipped_l2norm":
-        return l2norm(leaky_relu(raw), dim=1)
+        return l2norm(leaky_relu(raw), dim=-1)
     if how == "l1norm":
-        return l1norm(raw, dim=1)
+        return l1norm(raw, dim=-1)
     if how == "clipped_l1norm":
-        return l1norm(leaky_relu(raw), dim=1)
+        return l1norm(leaky_relu(raw), dim=-1)
     if how == "clipped":
         return leaky_relu(raw)
     if how == "no_norm":
@@ -79,19 +79,25 @@ def normalise_raw(raw: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def attention(query: torch.Tensor, context: torch.Tensor, how: str, lambda_softmax: float) -> torch.Tensor:
-    """query (n_q, d), context (n_c, d) -> attended (n_q, d)."""
-    raw = context @ query.T  # (n_c, n_q)
-    norm = normalise_raw(raw, how).T  # (n_q, n_c)
-    weights = softmax(lambda_softmax * norm, dim=1)
+    """query (..., n_q, d), context (..., n_c, d) -> attended (..., n_q, d), pair by pair."""
+    raw = context @ query.transpose(-1, -2)  # (..., n_c, n_q)
+    norm = normalise_raw(raw, how).transpose(-1, -2)  # (..., n_q, n_c)
+    weights = softmax(lambda_softmax * norm, dim=-1)
     return weights @ context
 
 
 # --------------------------------------------------------------------------- weights read off a module
 class Weights:
-    """Every parameter of an IMRAM module, copied to float64, plus the config values used."""
+    """Every parameter of an IMRAM module, plus the config values used.
 
-    def __init__(self, model: nn.Module):
+    dtype: copies of the parameters in that dtype, constants for autograd (the tests: float64);
+    None: the module's own parameters, so that a loss backpropagates into them (the training
+    benchmark's original step).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = DT):
         cfg = model.cfg
+        self.cfg, self.dtype = cfg, dtype
         self.mode = cfg.mode
         self.n_steps = cfg.n_steps
         self.raw_feature_norm = cfg.raw_feature_norm
@@ -102,32 +108,39 @@ class Weights:
         self.bi_gru = cfg.bi_gru
         self.embed_size = cfg.embed_size
 
-        params = {name: p.detach().to(DT).clone() for name, p in model.named_parameters()}
-        if cfg.img_encoder == "basic":
-            self.img_W = params["img_enc.fc.weight"]
-        else:  # weight_norm(Linear, dim=None): W = g * v / ||v||_F, g a scalar
-            v = params["img_enc.fc.weight_v"]
-            g = params["img_enc.fc.weight_g"]
-            self.img_W = g * v / torch.sqrt((v * v).sum())
-        self.img_b = params["img_enc.fc.bias"]
-        self.word_table = params["txt_enc.embed.weight"]
-
-        # A fresh nn.GRU of the same shape carrying the module's GRU weights.
-        self.gru = nn.GRU(cfg.word_dim, cfg.embed_size, cfg.num_layers, batch_first=True,
-                          bidirectional=cfg.bi_gru).to(DT)
-        self.gru.load_state_dict({k[len("txt_enc.rnn."):]: v for k, v in params.items()
-                                  if k.startswith("txt_enc.rnn.")})
-
+        self._gru = None
+        self.params = params = {name: p if dtype is None else p.detach().to(dtype).clone()
+                                for name, p in model.named_parameters()}
         self.mem = {}
-        for direction in ("t2i", "i2t"):
-            if f"{direction}.update.weight" in params:
-                self.mem[direction] = (params[f"{direction}.update.weight"], params[f"{direction}.update.bias"],
-                                       params[f"{direction}.gate.weight"], params[f"{direction}.gate.bias"])
+        for direction in ("text", "image"):  # {"text": Text-IMRAM's MDU, "image": Image-IMRAM's}
+            mdu = f"{direction}_mdu"
+            if f"{mdu}.update.weight" in params:
+                self.mem[direction] = (params[f"{mdu}.update.weight"], params[f"{mdu}.update.bias"],
+                                       params[f"{mdu}.gate.weight"], params[f"{mdu}.gate.bias"])
+
+    def image_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (d, img_dim), b (d,)) of the image encoder."""
+        params = self.params
+        if self.cfg.img_encoder == "basic":
+            return params["img_enc.fc.weight"], params["img_enc.fc.bias"]
+        v, g = params["img_enc.fc.weight_v"], params["img_enc.fc.weight_g"]  # weight_norm(dim=None): W = g v / ||v||_F
+        return g * v / torch.sqrt((v * v).sum()), params["img_enc.fc.bias"]
+
+    def gru(self) -> nn.GRU:
+        """A fresh nn.GRU of the module's shape carrying its GRU weights (float64), made once."""
+        if self._gru is None:
+            cfg = self.cfg
+            self._gru = nn.GRU(cfg.word_dim, cfg.embed_size, cfg.num_layers, batch_first=True,
+                               bidirectional=cfg.bi_gru).to(DT)
+            self._gru.load_state_dict({k[len("txt_enc.rnn."):]: v.to(DT) for k, v in self.params.items()
+                                       if k.startswith("txt_enc.rnn.")})
+        return self._gru
 
 
 def memory_distillation(q: torch.Tensor, c: torch.Tensor, mem, no_IMRAM_norm: bool) -> torch.Tensor:
+    """q (..., n_q, d), c (..., n_q, d) attended context -> the refined query (..., n_q, d)."""
     W_o, b_o, W_g, b_g = mem
-    qc = torch.cat([q, c], dim=1)
+    qc = torch.cat([q, c], dim=-1)
     o = torch.tanh(qc @ W_o.T + b_o)
     g = sigmoid(qc @ W_g.T + b_g)
     new_q = g * q + (1 - g) * o
@@ -137,15 +150,16 @@ def memory_distillation(q: torch.Tensor, c: torch.Tensor, mem, no_IMRAM_norm: bo
 # --------------------------------------------------------------------------- encoders
 def encode_image(w: Weights, feats: torch.Tensor) -> torch.Tensor:
     """One image: (n_region, img_dim) -> (n_region, d)."""
-    emb = feats.to(DT) @ w.img_W.T + w.img_b
+    W, b = w.image_encoder()
+    emb = feats.to(DT) @ W.to(DT).T + b.to(DT)
     return emb if w.no_imgnorm else l2norm(emb)
 
 
 def encode_caption(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
     """One caption, its valid tokens only: (n_word,) -> (n_word, d). GRU on a batch of one."""
-    x = w.word_table[tokens][None]  # (1, n_word, word_dim)
+    x = w.params["txt_enc.embed.weight"].to(DT)[tokens][None]  # (1, n_word, word_dim)
     with torch.no_grad():
-        out, _ = w.gru(x)
+        out, _ = w.gru()(x)
     out = out[0]
     if w.bi_gru:
         d = w.embed_size
@@ -153,52 +167,65 @@ def encode_caption(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
     return out if w.no_txtnorm else l2norm(out)
 
 
-# --------------------------------------------------------------------------- one pair
+# --------------------------------------------------------------------------- one direction, pairs side by side
 def imram_steps(w: Weights, query: torch.Tensor, context: torch.Tensor, mem) -> list[torch.Tensor]:
-    """Recurrent attention memory for one pair; query items are scored. Returns [F_1..F_K] (0-d)."""
+    """Recurrent attention memory; query items are scored.
+
+    query (..., n_q, d), context (..., n_c, d): pairs side by side on the leading axes.
+    Returns [F_1..F_K], each (...): F_k = mean over query items of cos(item, attended at step k).
+    """
     original = query
     scores = []
     for _ in range(w.n_steps):
         attended = attention(query, context, w.raw_feature_norm, w.lambda_softmax)
-        scores.append(cosine(original, attended).mean())
+        scores.append(cosine(original, attended).mean(-1))
         query = memory_distillation(query, attended, mem, w.no_IMRAM_norm)  # as the original: every step
     return scores
 
 
 def pair_step_scores(w: Weights, regions: torch.Tensor, words: torch.Tensor) -> dict:
-    """One image (n_region, d) and one caption (n_word, d), no padding -> {direction: [F_k]}."""
-    regions, words = regions.to(DT), words.to(DT)
+    """One image (n_region, d) and one caption (n_word, d), no padding -> {direction: [F_k] (0-d each)}."""
+    regions, words = regions.to(w.dtype or regions.dtype), words.to(w.dtype or words.dtype)
     out = {}
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        out["t2i"] = imram_steps(w, words, regions, w.mem["t2i"])
+        out["text"] = imram_steps(w, words, regions, w.mem["text"])
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        out["i2t"] = imram_steps(w, regions, words, w.mem["i2t"])
+        out["image"] = imram_steps(w, regions, words, w.mem["image"])
     return out
 
 
-def pair_score(w: Weights, regions: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """0-d float64 tensor (differentiable in the embeddings; the weights are constants)."""
+def caption_scores(w: Weights, region_embs: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """One caption (n_word, d), no padding, against every image (n_img, n_region, d) -> (n_img,)."""
+    dtype = w.dtype or region_embs.dtype
+    region_embs, words = region_embs.to(dtype), words.to(dtype)
     if w.mode == "mean":
-        a = regions.to(DT).mean(0, keepdim=True)
-        b = words.to(DT).mean(0, keepdim=True)
-        return cosine(a, b)[0]
-    return sum(sum(s) for s in pair_step_scores(w, regions, words).values())
+        return cosine(region_embs.mean(1), words.mean(0, keepdim=True))
+    words = words[None].expand(region_embs.shape[0], -1, -1)  # (n_img, n_word, d): the caption per image
+    score = 0
+    if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
+        score = score + sum(imram_steps(w, words, region_embs, w.mem["text"]))
+    if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
+        score = score + sum(imram_steps(w, region_embs, words, w.mem["image"]))
+    return score
 
 
 # --------------------------------------------------------------------------- all pairs
-def similarity(model: nn.Module, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths) -> torch.Tensor:
-    """(n_img, n_region, d), (n_cap, n_word, d) padded, lengths -> (n_img, n_cap) float64.
+def per_caption_similarity(model: nn.Module, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The original evaluation: a Python loop over captions, each against every image at once.
 
-    Caption by caption (sliced to its length), image by image, as the original evaluation.
-    Differentiable in region_embs and word_embs.
+    region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d) padded, lengths (n_cap,) ->
+    (n_img, n_cap). dtype None: the inputs' dtype, and the module's own parameters (so that a
+    loss backpropagates into them); float64: the tests' yardstick.
     """
-    w = Weights(model)
-    n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
-    cols = []
-    for j in range(n_cap):
-        words = word_embs[j, : int(lengths[j])]
-        cols.append(torch.stack([pair_score(w, region_embs[i], words) for i in range(n_img)]))
-    return torch.stack(cols, 1)
+    w = Weights(model, dtype)
+    columns = [caption_scores(w, region_embs, word_embs[j, : int(lengths[j])]) for j in range(word_embs.shape[0])]
+    return torch.stack(columns, 1)
+
+
+def similarity(model: nn.Module, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths) -> torch.Tensor:
+    """``per_caption_similarity`` in float64: (n_img, n_cap), differentiable in the embeddings."""
+    return per_caption_similarity(model, region_embs, word_embs, lengths, dtype=DT)
 
 
 def encode_images(model: nn.Module, region_feats: torch.Tensor) -> list[torch.Tensor]:
@@ -215,14 +242,10 @@ def encode_captions(model: nn.Module, tokens: torch.Tensor, lengths) -> list[tor
 def forward(model: nn.Module, region_feats: torch.Tensor, tokens: torch.Tensor, lengths) -> torch.Tensor:
     """Raw inputs -> similarities (n_img, n_cap), float64, every image and caption encoded alone."""
     w = Weights(model)
-    images = [encode_image(w, region_feats[i]) for i in range(region_feats.shape[0])]
+    images = torch.stack([encode_image(w, region_feats[i]) for i in range(region_feats.shape[0])])
     captions = [encode_caption(w, tokens[j, : int(lengths[j])]) for j in range(tokens.shape[0])]
-    sims = torch.zeros(len(images), len(captions), dtype=DT)
     with torch.no_grad():
-        for j, words in enumerate(captions):
-            for i, regions in enumerate(images):
-                sims[i, j] = pair_score(w, regions, words)
-    return sims
+        return torch.stack([caption_scores(w, images, words) for words in captions], 1)
 
 
 # --------------------------------------------------------------------------- loss

@@ -11,8 +11,8 @@ from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary
 
 WORDS = ["a", "red", "blue", "green", "dog", "cat", "ball", "big", "small", "on", "the", "left"]
-ORIGINAL_MEMORY = {"t2i.update": "linear_t2i", "t2i.gate": "gate_t2i",
-                   "i2t.update": "linear_i2t", "i2t.gate": "gate_i2t"}
+ORIGINAL_MEMORY = {"text_mdu.update": "linear_t2i", "text_mdu.gate": "gate_t2i",
+                   "image_mdu.update": "linear_i2t", "image_mdu.gate": "gate_i2t"}
 
 
 class Payload:
@@ -124,10 +124,10 @@ def test_converted_checkpoint_is_accepted_by_evaluate(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda sd: sd.pop("module.gate_i2t.bias"), r"missing keys.*i2t\.gate\.bias"),
+    (lambda sd: sd.pop("module.gate_i2t.bias"), r"missing keys.*image_mdu\.gate\.bias"),
     (lambda sd: sd.update({"module.txt_enc.extra.weight": torch.zeros(2)}), r"unexpected keys.*txt_enc\.extra\.weight"),
     (lambda sd: sd.update({"module.linear_t2i.weight": torch.zeros(8, 15)}),
-     r"shape mismatches.*t2i\.update\.weight.*\(8, 15\)"),
+     r"shape mismatches.*text_mdu\.update\.weight.*\(8, 15\)"),
 ])
 def test_weights_that_do_not_fit_are_a_clear_error(tmp_path, edit, message):
     model = make_model()
@@ -154,3 +154,18 @@ def test_a_checkpoint_pickling_another_class_is_refused_unrun(tmp_path):
     with pytest.raises(convert.ConvertError, match="refused"):
         convert.convert(tmp_path / "evil.pth.tar", write_vocab(tmp_path), tmp_path / "c.pt")
     assert not marker.exists() and not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "text", "image"])
+def test_checkpoint_with_the_older_mdu_names_loads_into_text_mdu_and_image_mdu(tmp_path, mode):
+    from imram_min.checkpoint import make_checkpoint, upgrade_state_dict
+    model = make_model(mode)
+    ckpt = make_checkpoint(model, Vocabulary(WORDS))
+    old = {k.replace("text_mdu.", "t2i.").replace("image_mdu.", "i2t."): v for k, v in ckpt["model"].items()}
+    assert any(k.startswith(("t2i.", "i2t.")) for k in old) and not any("_mdu." in k for k in old)
+    assert upgrade_state_dict(old) == ckpt["model"]  # same keys, same tensors
+    torch.save({**ckpt, "model": old}, tmp_path / "old.pt")
+    loaded, _, _ = load_model(tmp_path / "old.pt")
+    assert torch.equal(scores(loaded), scores(model))
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name

@@ -1,6 +1,7 @@
-"""Specification of runtime.text (tokenisation, vocabulary) and imram_min.data (loading, synthetic set)."""
+"""Specification of runtime.text (tokenisation, vocabulary) and imram_min.data (loading, the vocab command)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min.data import (DEFAULT_TRAIN_SETTINGS, DataError, PrecompDataset, captions_per_image, collate, encode_captions_batch,
-                            grammar_tokens, load_captions, load_features, load_vocab, main, make_synthetic)
+from imram_min import train
+from imram_min.data import (DataError, PrecompDataset, captions_per_image, collate, encode_captions_batch, load_captions,
+                            load_features, load_vocab, main)
 from runtime.text import SPECIAL_TOKENS, Vocabulary, VocabularyError, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,8 +104,8 @@ def test_load_vocab_accepts_scan_file_name(tmp_path):
     assert load_vocab(tmp_path)("dog") == 4
 
 
-def test_load_vocab_missing_names_both_choices(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"vocab\.json.*_precomp_vocab\.json"):
+def test_load_vocab_missing_names_both_choices_and_the_command_that_makes_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"vocab\.json.*_precomp_vocab\.json.*python -m imram_min.data vocab"):
         load_vocab(tmp_path)
 
 
@@ -196,82 +198,55 @@ def test_encode_captions_batch_gives_int64_arrays():
     assert lengths.dtype == np.int64 and lengths.tolist() == [4, 3]
 
 
-# --------------------------------------------------------------------------- synthetic data set
-SMALL = dict(n_train=30, n_dev=4, n_test=10)
+# --------------------------------------------------------------------------- python -m imram_min.data vocab DIR
+CAPTIONS = ["A dog, a cat.", "dog cat", "the dog", "Dog cat bird", "a cat"]  # dog 4, cat 4, a 2, bird 1, "." 1
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(folder, seed=0, **SMALL)
-    return folder
+def test_vocab_command_keeps_words_seen_4_times_after_the_specials(tmp_path):
+    (tmp_path / "train_caps.txt").write_text("\n".join(CAPTIONS) + "\n")
+    assert main(["vocab", str(tmp_path)]) == 0
+    assert list(load_vocab(tmp_path).word2idx) == [*SPECIAL_TOKENS, "dog", "cat"]
 
 
-def folder_bytes(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+def test_vocab_command_equals_the_vocabulary_build_of_the_train_captions(tmp_path):
+    captions = [f"w{i % 7} w{i % 3} , x{i % 11}" for i in range(60)]
+    (tmp_path / "train_caps.txt").write_text("\n".join(captions) + "\n")
+    main(["vocab", str(tmp_path)])
+    assert load_vocab(tmp_path) == Vocabulary.build(captions, threshold=4)
 
 
-def test_synthetic_writes_the_data_folder_layout(synthetic):
-    assert sorted(os.listdir(synthetic)) == sorted(
-        [f"{s}_{kind}" for s in ("train", "dev", "test") for kind in ("ims.npy", "caps.txt", "scenes.json")]
-        + ["vocab.json", "train_defaults.json", "README.txt"])
-    assert "SYNTHETIC" in (synthetic / "README.txt").read_text()
+def test_vocab_command_replaces_a_vocabulary_leaving_no_temporary_file(tmp_path):
+    (tmp_path / "train_caps.txt").write_text("\n".join(CAPTIONS) + "\n")
+    (tmp_path / "vocab.json").write_text("old")
+    main(["vocab", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["train_caps.txt", "vocab.json"]
+    assert len(load_vocab(tmp_path)) == 6
 
 
-def test_synthetic_is_deterministic_for_a_seed(synthetic, tmp_path):
-    make_synthetic(tmp_path, seed=0, **SMALL)
-    assert folder_bytes(tmp_path) == folder_bytes(synthetic)
+@pytest.mark.parametrize("caps, message", [
+    (None, r"No such file or directory: .*train_caps\.txt"),
+    (b"caf\xe9\n", r"train_caps\.txt: captions must be UTF-8"),
+    (b"\n\n", r"train_caps\.txt: holds no captions"),
+], ids=["missing", "not-utf8", "empty"])
+def test_vocab_command_refuses_unusable_train_captions_in_one_line(tmp_path, capsys, caps, message):
+    if caps is not None:
+        (tmp_path / "train_caps.txt").write_bytes(caps)
+    assert main(["vocab", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "vocab.json").exists()
 
 
-def test_synthetic_differs_for_another_seed(synthetic, tmp_path):
-    make_synthetic(tmp_path, seed=1, **SMALL)
-    assert (tmp_path / "train_ims.npy").read_bytes() != (synthetic / "train_ims.npy").read_bytes()
-    assert load_captions(tmp_path, "train") != load_captions(synthetic, "train")
+def test_vocab_command_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    assert main(["vocab", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such folder\n"
 
 
-def test_synthetic_split_is_unchanged_by_other_split_sizes(synthetic, tmp_path):
-    make_synthetic(tmp_path, seed=0, **{**SMALL, "n_train": 12})
-    assert (tmp_path / "test_ims.npy").read_bytes() == (synthetic / "test_ims.npy").read_bytes()
-
-
-@pytest.mark.parametrize("split, n_img", [("train", 30), ("dev", 4), ("test", 10)])
-def test_synthetic_split_shapes(synthetic, split, n_img):
-    feats = load_features(synthetic, split)
-    assert feats.shape == (n_img, 36, 256) and feats.dtype == np.float32
-    assert len(load_captions(synthetic, split)) == 5 * n_img
-
-
-def test_synthetic_dataset_loads_with_its_vocabulary(synthetic):
-    ds = PrecompDataset(synthetic, "test", load_vocab(synthetic))
-    assert len(ds) == 50 and ds.caps_per_image == 5
-    assert ds[0][0].shape == (36, 256)
-
-
-def test_synthetic_vocab_is_nltk_build_of_train_captions(synthetic):
-    captions = load_captions(synthetic, "train")
-    assert all(grammar_tokens(c) == tokenize(c) for c in captions)
-    assert load_vocab(synthetic) == Vocabulary.build(captions, threshold=4)
-
-
-def test_synthetic_has_hard_negative_twins(synthetic):
-    scenes = json.loads((synthetic / "train_scenes.json").read_text())
-    pairs = [(i, s["twin"]) for i, s in enumerate(scenes) if s["twin"] is not None and s["twin"] > i]
-    assert pairs, "no twin pairs"
-    for i, j in pairs:
-        a, b = scenes[i]["objects"], scenes[j]["objects"]
-        assert scenes[j]["twin"] == i
-        assert [(o["category"], o["cell"]) for o in a] == [(o["category"], o["cell"]) for o in b]
-        assert sorted(o["colour"] for o in a) == sorted(o["colour"] for o in b)
-        assert all(x["colour"] != y["colour"] for x, y in zip(a, b))
-
-
-def test_synthetic_train_defaults_can_be_overridden(tmp_path):
-    make_synthetic(tmp_path, n_train=5, n_dev=1, n_test=1, train_defaults={"num_epochs": 2})
-    defaults = json.loads((tmp_path / "train_defaults.json").read_text())
-    assert defaults == {**DEFAULT_TRAIN_SETTINGS, "num_epochs": 2}
-
-
-def test_cli_writes_synthetic_folder(tmp_path):
-    main(["--out", str(tmp_path / "d"), "--seed", "3", "--n-train", "5", "--n-dev", "1", "--n-test", "2",
-          "--img-dim", "8"])
-    assert load_features(tmp_path / "d", "test").shape == (2, 36, 8)
+def test_train_without_a_vocabulary_names_the_command_in_one_line(tmp_path, capsys):
+    write_split(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: no vocabulary") and f"python -m imram_min.data vocab {tmp_path}" in err
+    assert not (tmp_path / "run").exists()

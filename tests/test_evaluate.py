@@ -90,8 +90,8 @@ def test_fold5_evaluation_is_the_mean_of_per_fold_evaluations(tmp_path):
     data, vocab = make_data(tmp_path / "data", n_img=10)
     model = make_checkpoint(tmp_path / "m.pt", vocab)
     dataset = PrecompDataset(data, "test", vocab)
-    full = evaluate.evaluate_split(model, dataset, fold5=True, return_sims=True, shard_size=4)
-    blocks = evaluate.evaluate_split(model, dataset, fold5=True, shard_size=4)  # scores only within folds
+    full = evaluate.evaluate_split(model, dataset, fold5=True, return_sims=True)
+    blocks = evaluate.evaluate_split(model, dataset, fold5=True)  # scores only within folds
     per_fold = [evaluate.metrics_from_sims(full["sims"][im, ca], 5) for im, ca in evaluate.fold_slices(10, 5)]
     assert full["rsum"] == pytest.approx(np.mean([f["rsum"] for f in per_fold]))
     assert full["i2t"] == pytest.approx(np.mean([f["i2t"] for f in per_fold], 0).tolist())
@@ -99,13 +99,13 @@ def test_fold5_evaluation_is_the_mean_of_per_fold_evaluations(tmp_path):
     assert blocks["folds"][0]["n_images"] == 2 and blocks["folds"][0]["n_captions"] == 10
 
 
-def test_sharded_similarities_equal_scoring_all_pairs_at_once(tmp_path):
+def test_blocked_similarities_equal_scoring_all_pairs_at_once(tmp_path):
     data, vocab = make_data(tmp_path / "data", n_img=5)
     model = make_checkpoint(tmp_path / "m.pt", vocab)
     dataset = PrecompDataset(data, "test", vocab)
     region_embs, word_embs, lengths = evaluate.encode_split(model, dataset, batch_size=3)
     assert region_embs.shape == (5, 3, 8) and word_embs.shape == (25, int(lengths.max()), 8)
-    sims = schedule.similarities(model, region_embs, word_embs, lengths, shard_size=3)
+    sims = schedule.similarities(model, region_embs, word_embs, lengths)
     with torch.no_grad():
         direct = model.similarity(model.encode_images(torch.from_numpy(np.array(dataset.images))), word_embs, lengths)
     np.testing.assert_allclose(sims, direct.numpy(), rtol=1e-5, atol=1e-6)

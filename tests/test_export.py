@@ -12,8 +12,10 @@ import torch
 
 from fixtures import (IMG_DIM, lengths_1_to_40, random_feats, random_tokens, tiny_checkpoint, tiny_data,  # noqa: F401
                       tiny_model, tiny_model_dir, tiny_vocab)
-from export.onnx_export import (DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, TextEncoderGraph, check_graph,
-                                export_model, sha256_file)
+from export.graphs import OnnxFastMatcher, TextEncoderGraph, onnx_query_weights, onnx_update
+from export.onnx_export import DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, check_graph, export_model, sha256_file
+from imram_min import fast
+from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.checkpoint import load_model
 
 TOL = 1e-5  # ONNX Runtime CPU vs PyTorch, float32
@@ -173,10 +175,9 @@ def test_export_cli_bad_checkpoint_is_one_error_line_exit_2(tmp_path, capsys):
     from export.__main__ import main
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as exit_info:
-        main([os.fspath(bad), "--out", os.fspath(tmp_path / "m")])
+    code = main([os.fspath(bad), "--out", os.fspath(tmp_path / "m")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert not (tmp_path / "m").exists()
 
@@ -258,3 +259,33 @@ def test_cuda_provider_parity_with_pytorch_cpu(tiny_model_dir, tiny):  # noqa: F
     assert max_diff(run(sessions["image_encoder"], region_feats=feats), r) <= CUDA_TOL
     assert max_diff(run(sessions["text_encoder"], tokens=tokens, lengths=lengths), w) <= CUDA_TOL
     assert max_diff(run_matcher(tiny_model_dir, r, w, lengths, "CUDAExecutionProvider"), sims) <= CUDA_TOL
+
+
+# --------------------------------------------------------------------------- the ONNX Runtime form of the fast matcher
+@pytest.mark.parametrize("step", [0, 1])
+def test_onnx_form_update_equals_the_pytorch_form_in_float64(step):
+    torch.manual_seed(0)
+    model = IMRAM(IMRAMConfig(vocab_size=10, img_dim=6, word_dim=5, embed_size=8, mode="text", n_steps=3)).double()
+    w_q, w_c, b = fast.mdu_weights(model.text_mdu)
+    g = torch.Generator().manual_seed(1)
+    query, v = torch.randn(4, 3, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    memory = query if step == 0 else torch.randn(2, 4, 3, 8, generator=g, dtype=torch.float64)
+    attention = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64).softmax(-1)
+    parts = (query @ w_q.T, v @ w_c.T + b)
+    with torch.no_grad():
+        expected = fast.gated_update(memory, attention, step, w_q, *parts)
+        got = onnx_update(memory, attention, step, onnx_query_weights(w_q), *parts)
+    assert max_diff(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["full", "text", "image", "mean"])
+def test_onnx_form_matcher_equals_the_model_in_float64(mode):
+    torch.manual_seed(0)
+    model = IMRAM(IMRAMConfig(vocab_size=10, img_dim=6, word_dim=5, embed_size=8, mode=mode, n_steps=3)).double().eval()
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([3, 1, 5, 2])
+    region_embs = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
+    word_embs = torch.randn(4, 5, 8, generator=g, dtype=torch.float64) * (torch.arange(5) < lengths[:, None])[..., None]
+    with torch.no_grad():
+        assert max_diff(OnnxFastMatcher(model)(region_embs, word_embs, lengths),
+                        model.similarity(region_embs, word_embs, lengths)) <= 1e-12

@@ -173,3 +173,104 @@ def test_fast_parameter_gradients_equal_model(mode, checkpoint, workers):
     for name in expected:
         assert torch.isfinite(expected[name]).all() and torch.isfinite(got[name]).all(), f"{name}: {NAN_GRAD_MSG}"
         assert max_diff(got[name], expected[name]) <= 1e-10, name
+
+
+# --------------------------------------------------------------------------- each identity of fast.py alone
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _attention(*shape, seed=0):
+    return _rand(*shape, seed=seed).softmax(-1)  # rows sum to 1, as (5)
+
+
+def test_identity_f1_context_projection_mixing():
+    # W_c c_i + b = sum_j a_ij (W_c v_j + b), because sum_j a_ij = 1
+    v, a, w_c, b = _rand(5, 4, seed=1), _attention(3, 5, seed=2), _rand(6, 4, seed=3), _rand(6, seed=4)
+    c = a @ v  # (6): c_i = sum_j a_ij v_j
+    assert max_diff(c @ w_c.T + b, a @ (v @ w_c.T + b)) <= 1e-12
+
+
+def test_identity_f1_f2_projections_are_the_mdu_weights_split_by_side():
+    model = make_model(F64, mode="full", n_steps=2)
+    weights = fast.direction_weights(model)
+    region_embs, word_embs = _rand(2, 3, 16, seed=1), _rand(4, 5, 16, seed=2)
+    regions = fast.split_directions(fast.projections(model, region_embs, "region", weights), weights)
+    words = fast.split_directions(fast.projections(model, word_embs, "word", weights), weights)
+    for direction, query, context, q_part, c_part in (("text", word_embs, region_embs, words, regions),
+                                                      ("image", region_embs, word_embs, regions, words)):
+        w_q, w_c, b = weights[direction]
+        assert max_diff(q_part[direction], query @ w_q.T) <= 1e-12  # (F2): W_q q, per query item
+        assert max_diff(c_part[direction], context @ w_c.T + b) <= 1e-12  # (F1): W_c v + b, per context item
+
+
+def test_identity_f2_step1_query_part_is_per_item():
+    # at step 1 m = q: W_q m_i for every pair is W_q q_i of the query item alone, broadcast
+    q, w_q = _rand(4, 3, 5, seed=1), _rand(10, 5, seed=2)  # (n_q_items, n_query, d)
+    per_pair = q.expand(6, 4, 3, 5) @ w_q.T  # (n_c_items, n_q_items, n_query, 2d)
+    assert max_diff(per_pair, (q @ w_q.T).expand(6, 4, 3, 10)) <= 1e-12
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 3, 4])
+def test_identity_f3_no_update_after_the_last_step(n_steps):
+    model = make_model(F64, mode="full", n_steps=n_steps)
+    feats, tokens, lengths = make_inputs([3, 1, 4], dtype=F64)
+    r, w = embed(model, feats, tokens, lengths)
+    steps = []
+
+    def counting_update(memory, attention, step, *parts):
+        steps.append(step)
+        return fast.gated_update(memory, attention, step, *parts)
+    with torch.no_grad():
+        got = fast.fast_step_scores(model, r, w, lengths, update=counting_update)
+        expected = model.step_scores(r, w, lengths)
+    assert steps == list(range(n_steps - 1)) * 2  # K - 1 updates per direction, none after the last step
+    assert all(max_diff(got[k], expected[k]) <= 1e-12 for k in expected)
+
+
+def test_identity_f4_step_score_from_step1_raw_scores_and_gram():
+    q, v = _rand(4, 3, 6, seed=1), _rand(2, 5, 6, seed=2)  # (n_q_items, n_query, d), (n_c_items, n_context, d)
+    a = _attention(2, 4, 3, 5, seed=3)  # a^k: (n_c_items, n_q_items, n_query, n_context)
+    raw = torch.einsum("qnd,cjd->cqnj", q, v)  # s^1_ij = <q_i, v_j>
+    c = torch.einsum("cqnj,cjd->cqnd", a, v)  # c_i^k = sum_j a_ij v_j
+    gram = v @ v.transpose(1, 2)  # G_jl = <v_j, v_l>
+    assert max_diff(fast.attended_dot(a, raw), (q[None] * c).sum(-1)) <= 1e-12  # <q_i, c_i^k>
+    assert max_diff(fast.attended_sq_norm(a, gram), (c * c).sum(-1)) <= 1e-12  # |c_i^k|^2 = a_i G a_i^T
+
+
+def test_identity_f5_tanh_from_one_sigmoid_with_doubled_update_rows():
+    x = _rand(7, 5, seed=1) * 4
+    assert max_diff(torch.tanh(x), 2 * torch.sigmoid(2 * x) - 1) <= 1e-12
+    model = make_model(F64, mode="text", n_steps=2)
+    mdu, mc = model.text_mdu, _rand(3, 32, seed=2)  # [m; c], d = 16
+    w_q, w_c, b = fast.mdu_weights(mdu)
+    sig = torch.sigmoid(mc @ torch.cat([w_q, w_c], 1).T + b)  # one sigmoid for both units
+    assert max_diff(2 * sig[:, :16] - 1, torch.tanh(mdu.update(mc))) <= 1e-12  # (7)
+    assert max_diff(sig[:, 16:], torch.sigmoid(mdu.gate(mc))) <= 1e-12  # (8)
+
+
+def test_identity_f6_gated_update_is_a_lerp():
+    o, m, g = _rand(4, 6, seed=1), _rand(4, 6, seed=2), torch.sigmoid(_rand(4, 6, seed=3))
+    assert max_diff(torch.lerp(o, m, g), g * m + (1 - g) * o) <= 1e-12
+    assert max_diff(o + g * (m - o), g * m + (1 - g) * o) <= 1e-12
+
+
+def test_identity_f7_last_l2norm_folded_into_the_raw_scores():
+    m, v = _rand(3, 4, 6, seed=1), _rand(3, 5, 6, seed=2)
+    normed = m / (torch.linalg.vector_norm(m, dim=-1, keepdim=True) + 1e-8)
+    folded = (m @ v.transpose(1, 2)) / (torch.linalg.vector_norm(m, dim=-1, keepdim=True) + 1e-8)
+    assert max_diff(normed @ v.transpose(1, 2), folded) <= 1e-12
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_gated_update_equals_the_mdu_on_the_attended_context(step):
+    model = make_model(F64, mode="text", n_steps=2)
+    w_q, w_c, b = fast.mdu_weights(model.text_mdu)
+    query, v = _rand(4, 3, 16, seed=1), _rand(2, 5, 16, seed=2)  # (n_q_items, n_query, d), (n_c_items, n_context, d)
+    memory = query if step == 0 else _rand(2, 4, 3, 16, seed=3)
+    a = _attention(2, 4, 3, 5, seed=4)
+    c = torch.einsum("cqnj,cjd->cqnd", a, v)
+    with torch.no_grad():
+        expected = model.text_mdu(memory, c)  # (7)-(9) before the l2norm
+        got = fast.gated_update(memory, a, step, w_q, query @ w_q.T, v @ w_c.T + b)
+    assert max_diff(got, expected) <= 1e-12

@@ -96,6 +96,6 @@ def test_baseline_mean_trains_the_mean_pooled_model(tmp_path):
     data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
     train.main(["--data", data, "--out", run, "--num-epochs", "1", "--baseline", "mean", *TINY])
     model, _, _ = load_model(os.path.join(run, "best.pt"))
-    assert model.cfg.mode == "mean" and model.t2i is None and model.i2t is None
+    assert model.cfg.mode == "mean" and model.text_mdu is None and model.image_mdu is None
     with pytest.raises(SystemExit):
         train.main(["--data", data, "--out", run, "--num-epochs", "0", "--baseline", "mean", "--mode", "full"])
