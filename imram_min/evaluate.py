@@ -153,24 +153,27 @@ def average_folds(folds: list[dict]) -> dict:
 
 
 def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
-                   fold5: bool = False, return_sims: bool = False, progress: bool = False) -> dict:
+                   fold5: bool = False, return_sims: bool = False, progress: bool = False,
+                   score_all=schedule.similarities) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
     within-fold blocks are scored unless ``return_sims`` (then the whole (n_img, n_cap) matrix is
-    scored and returned under "sims", float32).
+    scored and returned under "sims", float32). ``score_all(model, region_embs, word_embs, lengths,
+    device=, progress=)`` -> (n_img, n_cap) float32 numpy: schedule.similarities, or its
+    distributed form (imram_min.distributed.similarities) under torchrun.
     """
     cpi = dataset.caps_per_image
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress)
     n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
     sims = None
     if return_sims or not fold5:
-        sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress)
+        sims = score_all(model, region_embs, word_embs, lengths, device=device, progress=progress)
     if fold5:
         folds = []
         for im, ca in fold_slices(n_img, cpi):
-            block = sims[im, ca] if sims is not None else schedule.similarities(
-                model, region_embs[im], word_embs[ca], lengths[ca], device, progress)
+            block = sims[im, ca] if sims is not None else score_all(
+                model, region_embs[im], word_embs[ca], lengths[ca], device=device, progress=progress)
             folds.append(metrics_from_sims(block, cpi))
         result = average_folds(folds)
     else:

@@ -37,199 +37,27 @@ settings (e.g. --num-epochs to train longer) but not the model.
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import checks, evaluate, schedule
+from imram_min import checks, distributed, evaluate, schedule
 from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from imram_min.data import PrecompDataset, collate
-from imram_min.model import IMRAM, MODES, RAW_FEATURE_NORMS, IMRAMConfig, contrastive_loss
+from imram_min.model import IMRAM, IMRAMConfig
+from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
+                                build_parser, check_run_folder, check_settings, estimated_bytes, resolve_settings)
 from runtime import atomic, cli
 from runtime.cli import UserError
 
-
-@dataclass
-class TrainConfig:
-    """Training settings; defaults are the paper's / original code's."""
-
-    data: str = ""
-    out: str = ""
-    batch_size: int = 128
-    num_epochs: int = 30
-    lr: float = 2e-4
-    lr_update: int = 15  # lr x 0.1 every lr_update epochs
-    grad_clip: float = 2.0  # max gradient norm; <= 0 disables clipping
-    warmup_epochs: int = 0  # first epochs sum over all negatives, then max violation (0 = the paper)
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    max_dev_captions: int = 5000  # evaluate dev on its first N captions (0 = all)
-
-
-MODEL_KEYS = [f.name for f in fields(IMRAMConfig) if f.name not in ("vocab_size", "img_dim")]
-TRAIN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in ("data", "out")]
-DEFAULTS_FILE = "train_defaults.json"
-RUNTIME_KEYS = ("device", "workers")  # may differ between a run and its resumption without changing the result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Every flag defaults to SUPPRESS, so that parse_args holds exactly the flags given."""
-    S = argparse.SUPPRESS
-    p = cli.ArgumentParser(prog="python -m imram_min.train", argument_default=S,
-                           description="Train IMRAM on precomputed region features.")
-    p.add_argument("--data", help="data folder (precomp layout, see imram_min.data)")
-    p.add_argument("--out", help="run folder to write: a new or empty folder (default with --resume: the folder "
-                                 "of the checkpoint)")
-    p.add_argument("--resume", help="RUN/last.pt to continue from")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a non-empty --out folder (its config.json, log.jsonl, best.pt, last.pt)")
-    m = p.add_argument_group("model (IMRAMConfig)")
-    m.add_argument("--embed-size", dest="embed_size", type=int, help="joint embedding size d (1024)")
-    m.add_argument("--word-dim", dest="word_dim", type=int, help="word embedding size (300)")
-    m.add_argument("--num-layers", dest="num_layers", type=int, help="GRU layers (1)")
-    m.add_argument("--no-bi-gru", dest="bi_gru", action="store_false", help="unidirectional GRU")
-    m.add_argument("--img-encoder", dest="img_encoder", choices=["basic", "weight_norm"], help="(basic)")
-    m.add_argument("--no-imgnorm", dest="no_imgnorm", action="store_true", help="no l2norm of region embeddings")
-    m.add_argument("--no-txtnorm", dest="no_txtnorm", action="store_true", help="no l2norm of word embeddings")
-    m.add_argument("--raw-feature-norm", dest="raw_feature_norm", help="attention normalisation (clipped_l2norm)")
-    m.add_argument("--lambda-softmax", dest="lambda_softmax", type=float, help="attention inverse temperature (9)")
-    m.add_argument("--mode", choices=["full", "text", "image", "mean"], help="full, text, image IMRAM (full)")
-    m.add_argument("--n-steps", "--iteration-step", dest="n_steps", type=int, help="matching steps K (3)")
-    m.add_argument("--no-imram-norm", dest="no_IMRAM_norm", action="store_true", help="no l2norm of the memory")
-    m.add_argument("--margin", type=float, help="ranking loss margin (0.2)")
-    m.add_argument("--no-max-violation", dest="max_violation", action="store_false", help="sum over negatives")
-    m.add_argument("--baseline", choices=["mean"], help="train the mean-pooled VSE baseline (mode mean)")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", dest="batch_size", type=int, help="(128)")
-    t.add_argument("--num-epochs", dest="num_epochs", type=int, help="(30)")
-    t.add_argument("--lr", type=float, help="initial learning rate (2e-4)")
-    t.add_argument("--lr-update", dest="lr_update", type=int, help="lr x 0.1 every N epochs (15)")
-    t.add_argument("--grad-clip", dest="grad_clip", type=float, help="max gradient norm, <= 0: none (2.0)")
-    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int,
-                   help="epochs that sum the loss over all negatives before hardest negatives take over, "
-                        "as VSE-infinity's warm-up; 0 = max violation from the start, as the paper (0)")
-    t.add_argument("--seed", type=int, help="(0)")
-    t.add_argument("--device", help="auto (cuda if available), cpu, cuda (auto)")
-    t.add_argument("--workers", type=int, help="data-loader workers (0)")
-    t.add_argument("--max-dev-captions", dest="max_dev_captions", type=int,
-                   help="dev captions evaluated, 0 = all (5000)")
-    return p
-
-
-def read_defaults_file(data_dir: str) -> dict:
-    """DIR/train_defaults.json as {setting: value} ({} if absent). Malformed JSON, anything but an
-    object, or an unknown setting is a UserError naming the file (types are checked with the flags)."""
-    path = os.path.join(data_dir, DEFAULTS_FILE)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object of settings, got {type(raw).__name__}")
-    raw = {("n_steps" if k == "iteration_step" else k): v for k, v in raw.items()}
-    unknown = sorted(k for k in raw if k not in MODEL_KEYS and k not in TRAIN_KEYS)
-    if unknown:
-        raise UserError(f"{path}: unknown setting(s) {unknown}; known: {', '.join(MODEL_KEYS + TRAIN_KEYS)}")
-    return raw
-
-
-def resolve_settings(given: dict, data_dir: str) -> tuple[dict, dict, list[str]]:
-    """given flags -> (model settings, train settings, names taken from train_defaults.json)."""
-    given = dict(given)
-    if given.pop("baseline", None) == "mean":
-        if given.get("mode", "mean") != "mean":
-            raise UserError(f"--baseline mean conflicts with --mode {given['mode']}")
-        given["mode"] = "mean"
-    file_defaults = read_defaults_file(data_dir)
-    settings = {**{k: getattr(IMRAMConfig, k) for k in MODEL_KEYS}, **asdict(TrainConfig())}
-    from_file = sorted(k for k in file_defaults if k not in given)
-    settings.update({k: file_defaults[k] for k in from_file})
-    settings.update(given)
-    check_settings(settings, {k: os.path.join(data_dir, DEFAULTS_FILE) for k in from_file})
-    return {k: settings[k] for k in MODEL_KEYS}, {k: settings[k] for k in asdict(TrainConfig())}, from_file
-
-
-# --------------------------------------------------------------------------- up-front checks
-_TYPES = {f.name: f.type for f in (*fields(IMRAMConfig), *fields(TrainConfig))}
-_FLAGS = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
-_LIMITS = {  # setting: (low, high); high None = unbounded
-    "embed_size": (1, 1 << 16), "word_dim": (1, 1 << 16), "num_layers": (1, 64), "n_steps": (1, 64),
-    "batch_size": (1, checks.MAX_BATCH), "num_epochs": (0, 1 << 20), "lr_update": (1, None),
-    "warmup_epochs": (0, None), "seed": (0, 2 ** 32 - 1), "workers": (0, checks.MAX_WORKERS),
-    "max_dev_captions": (0, None),
-}
-_CHOICES = {"mode": MODES, "raw_feature_norm": RAW_FEATURE_NORMS, "img_encoder": ("basic", "weight_norm")}
-
-
-def check_settings(settings: dict, sources: dict[str, str]) -> None:
-    """Types and ranges of the resolved settings; an error names the flag, or the file a value came
-    from (``sources``: setting -> file)."""
-    def where(key):
-        return f"{sources[key]}: {key}" if key in sources else _FLAGS.get(key, key)
-
-    for key, kind in _TYPES.items():
-        if key not in settings or key in ("data", "out", "vocab_size", "img_dim"):
-            continue
-        value = settings[key]
-        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-              "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
-        if not ok:
-            raise UserError(f"{where(key)} must be a{'n' if kind == 'int' else ''} {kind}, got {value!r}")
-        if kind == "float" and not math.isfinite(value):
-            raise UserError(f"{where(key)} must be a finite number, got {value!r}")
-        if key in _LIMITS:
-            low, high = _LIMITS[key]
-            if value < low or (high is not None and value > high):
-                raise UserError(f"{where(key)} must be {f'>= {low}' if high is None else f'in {low}..{high}'}, "
-                                f"got {value}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise UserError(f"{where(key)} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if "lr" in settings and settings["lr"] <= 0:
-        raise UserError(f"{where('lr')} must be > 0, got {settings['lr']}")
-
-
-RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt")
-
-
-def check_run_folder(out: str, data: str, resume_path: str | None, overwrite: bool) -> bool:
-    """The run folder policy. A run folder holds one run: --out must be new or empty, or the folder
-    being resumed (--resume OUT/last.pt), or else --overwrite must be given, and then the old run's
-    files (RUN_FILES) are removed once every check has passed, before the new config.json is
-    written. Returns whether to remove them. A refused run writes nothing anywhere."""
-    cli.check_output_folder(out, "--out")
-    if os.path.isdir(data) and os.path.isdir(out) and os.path.samefile(out, data):
-        raise UserError(f"--out {out} is the data folder {data}: give a run folder of its own")
-    if resume_path and os.path.isdir(out) and os.path.samefile(out, os.path.dirname(os.path.abspath(resume_path))):
-        return False  # resuming in place: the run goes on
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        held = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise UserError(f"--out {out} is not empty (holds {held}): "
-                        "give a new folder, continue its run with --resume, or add --overwrite to replace it")
-    return bool(entries)
-
-
-def estimated_bytes(cfg: IMRAMConfig) -> int | None:
-    """Memory of the weights, their gradients and Adam's two moments (float32), counted on the meta device."""
-    try:
-        with torch.device("meta"):
-            n = sum(p.numel() for p in IMRAM(cfg).parameters())
-    except Exception:  # an estimate only: never block training on it
-        return None
-    return 16 * n
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -265,34 +93,47 @@ def learning_rate(lr0: float, epoch: int, lr_update: int) -> float:
     return lr0 * 0.1 ** (epoch // lr_update)
 
 
-def train_epoch(model: IMRAM, loader, optimizer, cfg: TrainConfig, device: torch.device, epoch: int) -> float:
-    """One pass over the loader; returns the mean batch loss."""
+def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConfig, device: torch.device,
+                epoch: int, ctx: distributed.Context) -> float:
+    """One pass over the loader; returns the mean batch loss of the global batches.
+
+    step: ``distributed.BatchLoss`` (in DistributedDataParallel on N processes): this process's
+    slice of a global batch -> its loss term. The autocast of ``cfg.precision`` covers the forward
+    pass; fp16 scales the loss (``scaler``) and skips a step whose gradients overflowed."""
+    model = step.module.model if isinstance(step, torch.nn.parallel.DistributedDataParallel) else step.model
     model.train()
     total, n = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, dynamic_ncols=True,
+               disable=not ctx.is_main)
+    dtype = PRECISIONS[cfg.precision]
+    max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
     for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
-        region_embs = model.encode_images(region_feats.to(device, non_blocking=True))
-        word_embs = model.encode_captions(tokens.to(device, non_blocking=True), lengths)  # lengths stay on the CPU
-        pair_scores = schedule.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
-        max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
-        loss = contrastive_loss(pair_scores, model.cfg.margin, max_violation)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = step(region_feats.to(device, non_blocking=True), tokens.to(device, non_blocking=True),
+                        lengths, max_violation)  # lengths stay on the CPU
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the weights are spoilt
-            raise FloatingPointError(f"epoch {epoch + 1}, batch {n + 1}: loss {loss.item()}, gradient norm "
+        batch_loss = distributed.all_reduce_sum(float(loss) / ctx.world, ctx)  # the global batch's loss
+        overflow_skipped = scaler.is_enabled() and not torch.isfinite(grad_norm)
+        if not (np.isfinite(batch_loss) and (torch.isfinite(grad_norm) or overflow_skipped)):
+            raise FloatingPointError(f"epoch {epoch + 1}, batch {n + 1}: loss {batch_loss}, gradient norm "
                                      f"{grad_norm.item()}; not finite, the step was not taken")
-        optimizer.step()
-        total, n = total + loss.item(), n + 1
+        scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+        scaler.update()
+        total, n = total + batch_loss, n + 1
         bar.set_postfix(loss=f"{total / n:.4f}")
     bar.close()
     return total / max(n, 1)
 
 
-def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device: torch.device) -> dict:
-    """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum."""
-    r = evaluate.evaluate_split(model, dataset, device, batch_size=cfg.batch_size)
+def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device: torch.device,
+                ctx: distributed.Context) -> dict:
+    """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum. On N processes each scores its share of the images."""
+    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
+    r = evaluate.evaluate_split(model, dataset, device, batch_size=cfg.batch_size, score_all=score_all)
     names = ("r1", "r5", "r10", "medr", "meanr")
     flat = {f"{d}_{k}": float(v) for d in ("i2t", "t2i") for k, v in zip(names, r[d])}
     flat["rsum"] = float(r["rsum"])
@@ -327,6 +168,8 @@ def _main(argv: list[str] | None) -> dict:
             raise UserError(f"{resume_path} has no training state (resume from a last.pt)")
         state = ckpt["train_state"]
         stored_model, stored_train = ckpt["config"], state.get("train_config")
+        if isinstance(stored_train, dict):  # settings added since the checkpoint was written: their defaults
+            stored_train = {**{k: v for k, v in asdict(TrainConfig()).items() if k in NEW_TRAIN_KEYS}, **stored_train}
         if not isinstance(stored_model, dict) or not isinstance(stored_train, dict) \
                 or set(stored_train) != set(asdict(TrainConfig())):
             raise CheckpointError(f"{resume_path}: its training state does not hold this version's settings")
@@ -346,12 +189,16 @@ def _main(argv: list[str] | None) -> dict:
         if "data" not in given or "out" not in given:
             raise UserError("--data and --out are required (unless --resume)")
         checks.data_folder(given["data"])
+        checks.vocabulary(given["data"])  # first: a folder without one is told which command makes it
         model_settings, train_settings, from_file = resolve_settings(given, given["data"])
         tcfg = TrainConfig(**train_settings)
 
     # Every check before anything is trained or written: device, data (vocabulary, every split
     # the run reads), model size, run folder.
     device = checks.device(tcfg.device)
+    ctx = distributed.setup(device.type)  # torchrun: join the process group (gloo on the CPU, nccl on CUDA)
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
     checks.data_folder(tcfg.data)
     train_split = checks.split(tcfg.data, "train", "--data")
     dev_split = checks.split(tcfg.data, "dev", "--data")
@@ -377,16 +224,19 @@ def _main(argv: list[str] | None) -> dict:
             raise UserError(f"the model would need about {need / 2 ** 30:.1f} GiB for its weights, gradients and "
                             f"Adam state, more than this machine's {have / 2 ** 30:.1f} GiB: use a smaller "
                             "--embed-size / --word-dim / --num-layers")
+    check_global_batch(train_split.n_captions, tcfg.batch_size, ctx.world)
     clear_old_run = check_run_folder(tcfg.out, tcfg.data, resume_path, overwrite)
+    say = print if ctx.is_main else (lambda *a, **k: None)  # rank 0 speaks and writes for the run
     if state is None and from_file:  # said once every check has passed: a refused run prints only its error
         chosen = {**model_settings, **train_settings}
-        print(f"from {os.path.join(tcfg.data, DEFAULTS_FILE)}: " + ", ".join(f"{k}={chosen[k]}" for k in from_file))
+        say(f"from {os.path.join(tcfg.data, DEFAULTS_FILE)}: " + ", ".join(f"{k}={chosen[k]}" for k in from_file))
 
-    if clear_old_run:  # --overwrite: the old run goes as a whole, before the new one writes anything
+    if clear_old_run and ctx.is_main:  # --overwrite: the old run goes as a whole, before the new one writes anything
         for name in RUN_FILES:
             if os.path.exists(os.path.join(tcfg.out, name)):
                 os.remove(os.path.join(tcfg.out, name))
-    os.makedirs(tcfg.out, exist_ok=True)
+    if ctx.is_main:
+        os.makedirs(tcfg.out, exist_ok=True)
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
@@ -398,10 +248,17 @@ def _main(argv: list[str] | None) -> dict:
         model = IMRAM(cfg).to(device)
     train_set = PrecompDataset(tcfg.data, "train", vocab)
     dev_set = PrecompDataset(tcfg.data, "dev", vocab, max_captions=max_dev)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=tcfg.workers, generator=loader_generator,
-                                         pin_memory=device.type == "cuda")
+    # the global batches of one process's DataLoader(shuffle=True); each process loads its slice of each
+    batches = distributed.GlobalBatchSampler(torch.utils.data.RandomSampler(train_set, generator=loader_generator),
+                                             tcfg.batch_size, ctx.rank, ctx.world)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tcfg.workers,
+                                         generator=loader_generator, pin_memory=device.type == "cuda")
+    step = distributed.BatchLoss(model, schedule.score_pairs, ctx)
+    if ctx.world > 1:
+        step = torch.nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
 
     start_epoch, best_rsum = 0, -float("inf")
     log_path = os.path.join(tcfg.out, "log.jsonl")
@@ -410,19 +267,21 @@ def _main(argv: list[str] | None) -> dict:
         start_epoch, best_rsum = int(state["epoch"]), float(state["best_rsum"])
         set_rng_state(state["rng"], loader_generator)
         src_dir = os.path.dirname(os.path.abspath(resume_path))
-        rewrite_log(os.path.join(src_dir, "log.jsonl"), log_path, start_epoch)
         src_best, dst_best = os.path.join(src_dir, "best.pt"), os.path.join(tcfg.out, "best.pt")
-        if os.path.exists(src_best) and os.path.abspath(src_best) != os.path.abspath(dst_best):
-            with open(src_best, "rb") as f:  # a new run folder starts with the best so far
-                atomic.write_bytes(dst_best, f.read())
-        print(f"resumed from {resume_path} after epoch {start_epoch} (best dev rsum {best_rsum:.2f})")
-    else:
+        if ctx.is_main:
+            rewrite_log(os.path.join(src_dir, "log.jsonl"), log_path, start_epoch)
+            if os.path.exists(src_best) and os.path.abspath(src_best) != os.path.abspath(dst_best):
+                with open(src_best, "rb") as f:  # a new run folder starts with the best so far
+                    atomic.write_bytes(dst_best, f.read())
+        say(f"resumed from {resume_path} after epoch {start_epoch} (best dev rsum {best_rsum:.2f})")
+    elif ctx.is_main:
         rewrite_log(log_path, log_path, 0)  # a fresh run starts a fresh log
-    atomic.write_json(os.path.join(tcfg.out, "config.json"),
-                      {"model": model.cfg.to_dict(), "train": asdict(tcfg), "from_defaults_file": from_file})
+    if ctx.is_main:
+        atomic.write_json(os.path.join(tcfg.out, "config.json"),
+                          {"model": model.cfg.to_dict(), "train": asdict(tcfg), "from_defaults_file": from_file})
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"mode={model.cfg.mode} params={n_params:,} train={len(train_set)} captions / {train_set.n_images} images, "
-          f"dev={len(dev_set)} captions, device={device}")
+    say(f"mode={model.cfg.mode} params={n_params:,} train={len(train_set)} captions / {train_set.n_images} images, "
+          f"dev={len(dev_set)} captions, device={device}, processes={ctx.world}, precision={tcfg.precision}")
 
     entry = {}
     for epoch in range(start_epoch, tcfg.num_epochs):
@@ -430,13 +289,15 @@ def _main(argv: list[str] | None) -> dict:
         lr = learning_rate(tcfg.lr, epoch, tcfg.lr_update)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss = train_epoch(model, loader, optimizer, tcfg, device, epoch)
-        dev = dev_metrics(model, dev_set, tcfg, device)
+        train_loss = train_epoch(step, loader, optimizer, scaler, tcfg, device, epoch, ctx)
+        dev = dev_metrics(model, dev_set, tcfg, device, ctx)
         entry = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **dev,
                  "seconds": round(time.perf_counter() - t0, 3)}
         is_best = dev["rsum"] > best_rsum
         best_rsum = max(best_rsum, dev["rsum"])
         meta = {"epoch": epoch + 1, "dev": dev, "best_rsum": best_rsum}
+        if not ctx.is_main:
+            continue
         if is_best:
             save_checkpoint(os.path.join(tcfg.out, "best.pt"), model, vocab, meta)
         train_state = {"epoch": epoch + 1, "best_rsum": best_rsum, "optimizer": optimizer.state_dict(),
@@ -445,10 +306,18 @@ def _main(argv: list[str] | None) -> dict:
         with open(log_path, "a", encoding="utf-8") as f:  # before last.pt: a resume drops lines past its epoch
             f.write(json.dumps(entry) + "\n")
         save_checkpoint(os.path.join(tcfg.out, "last.pt"), model, vocab, meta, train_state)
-        print(f"epoch {epoch + 1}/{tcfg.num_epochs} lr {lr:.2e} loss {train_loss:.4f} dev rsum {dev['rsum']:.2f} "
+        say(f"epoch {epoch + 1}/{tcfg.num_epochs} lr {lr:.2e} loss {train_loss:.4f} dev rsum {dev['rsum']:.2f} "
               f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if is_best else ''} "
               f"{entry['seconds']:.1f}s")
+    distributed.teardown(ctx)
     return entry
+
+
+def check_global_batch(n_items: int, batch_size: int, world: int) -> None:
+    """On N processes every one needs an item of every global batch, the last (smaller) one too."""
+    if world > 1 and (batch_size < world or 0 < n_items % batch_size < world):
+        raise UserError(f"--batch-size {batch_size} over {n_items} captions leaves a global batch of fewer items than "
+                        f"the {world} processes: choose a batch size whose last batch has at least {world}")
 
 
 if __name__ == "__main__":
