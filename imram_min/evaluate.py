@@ -29,6 +29,7 @@ d) float32 on the CPU, as the original does; blocks of captions are moved to the
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset
-from imram_min import checks, schedule
+from imram_min import checks, distributed, schedule
 from imram_min.model import IMRAM
 from runtime import atomic, cli
 
@@ -242,6 +243,9 @@ def _main(argv: list[str] | None) -> dict:
     if args.save_sims is not None and n_img * split.n_captions * 4 > (checks.physical_memory() or float("inf")):
         raise cli.UserError(f"--save-sims: the {n_img} x {split.n_captions} float32 matrix would not fit in memory; "
                             "use --max-captions or --fold5 without --save-sims")
+    ctx = distributed.setup(device.type)  # torchrun: each process scores its share of the images
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)
     model, vocab, meta = load_model(args.checkpoint, device)
     if model.cfg.img_dim != split.img_dim:
         raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
@@ -249,12 +253,18 @@ def _main(argv: list[str] | None) -> dict:
 
     schedule.retain_freed_memory()
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
-    print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
-          f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
+    if ctx.is_main:
+        print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
+              f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}, "
+              f"processes {ctx.world}", file=sys.stderr)
+    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
-                            return_sims=bool(args.save_sims), progress=True)
+                            return_sims=bool(args.save_sims), progress=ctx.is_main, score_all=score_all)
+    distributed.teardown(ctx)
     sims = result.pop("sims", None)
     result["split"] = args.split
+    if not ctx.is_main:
+        return result
     print(format_table(result, f"{args.split}{' (5-fold mean)' if args.fold5 else ''}: "
                                f"{result['n_images']} images, {result['n_captions']} captions"))
     if args.json:

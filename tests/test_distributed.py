@@ -5,7 +5,11 @@ file in a temporary folder, and write what they computed there for the test to c
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,10 +17,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fixtures import TINY, random_feats, random_tokens, tiny_model  # noqa: F401
+from fixtures import random_feats, random_tokens, tiny_checkpoint, tiny_data, tiny_model  # noqa: F401
+from test_train import TINY as TRAIN_TINY, make_data, read_log
 
 from imram_min import distributed as D
-from imram_min import schedule
+from imram_min import evaluate, schedule, train
+from imram_min.checkpoint import load_checkpoint
 from imram_min.model import contrastive_loss
 
 WORLD = 2
@@ -157,3 +163,72 @@ def test_distributed_similarities_equal_one_process(tmp_path):
     for r in range(WORLD):
         got = np.load(tmp_path / f"sims{r}.npy", allow_pickle=False)
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-6
+
+
+# --------------------------------------------------------------------------- torchrun
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS2 = ["--num-epochs", "2"]
+
+
+def torchrun(module: str, args: list, n: int = WORLD, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node n -m module args``, one thread per process."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", module,
+           *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def max_weight_diff(a, b) -> float:
+    wa, wb = weights(a), weights(b)
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def train_one_process(data, run, *extra):
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(["--data", data, "--out", str(run), *TRAIN_TINY, *extra])
+
+
+def test_torchrun_two_processes_train_the_one_process_model(tmp_path):
+    data = make_data(tmp_path / "data")
+    one = train_one_process(data, tmp_path / "one", *EPOCHS2)
+    done = torchrun("imram_min.train", ["--data", data, "--out", tmp_path / "two", *TRAIN_TINY, *EPOCHS2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = read_log(tmp_path / "two")[-1]
+    assert two["epoch"] == 2 and abs(two["rsum"] - one["rsum"]) <= 1.0
+    assert abs(two["train_loss"] - one["train_loss"]) <= 1e-4 * abs(one["train_loss"])
+    assert max_weight_diff(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt") <= 1e-4
+    assert sorted(os.listdir(tmp_path / "two")) == ["best.pt", "config.json", "last.pt", "log.jsonl"]
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path):
+    data = make_data(tmp_path / "data")
+    train_one_process(data, tmp_path / "straight", *EPOCHS2)
+    done = torchrun("imram_min.train", ["--data", data, "--out", tmp_path / "a", *TRAIN_TINY, "--num-epochs", "1"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    with contextlib.redirect_stdout(io.StringIO()):  # 2 processes -> 1
+        train.main(["--resume", str(tmp_path / "a" / "last.pt"), *EPOCHS2])
+    assert [e["epoch"] for e in read_log(tmp_path / "a")] == [1, 2]
+    assert max_weight_diff(tmp_path / "straight" / "last.pt", tmp_path / "a" / "last.pt") <= 1e-4
+    train_one_process(data, tmp_path / "b", "--num-epochs", "1")  # 1 process -> 2
+    done = torchrun("imram_min.train", ["--resume", tmp_path / "b" / "last.pt", *EPOCHS2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [e["epoch"] for e in read_log(tmp_path / "b")] == [1, 2]
+    assert max_weight_diff(tmp_path / "straight" / "last.pt", tmp_path / "b" / "last.pt") <= 1e-4
+
+
+def test_torchrun_evaluate_gives_the_one_process_metrics(tmp_path, tiny_data, tiny_checkpoint):
+    json_one, json_two = tmp_path / "one.json", tmp_path / "two.json"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        evaluate.main([str(tiny_checkpoint), "--data", str(tiny_data), "--device", "cpu", "--json", str(json_one),
+                       "--save-sims", str(tmp_path / "one.npy")])
+    done = torchrun("imram_min.evaluate", [tiny_checkpoint, "--data", tiny_data, "--device", "cpu",
+                                           "--json", json_two, "--save-sims", tmp_path / "two.npy"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads(p.read_text()) for p in (json_one, json_two))
+    assert one == two
+    assert np.abs(np.load(tmp_path / "one.npy") - np.load(tmp_path / "two.npy")).max() <= 1e-6
