@@ -9,8 +9,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +234,39 @@ def test_torchrun_evaluate_gives_the_one_process_metrics(tmp_path, tiny_data, ti
     one, two = (json.loads(p.read_text()) for p in (json_one, json_two))
     assert one == two
     assert np.abs(np.load(tmp_path / "one.npy") - np.load(tmp_path / "two.npy")).max() <= 1e-6
+
+
+def test_kill_9_of_one_rank_ends_the_run_and_leaves_complete_checkpoints(tmp_path):
+    data, run = make_data(tmp_path / "data", n_train=40), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+           "imram_min.train", "--data", data, "--out", str(run), *TRAIN_TINY, "--num-epochs", "50"]
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last.pt").exists():  # the first epoch's checkpoint: the run is mid-way
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-2000:]
+            time.sleep(0.2)
+        victim = next(pid for pid in children(agent.pid) if environ_of(pid).get("RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0 and "SIGKILL" in err, err[-2000:]  # torchrun names the signal and the rank
+    epoch = load_checkpoint(run / "last.pt")["train_state"]["epoch"]  # complete, loadable
+    assert load_checkpoint(run / "best.pt")["meta"]["epoch"] <= epoch
+    assert [e["epoch"] for e in read_log(run)][-1] >= epoch
+    with contextlib.redirect_stdout(io.StringIO()):  # the resume continues where last.pt stopped
+        entry = train.main(["--resume", str(run / "last.pt"), "--num-epochs", str(epoch + 1)])
+    assert entry["epoch"] == epoch + 1
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def environ_of(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
