@@ -14,6 +14,11 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
                  backward pass (what training does on a GPU)
     fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False) (training on the CPU)
     plain        IMRAM.similarity (model.py), on request
+    fast-bf16    fast-nockpt under torch.autocast(bfloat16) (train --precision bf16); its gradients
+                 are bf16-rounded, so its check is reported, not required
+    ddp-N        fast-nockpt on N processes (gloo on the CPU, one thread each; DistributedDataParallel
+                 around imram_min.distributed.BatchLoss, as torchrun -m imram_min.train): the same
+                 global batch and gradients, timed per global step (e.g. ddp-2)
 
 Every scorer starts from the same weights (seed) and batch. Its first step is the gradient check:
 on the first --check-batch samples (default: the whole batch), every parameter's gradient before
@@ -29,22 +34,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from imram_min import schedule  # noqa: E402
-from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss  # noqa: E402
+from imram_min.distributed import BatchLoss, Context, join, rank_slice, teardown  # noqa: E402
+from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from reference import per_caption_similarity  # noqa: E402  (tests/reference.py)
 from score import add_shape_args, load_line  # noqa: E402  (benchmarks/score.py)
 
-SCORERS = ("original", "fast", "fast-nockpt", "plain")
+SCORERS = ("original", "fast", "fast-nockpt", "plain", "fast-bf16", "ddp-2", "ddp-4")
 SIZES = {"cuda": (128, 1024), "cpu": (32, 256)}  # batch size, d
 LR, GRAD_CLIP, GRAD_RTOL = 2e-4, 2.0, 1e-4
 
@@ -59,8 +68,9 @@ def make_batch(a, b: int):
     return [torch.from_numpy(x) for x in (feats, tokens, lengths)]
 
 
-def run_scorer(name: str, a, device: torch.device, batch) -> tuple[dict, dict | None]:
-    """One scorer's steps -> (result, the check step's gradients {parameter: tensor} or None)."""
+def run_scorer(name: str, a, device: torch.device, batch, rank: int = 0, init: str = "") -> tuple[dict, dict | None]:
+    """One scorer's steps -> (result, the check step's gradients {parameter: tensor} or None). ddp-N:
+    process ``rank`` of N, joined through ``init`` (``run_processes`` starts them)."""
     torch.manual_seed(a.seed)
     cfg = IMRAMConfig(vocab_size=a.vocab_size, img_dim=a.img_dim, word_dim=a.word_dim, embed_size=a.embed_size,
                       mode=a.mode, n_steps=a.steps)
@@ -69,16 +79,24 @@ def run_scorer(name: str, a, device: torch.device, batch) -> tuple[dict, dict | 
     feats, tokens, lengths = batch[0].to(device), batch[1].to(device), batch[2]  # lengths stay on the CPU
     kw = {"max_elems": schedule.CUDA_MAX_ELEMS} if device.type == "cuda" else {}  # as training on each device
     score = {"original": per_caption_similarity, "plain": IMRAM.similarity,
-             "fast": lambda *x: schedule.similarity(*x, checkpoint=True, **kw),
-             "fast-nockpt": lambda *x: schedule.similarity(*x, checkpoint=False, **kw)}[name]
+             "fast": lambda *x: schedule.similarity(*x, checkpoint=True, **kw)}.get(
+        name, lambda *x: schedule.similarity(*x, checkpoint=False, **kw))
+    ctx, world = Context(), 1
+    if name.startswith("ddp-"):
+        world = int(name[4:])
+        ctx = join(rank, world, init, device.type)
+    loss_of = BatchLoss(model, score, ctx)
+    step_module = loss_of if world == 1 else torch.nn.parallel.DistributedDataParallel(loss_of)
+    bf16 = name == "fast-bf16"
     grads = None
 
     def step(b: int, keep: bool = False) -> float:
         nonlocal grads
         t0 = time.perf_counter()
-        n = lengths[:b]
-        sims = score(model, model.encode_images(feats[:b]), model.encode_captions(tokens[:b, :int(n.max())], n), n)
-        loss = contrastive_loss(sims, cfg.margin, cfg.max_violation)
+        own = rank_slice(b, world, rank)
+        n = lengths[:b][own]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = step_module(feats[:b][own], tokens[:b][own][:, :int(n.max())], n, cfg.max_violation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if keep:
@@ -109,8 +127,25 @@ def run_scorer(name: str, a, device: torch.device, batch) -> tuple[dict, dict | 
     if res["step_times"]:
         res["seconds_per_step"] = float(np.mean(res["step_times"]))
         res["samples_per_s"] = a.batch_size / res["seconds_per_step"]
+    if world > 1:
+        teardown(ctx)
     del model, optimizer
     return res, grads
+
+
+def _process(rank: int, name: str, a, folder: str) -> None:
+    torch.set_num_threads(1)
+    res, grads = run_scorer(name, a, torch.device("cpu"), make_batch(a, a.batch_size), rank, f"file://{folder}/init")
+    if rank == 0:
+        torch.save({"res": res, "grads": grads}, os.path.join(folder, "out.pt"))
+
+
+def run_processes(name: str, a) -> tuple[dict, dict | None]:
+    """ddp-N: N processes (spawned, one thread each) run ``run_scorer``; rank 0's result and gradients."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_process, args=(name, a, folder), nprocs=int(name[4:]), start_method="spawn")
+        out = torch.load(os.path.join(folder, "out.pt"), weights_only=False)  # our own file, just written
+    return out["res"], out["grads"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.iters} timed steps", flush=True)
     batch, results, grads = make_batch(a, a.batch_size), {}, {}
     for name in names:
-        results[name], grads[name] = run_scorer(name, a, device, batch)
+        results[name], grads[name] = run_processes(name, a) if name.startswith("ddp-") else \
+            run_scorer(name, a, device, batch)
         print(f"  {name:<12} {results[name]['status']} {results[name].get('samples_per_s', 0):.2f} samples/s", flush=True)
     ref, ref_grads = results.get("original", {}), grads.get("original")
     print(f"{'scorer':<13}{'status':>7}{'samples/s':>11}{'s/step':>9}{'x orig':>8}{'peak MB':>9}"
@@ -155,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             same = grads[name].keys() == ref_grads.keys()
             r["grad_max_abs_diff"] = max(float((grads[name][k] - g).abs().max()) for k, g in ref_grads.items()) \
                 if same else float("inf")
-            r["grad_max_abs"], r["grad_check"] = scale, "PASS" if r["grad_max_abs_diff"] <= GRAD_RTOL * scale else "FAIL"
+            r["grad_max_abs"], r["grad_check"] = scale, "PASS" if r["grad_max_abs_diff"] <= GRAD_RTOL * scale else \
+                ("bf16" if name == "fast-bf16" else "FAIL")
         sps, per_step, peak = r.get("samples_per_s"), r.get("seconds_per_step"), r.get("peak_mb")
         ratio = f"{sps / ref['samples_per_s']:.2f}" if sps and ref.get("samples_per_s") else "-"
         diff = "ref" if name == "original" else (f"{r['grad_max_abs_diff']:.2e}" if "grad_max_abs_diff" in r else "-")

@@ -145,10 +145,13 @@ def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_que
         pre = torch.baddbmm(query_proj.reshape(1, rows, 2 * d), flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
     else:
         pre = (memory.reshape(-1, d) @ w_query.T).view(n_c_items, rows, 2 * d)  # W_q m_i
-        pre = pre.baddbmm_(flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+        if pre.dtype == flat.dtype == context_proj.dtype:
+            pre = pre.baddbmm_(flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+        else:  # under autocast (--precision bf16/fp16) the dtypes differ: not in place
+            pre = torch.baddbmm(pre, flat, context_proj)
     sig = pre.sigmoid_().view(n_c_items, n_q_items, n_query, 2 * d)  # [sigmoid(2 x_o) | g]  (8)
     o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
-    return torch.lerp(o, memory, sig[..., d:])  # (F6), (9): o + g (m - o) = g m + (1 - g) o
+    return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (m - o) = g m + (1 - g) o
 
 
 # --------------------------------------------------------------------------- iterative matching

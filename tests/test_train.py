@@ -99,3 +99,24 @@ def test_baseline_mean_trains_the_mean_pooled_model(tmp_path):
     assert model.cfg.mode == "mean" and model.text_mdu is None and model.image_mdu is None
     with pytest.raises(SystemExit):
         train.main(["--data", data, "--out", run, "--num-epochs", "0", "--baseline", "mean", "--mode", "full"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_a_finite_loss(tmp_path, precision):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    entry = train.main(["--data", data, "--out", run, "--num-epochs", "1", "--precision", precision, *TINY])
+    assert np.isfinite(entry["train_loss"]) and entry["train_loss"] > 0
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["train"]["precision"] == precision
+
+
+def test_a_checkpoint_from_before_precision_resumes_in_fp32(tmp_path):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
+    ckpt = load_checkpoint(os.path.join(run, "last.pt"))
+    del ckpt["train_state"]["train_config"]["precision"]  # as written before the setting existed
+    torch.save(ckpt, os.path.join(run, "last.pt"))
+    entry = train.main(["--resume", os.path.join(run, "last.pt"), "--num-epochs", "2"])
+    assert entry["epoch"] == 2
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["train"]["precision"] == "fp32"
