@@ -57,8 +57,11 @@ SCORERS = ("loop", "plain", "fast", "onnx-cpu", "loop-cuda", "plain-cuda", "fast
 SHARED, TOL = 0.5, 1e-5
 
 
-def add_shape_args(p: argparse.ArgumentParser) -> None:
-    """The model and input shape flags of this benchmark and train_step.py."""
+def shape_parser(doc: str, embed_help: str) -> argparse.ArgumentParser:
+    """The parser of this benchmark and train_step.py, with their shared model and input shape flags."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embed-size", type=int, help=embed_help)
     p.add_argument("--mode", choices=["full", "text", "image"], default="full", help="(full)")
     p.add_argument("--steps", type=int, default=3, help="matching steps K (3)")
     p.add_argument("--n-region", type=int, default=36, help="regions per image (36)")
@@ -70,6 +73,7 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads (default: theirs)")
     p.add_argument("--seed", type=int, default=0, help="(0)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    return p
 
 
 def build_model(a, embed_size: int) -> IMRAM:
@@ -217,13 +221,10 @@ def run_size(size: str, a, names: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = shape_parser(__doc__, "d (full 1024, small 256)")
     p.add_argument("--size", choices=["full", "small", "both"], default="both", help="(both)")
     p.add_argument("--n-img", type=int, help="images in the shard (full 32, small 48)")
     p.add_argument("--n-cap", type=int, help="captions in the shard (full 40, small 64)")
-    p.add_argument("--embed-size", type=int, help="d (full 1024, small 256)")
-    add_shape_args(p)
     p.add_argument("--scorers", help="comma-separated (default: the CPU ones, and the CUDA ones where available)")
     p.add_argument("--slice", action="append", default=[], metavar="LOOP=[IMGSx]CAPS",
                    help="the pairs loop or loop-cuda scores (default: the preset shard's pairs, 100000 on CUDA)")

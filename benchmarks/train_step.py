@@ -32,7 +32,6 @@ in --min-len..--max-len; random weights, IMRAMConfig defaults but for d, mode an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ from imram_min import schedule  # noqa: E402
 from imram_min.distributed import BatchLoss, Context, join, rank_slice, teardown  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from reference import per_caption_similarity  # noqa: E402  (tests/reference.py)
-from score import add_shape_args, load_line  # noqa: E402  (benchmarks/score.py)
+from score import load_line, shape_parser  # noqa: E402  (benchmarks/score.py)
 
 SCORERS = ("original", "fast", "fast-nockpt", "plain", "fast-bf16", "ddp-2", "ddp-4")
 SIZES = {"cuda": (128, 1024), "cpu": (32, 256)}  # batch size, d
@@ -149,12 +148,9 @@ def run_processes(name: str, a) -> tuple[dict, dict | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = shape_parser(__doc__, "d (cuda 1024, cpu 256)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(auto: cuda if torch sees it)")
     p.add_argument("--batch-size", type=int, help="B (cuda 128, cpu 32)")
-    p.add_argument("--embed-size", type=int, help="d (cuda 1024, cpu 256)")
-    add_shape_args(p)
     p.add_argument("--scorers", default="original,fast,fast-nockpt", help="comma-separated, of " + ",".join(SCORERS))
     p.add_argument("--iters", type=int, default=3, help="timed steps (3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the check step (1)")

@@ -323,16 +323,22 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
+SETTINGS = (  # flag, type, default, help: the knobs of make_synthetic
+    ("--seed", int, 0, "(0)"),
+    ("--n-train", int, 1000, "training images, 5 captions each (1000)"),
+    ("--n-dev", int, 200, "(200)"),
+    ("--n-test", int, 500, "(500)"),
+    ("--img-dim", int, 256, "size of a region feature (256)"),
+    ("--twin-fraction", float, 0.4, "share of images in hard-negative twin pairs (0.4)"),
+    ("--noise", float, 0.5, "scale of the per-region latent noise (0.5)"),
+)
+
+
 def add_arguments(p) -> None:
     """The flags of the synthetic data command (also ``python -m imram_min.data synthetic``)."""
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--seed", type=int, default=0, help="(0)")
-    p.add_argument("--n-train", type=int, default=1000, help="training images, 5 captions each (1000)")
-    p.add_argument("--n-dev", type=int, default=200, help="(200)")
-    p.add_argument("--n-test", type=int, default=500, help="(500)")
-    p.add_argument("--img-dim", type=int, default=256, help="size of a region feature (256)")
-    p.add_argument("--twin-fraction", type=float, default=0.4, help="share of images in hard-negative twin pairs (0.4)")
-    p.add_argument("--noise", type=float, default=0.5, help="scale of the per-region latent noise (0.5)")
+    for flag, kind, default, text in SETTINGS:
+        p.add_argument(flag, type=kind, default=default, help=text)
 
 
 def write_from_args(args) -> int:
