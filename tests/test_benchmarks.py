@@ -24,7 +24,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     args = {"score.py": ["--size", "small", "--n-img", "3", "--n-cap", "4", "--scorers", ",".join(CPU_SCORERS),
                          "--rounds", "2"],
-            "train_step.py": ["--device", "cpu", "--batch-size", "4", "--iters", "1"]}
+            "train_step.py": ["--device", "cpu", "--batch-size", "4", "--iters", "1",
+                              "--scorers", "original,fast,fast-nockpt,fast-bf16,ddp-2"]}
     procs = {script: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *extra, *TINY_MODEL,
                                        "--json", str(tmp / f"{script}.json")], cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -57,8 +58,9 @@ def test_train_step_gradients_of_the_fast_forms_match_the_original(runs):
     status, output, report = runs["train_step.py"]
     assert status == 0, output
     results = report["scorers"]
-    assert list(results) == ["original", "fast", "fast-nockpt"]
-    for name in ("fast", "fast-nockpt"):
+    assert list(results) == ["original", "fast", "fast-nockpt", "fast-bf16", "ddp-2"]
+    assert results["fast-bf16"]["grad_check"] in ("PASS", "bf16")  # reported, not required
+    for name in ("fast", "fast-nockpt", "ddp-2"):  # ddp-2: 2 processes, the global batch's gradients
         assert results[name]["grad_check"] == "PASS", output
         assert results[name]["grad_max_abs_diff"] <= 1e-4 * results[name]["grad_max_abs"]
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in results.values())
