@@ -114,6 +114,24 @@ def test_blocks_run_side_by_side_only_for_cpu_inference():
     assert schedule.block_workers(torch.device("cuda"), grad=False) == 1
 
 
+def test_training_recomputes_blocks_only_when_the_activations_would_not_fit(monkeypatch):
+    model = make_model(mode="full", n_steps=3)
+    r, w = torch.randn(4, 5, 16, requires_grad=True), torch.randn(6, 7, 16)
+    need = schedule.stored_activation_bytes(model, 4, 6, 5, 7)
+    monkeypatch.setattr(schedule, "free_memory", lambda device: 2 * need + 8)  # fits in half: stored
+    assert not schedule.needs_recomputation(model, r, w)
+    monkeypatch.setattr(schedule, "free_memory", lambda device: 2 * need - 8)  # does not: recomputed
+    assert schedule.needs_recomputation(model, r, w)
+    with torch.no_grad():
+        assert not schedule.needs_recomputation(model, r, w)  # nothing is stored without autograd
+
+
+def test_stored_activations_grow_with_the_pairs_and_vanish_for_the_mean_baseline():
+    model = make_model(mode="full", n_steps=3)
+    assert schedule.stored_activation_bytes(model, 4, 6, 5, 7) * 4 == schedule.stored_activation_bytes(model, 8, 12, 5, 7)
+    assert schedule.stored_activation_bytes(make_model(mode="mean", n_steps=1), 4, 6, 5, 7) == 0
+
+
 @pytest.mark.parametrize("mode", IMRAM_MODES)
 def test_fast_ignores_word_embeddings_past_each_length(mode):
     model = make_model(F64, mode=mode, n_steps=3)
