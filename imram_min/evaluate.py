@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
     p.add_argument("--shard-size", type=int, default=128, help="images and captions per similarity shard")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
+    p.add_argument("--shortlist", metavar="K[,K...]", help="also the two-stage protocol (imram_min.shortlist): "
+                   "a first stage over the split, IMRAM re-ranks its top K (a count or a percentage: 10%%)")
     args = p.parse_args(argv)
     schedule.retain_freed_memory()
 
@@ -222,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
           f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}", file=sys.stderr)
+    if args.shortlist:
+        from imram_min import shortlist
+        result = shortlist.run(model, dataset, device, args.shortlist, args.batch_size, args.shard_size)
+        if args.json:
+            atomic.write_json(args.json, result)
+        return result
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
                             return_sims=bool(args.save_sims), shard_size=args.shard_size, progress=True)
     sims = result.pop("sims", None)
