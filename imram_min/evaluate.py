@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(argv: list[str] | None) -> dict:
+    from imram_min import shortlist  # the two-stage protocol builds on this module
     p = cli.ArgumentParser(prog="python -m imram_min.evaluate",
                            description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
     p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.convert)")
@@ -222,6 +223,8 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
+    p.add_argument("--shortlist", metavar="K[,K...]", help="also the two-stage protocol (imram_min.shortlist): "
+                   "a first stage over the split, IMRAM re-ranks its top K (a count or a percentage: 10%%)")
     args = p.parse_args(argv)
 
     # Every check before the long work: flags, device, split, checkpoint, output paths.
@@ -240,6 +243,14 @@ def _main(argv: list[str] | None) -> dict:
         if path is not None:
             cli.check_output_file(path, inputs, flag)
     cli.check_outputs_distinct(outputs, inputs)
+    if args.shortlist:
+        if args.fold5 or args.save_sims:
+            raise cli.UserError("--shortlist reports the two-stage metrics of the whole split: without --fold5 "
+                                "and --save-sims")
+        try:
+            shortlist.parse_shortlists(args.shortlist, n_img, n_img * split.caps_per_image)
+        except ValueError as e:
+            raise cli.UserError(str(e)) from None
     if args.save_sims is not None and n_img * split.n_captions * 4 > (checks.physical_memory() or float("inf")):
         raise cli.UserError(f"--save-sims: the {n_img} x {split.n_captions} float32 matrix would not fit in memory; "
                             "use --max-captions or --fold5 without --save-sims")
@@ -257,6 +268,13 @@ def _main(argv: list[str] | None) -> dict:
         print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
               f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}, "
               f"processes {ctx.world}", file=sys.stderr)
+    if args.shortlist:
+        if ctx.world > 1:
+            raise cli.UserError("--shortlist runs in one process (not under torchrun)")
+        result = shortlist.run(model, dataset, device, args.shortlist, args.batch_size)
+        if args.json:
+            atomic.write_json(args.json, result)
+        return result
     score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
                             return_sims=bool(args.save_sims), progress=ctx.is_main, score_all=score_all)

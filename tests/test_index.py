@@ -1,0 +1,212 @@
+"""Specification of the index folder and search (runtime.index, runtime.search, runtime.Index) and of
+the two-stage evaluation (imram_min.shortlist): small inputs, one behaviour each."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fixtures import (N_TEST_IMAGES, assert_one_error_line, run_cli, tiny_checkpoint,  # noqa: F401
+                      tiny_data, tiny_model_dir)
+from runtime import indexdir
+from runtime.index import build, main as index_main
+from runtime.search import Index, TopK, main as search_main
+from runtime.scorer import Scorer
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def split(tiny_data):  # noqa: F811
+    """(test_ims.npy path, test_caps.txt path, features, captions)."""
+    ims, caps = tiny_data / "test_ims.npy", tiny_data / "test_caps.txt"
+    return ims, caps, np.load(ims), caps.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def image_index(tmp_path_factory, tiny_model_dir, split):  # noqa: F811
+    out = tmp_path_factory.mktemp("idx") / "images"
+    build(out, split[2], tiny_model_dir, device="cpu", threads=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exhaustive_sims(tiny_model_dir, split):  # noqa: F811
+    return Scorer(tiny_model_dir, device="cpu", threads=1).score(split[2], split[3])  # (n_img, n_cap)
+
+
+def index_files(path):
+    return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
+
+
+# --------------------------------------------------------------------------- round trips
+def test_build_append_search_round_trip(tmp_path, tiny_model_dir, split, exhaustive_sims):  # noqa: F811
+    feats, captions = split[2], split[3]
+    out = tmp_path / "idx"
+    build(out, feats[:4], tiny_model_dir, device="cpu", threads=1, ids=[f"a{i}" for i in range(4)])
+    build(out, feats[4:], append=True, device="cpu", threads=1, ids=[f"b{i}" for i in range(2)])
+    index = Index(out, device="cpu", threads=1)
+    assert len(index) == N_TEST_IMAGES and index.ids == ["a0", "a1", "a2", "a3", "b0", "b1"]
+    assert len(index.manifest["parts"]) == 2
+    rows, scores = index.search(captions, top_k=3, shortlist=N_TEST_IMAGES)  # shortlist = all: exact
+    want = np.argsort(-exhaustive_sims.T, axis=1, kind="stable")[:, :3]
+    assert (rows == want).all()
+    assert np.abs(scores - np.take_along_axis(exhaustive_sims.T, want, 1)).max() <= TOL
+
+
+def test_exhaustive_equals_runtime_score(image_index, split, exhaustive_sims):
+    rows, scores = Index(image_index, device="cpu", threads=1).search(split[3], top_k=N_TEST_IMAGES, exhaustive=True)
+    got = np.zeros_like(exhaustive_sims.T)
+    np.put_along_axis(got, rows, scores, 1)
+    assert np.abs(got - exhaustive_sims.T).max() <= TOL
+
+
+def test_caption_index_exhaustive_equals_runtime_score(tmp_path, tiny_model_dir, split, exhaustive_sims):  # noqa: F811
+    build(tmp_path / "caps", split[3], tiny_model_dir, captions=True, device="cpu", threads=1)
+    index = Index(tmp_path / "caps", device="cpu", threads=1)
+    assert index.ids == split[3]
+    rows, scores = index.search(split[2], top_k=len(split[3]), exhaustive=True)
+    got = np.zeros_like(exhaustive_sims)
+    np.put_along_axis(got, rows, scores, 1)
+    assert np.abs(got - exhaustive_sims).max() <= TOL
+    rows_s, scores_s = index.search(split[2], top_k=5, shortlist=len(split[3]))
+    assert (rows_s == rows[:, :5]).all() and np.abs(scores_s - scores[:, :5]).max() <= TOL
+
+
+def test_shortlist_is_reranked_first_stage(image_index, split):
+    index = Index(image_index, device="cpu", threads=1)
+    query = index.encode_queries(split[3][:1])
+    cand, _ = index.first_stage(query["global"], 3)
+    rows, scores = index.search(split[3][:1], top_k=2, shortlist=3)
+    assert set(rows[0]) <= set(cand[0]) and scores[0, 0] >= scores[0, 1]
+
+
+def test_float16_round_trip(tmp_path, tiny_model_dir, split, exhaustive_sims):  # noqa: F811
+    build(tmp_path / "f16", split[2], tiny_model_dir, dtype="float16", device="cpu", threads=1)
+    index = Index(tmp_path / "f16", device="cpu", threads=1)
+    assert index.dtype == "float16" and index.parts[0]["embs"].dtype == np.float16
+    rows, scores = index.search(split[3], top_k=N_TEST_IMAGES, exhaustive=True)
+    got = np.zeros_like(exhaustive_sims.T)
+    np.put_along_axis(got, rows, scores, 1)
+    assert np.abs(got - exhaustive_sims.T).max() <= 2e-3  # float16 embeddings: ~1e-3 of a score
+    embs = tmp_path / "f16" / f"{index.manifest['parts'][0]['name']}.embs.npy"
+    assert os.path.getsize(embs) <= index.parts[0]["embs"].size * 2 + 128  # 2 bytes a value, + the header
+
+
+def test_top_k_keeps_ties_by_lower_row():
+    top = TopK(1, 2)
+    top.update(np.array([[1.0, 3.0, 3.0]]), 0)
+    top.update(np.array([[3.0, 2.0]]), 3)
+    rows, scores = top.result()
+    assert rows.tolist() == [[1, 2]] and scores.tolist() == [[3.0, 3.0]]
+
+
+# --------------------------------------------------------------------------- safety
+def test_different_model_is_refused(image_index, tmp_path, split, tiny_checkpoint, capsys):  # noqa: F811
+    import contextlib
+    import io
+    from export.__main__ import main as export_main
+    other = tmp_path / "other"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export_main([os.fspath(tiny_checkpoint), "--out", os.fspath(other), "--matcher", "plain"]) == 0
+    captions = tmp_path / "q.txt"
+    captions.write_text("\n".join(split[3][:2]) + "\n")
+    code, out, err = run_cli(search_main, [image_index, captions, "--model", other], capsys)
+    assert code == 2 and out == "" and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "not the model" in err and "Traceback" not in err
+
+
+def test_failed_append_leaves_the_index_intact(image_index, tmp_path, split, monkeypatch):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(image_index, copy)
+    before = index_files(copy)
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")  # as a full disk would, halfway through
+    monkeypatch.setattr(indexdir.PartWriter, "close", broken)
+    with pytest.raises(OSError):
+        build(copy, split[2][:2], append=True, device="cpu", threads=1)
+    assert index_files(copy) == before
+    assert len(Index(copy, device="cpu", threads=1)) == N_TEST_IMAGES
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_model_dir, split, monkeypatch):  # noqa: F811
+    def broken(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(indexdir.PartWriter, "close", broken)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "new", split[2], tiny_model_dir, device="cpu", threads=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_rebuild_replaces_the_old_parts(tmp_path, tiny_model_dir, split):  # noqa: F811
+    build(tmp_path / "idx", split[2], tiny_model_dir, device="cpu", threads=1)
+    build(tmp_path / "idx", split[2][:3], tiny_model_dir, device="cpu", threads=1)
+    assert len(Index(tmp_path / "idx", device="cpu", threads=1)) == 3
+    assert len(os.listdir(tmp_path / "idx")) == 1 + len(indexdir.SUFFIXES)
+
+
+# --------------------------------------------------------------------------- CLIs
+def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
+    ims, caps = split[0], split[1]
+    code, _, err = run_cli(index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "idx", "--quiet",
+                                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(search_main, [tmp_path / "idx", caps, "--top-k", "2", "--shortlist", "4", "--json",
+                                           "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [d["query"] for d in lines] == list(range(len(split[3])))
+    for d in lines:
+        assert set(d) == {"query", "matches"} and len(d["matches"]) == 2
+        assert all(set(m) == {"row", "id", "score"} for m in d["matches"])
+        assert d["matches"][0]["id"] == f"test_ims.npy:{d['matches'][0]['row']}"
+        assert d["matches"][0]["score"] >= d["matches"][1]["score"]
+
+
+@pytest.mark.parametrize("case", ["missing_index", "not_an_index", "features_to_image_index", "bad_top_k",
+                                  "append_captions_to_images", "missing_model", "bad_manifest"])
+def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
+    ims, caps = split[0], split[1]
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    broken = tmp_path / "broken"
+    if case == "bad_manifest":
+        import shutil
+        shutil.copytree(image_index, broken)
+        m = json.loads((broken / "manifest.json").read_text())
+        m["parts"][0]["n_items"] += 1
+        (broken / "manifest.json").write_text(json.dumps(m))
+    main, args, words = {
+        "missing_index": (search_main, [tmp_path / "nope", caps], ["nope", "no such index"]),
+        "not_an_index": (index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "junk"], ["not an index"]),
+        "features_to_image_index": (search_main, [image_index, ims], ["captions"]),
+        "bad_top_k": (search_main, [image_index, caps, "--top-k", "0"], ["--top-k"]),
+        "append_captions_to_images": (index_main, [caps, "--captions", "--append", "--out", image_index],
+                                      ["cannot append captions"]),
+        "missing_model": (index_main, [ims, "--model", tmp_path / "nomodel", "--out", tmp_path / "new"], ["nomodel"]),
+        "bad_manifest": (search_main, [broken, caps], ["global.npy", "manifest says"]),
+    }[case]
+    code, out, err = run_cli(main, [*args, "--quiet"], capsys)
+    assert_one_error_line(code, out, err, tmp_path / "new", words)
+
+
+# --------------------------------------------------------------------------- two-stage evaluation (torch side)
+def test_shortlist_of_the_whole_split_equals_exhaustive(tiny_checkpoint, tiny_data):  # noqa: F811
+    from imram_min.checkpoint import load_model
+    from imram_min.data import PrecompDataset
+    from imram_min.evaluate import encode_split, evaluate_split
+    from imram_min.shortlist import evaluate_shortlists, parse_shortlists
+    model, vocab, _ = load_model(tiny_checkpoint)
+    dataset = PrecompDataset(tiny_data, "test", vocab)
+    exhaustive = evaluate_split(model, dataset)
+    embs = encode_split(model, dataset)
+    result = evaluate_shortlists(model, *embs, dataset.caps_per_image, parse_shortlists("100%,1", 6, 30))
+    whole, one = result["shortlists"]
+    assert whole["i2t"] == exhaustive["i2t"] and whole["t2i"] == exhaustive["t2i"]
+    assert whole["hit_i2t"] == whole["hit_t2i"] == 100.0
+    assert one["i2t"][:3] == result["first_stage"]["i2t"][:3]  # K = 1: the first stage's top 1 decides R@1
+    assert one["t2i"][0] == result["first_stage"]["t2i"][0]
