@@ -183,17 +183,6 @@ def collate(batch):
     return region_feats, tokens, lengths, cap_ids, img_ids
 
 
-# --------------------------------------------------------------------------- the synthetic world moved
-def __getattr__(name: str):
-    """``imram_min.data.make_synthetic`` (and the rest of the synthetic world) for callers written
-    before it moved to ``imram_min.synthetic``."""
-    if not name.startswith("__"):
-        from imram_min import synthetic
-        if hasattr(synthetic, name):
-            return getattr(synthetic, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --------------------------------------------------------------------------- commands
 COMMANDS = ("vocab", "synthetic", "emoji")
 

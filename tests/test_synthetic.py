@@ -109,7 +109,3 @@ def test_command_refuses_a_bad_flag_in_one_line_writing_nothing(tmp_path, capsys
         status = stop.code
     assert status == 2 and capsys.readouterr().err == message
     assert not (tmp_path / "d").exists()
-
-
-def test_old_name_make_synthetic_is_still_importable_from_imram_min_data():
-    assert data.make_synthetic is make_synthetic
