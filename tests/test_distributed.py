@@ -94,7 +94,7 @@ def step(loss_module, feats, tokens, lengths):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in loss_module.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, folder: str, n: int) -> None:
+def _worker(rank: int, world: int, folder: str, n: int, max_violation: bool = True) -> None:
     torch.set_num_threads(1)
     ctx = D.join(rank, world, f"file://{folder}/rendezvous")
     try:
@@ -102,7 +102,7 @@ def _worker(rank: int, world: int, folder: str, n: int) -> None:
         own = D.rank_slice(n, world, rank)
         model = double_model()
         ddp = torch.nn.parallel.DistributedDataParallel(D.BatchLoss(model, schedule.score_pairs, ctx))
-        loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], True)
+        loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], max_violation)
         loss.backward()
         grads = {n: p.grad.detach() for n, p in model.named_parameters()}
         total = D.all_reduce_sum(float(loss) / world, ctx)
@@ -111,15 +111,15 @@ def _worker(rank: int, world: int, folder: str, n: int) -> None:
         D.teardown(ctx)
 
 
-def run_two(tmp_path, n: int) -> list[dict]:
-    mp.start_processes(_worker, args=(WORLD, str(tmp_path), n), nprocs=WORLD, start_method="spawn")
+def run_two(tmp_path, n: int, max_violation: bool = True) -> list[dict]:
+    mp.start_processes(_worker, args=(WORLD, str(tmp_path), n, max_violation), nprocs=WORLD, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def single_step(n: int):
+def single_step(n: int, max_violation: bool = True):
     feats, tokens, lengths = batch(n)
     model = double_model()
-    loss = D.BatchLoss(model, schedule.score_pairs)(feats, tokens, lengths, True)
+    loss = D.BatchLoss(model, schedule.score_pairs)(feats, tokens, lengths, max_violation)
     loss.backward()
     with torch.no_grad():
         sims = schedule.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
@@ -139,6 +139,13 @@ def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, n):
         assert set(r["grads"]) == set(grads)
         for name, g in grads.items():
             assert float((r["grads"][name] - g).abs().max()) <= 1e-10, name
+
+
+def test_two_processes_give_the_single_process_sum_over_negatives(tmp_path):  # the warm-up epochs' loss
+    loss, grads, _ = single_step(5, max_violation=False)
+    for r in run_two(tmp_path, 5, max_violation=False):
+        assert abs(r["loss"] - loss) <= 1e-10
+        assert max(float((r["grads"][name] - g).abs().max()) for name, g in grads.items()) <= 1e-10
 
 
 def _similarity_worker(rank: int, world: int, folder: str) -> None:
