@@ -108,7 +108,9 @@ def _main(argv: list[str] | None) -> int:
                   f"({recorded['from']}); the extractor makes {settings['size']} px grid {settings['grid']}, "
                   f"which this model was not trained on", file=sys.stderr)
     if head is not None:
-        extractor += f", global head {head.config['out_size']} values"
+        diffs = manifest["global_head"]["max_abs_diff"]
+        extractor += f", global head {head.config['out_size']} values" + \
+            ("" if diffs is None else " (" + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ")")
     print(f"wrote {args.out}: mode={cfg['mode']}, K={cfg['n_steps']}, d={cfg['embed_size']}, opset {opset}, "
           f"matcher {matcher}{extractor}{note} ({time.perf_counter() - t0:.1f}s)")
     return 0

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 FORMAT = "imram-min-global-head/1"
-DEFAULTS = {"hidden": 512, "out_size": 256}
+DEFAULTS = {"hidden": 256, "out_size": 256}
 TAU = 0.05  # the head's softmax temperature (cosines / TAU)
 TEACHER_TAU = 0.05  # IMRAM scores / TEACHER_TAU: soft targets of the distillation
 GROUP = 32  # images per distillation group (with their captions)
@@ -180,7 +180,7 @@ def distill_loss(img: torch.Tensor, cap: torch.Tensor, teacher: torch.Tensor) ->
 
 
 def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor, cpi: int,
-               epochs: int = 30, batch: int = 128, lr: float = 2e-3, distill: float = 1.0, seed: int = 0,
+               epochs: int = 20, batch: int = 128, lr: float = 2e-3, distill: float = 1.0, seed: int = 0,
                hidden: int = DEFAULTS["hidden"], out_size: int = DEFAULTS["out_size"],
                progress: bool = True) -> tuple[GlobalHead, list[float]]:
     """Train a GlobalHead on frozen embeddings (caption j belongs to image j // cpi); returns (head in
@@ -232,6 +232,7 @@ def _sha256(path: str) -> str:
 
 
 def _main(argv) -> dict:
+    from imram_min import checks
     from imram_min.checkpoint import load_model
     from imram_min.data import PrecompDataset
     from imram_min.evaluate import encode_split
@@ -242,7 +243,7 @@ def _main(argv) -> dict:
     p.add_argument("checkpoint", help="RUN/best.pt")
     p.add_argument("--data", required=True, metavar="DIR", help="the data folder (its train split)")
     p.add_argument("--out", metavar="FILE", help="default: global_head.pt beside the checkpoint")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128, help="images per step (with all their captions)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--distill", type=float, default=1.0, help="weight of the IMRAM-score distillation (0: off)")
@@ -255,13 +256,15 @@ def _main(argv) -> dict:
         cli.check_count(value, flag, 1, high)
     if not (args.lr > 0 and math.isfinite(args.lr)) or not (args.distill >= 0 and math.isfinite(args.distill)):
         raise cli.UserError("--lr must be > 0 and --distill >= 0")
+    checks.data_folder(args.data)
+    split = checks.split(args.data, "train")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "global_head.pt")
-    cli.check_output_file(out, [args.checkpoint], "--out")
+    cli.check_output_file(out, [args.checkpoint, split.features, split.captions], "--out")
     model, vocab, _ = load_model(args.checkpoint)
-    try:
-        dataset = PrecompDataset(args.data, "train", vocab)
-    except (OSError, ValueError) as e:
-        raise cli.UserError(f"--data {args.data}: {cli.one_line(e)}") from None
+    if model.cfg.img_dim != split.img_dim:
+        raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
+                            f"takes img_dim {model.cfg.img_dim}")
+    dataset = PrecompDataset(args.data, "train", vocab)
     t0 = time.perf_counter()
     torch.set_grad_enabled(True)
     region_embs, word_embs, lengths = encode_split(model, dataset, progress=True)
@@ -278,9 +281,10 @@ def _main(argv) -> dict:
 
 
 def main(argv=None) -> dict:
-    from imram_min.checkpoint import CheckpointError
+    """Train and save; returns {"out", meta...}. Bad input: one ``error: ...`` line, SystemExit(2)."""
+    from imram_min import checks
     from runtime import cli
-    return cli.call(_main, argv, user_errors=(CheckpointError, GlobalHeadError))
+    return cli.call(_main, argv, user_errors=(*checks.USER_ERRORS, GlobalHeadError))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,14 @@ def test_bad_head_file_is_one_error_line(tmp_path, tiny_checkpoint, tiny_data, c
     code, out, err = run_cli(evaluate_main, [tiny_checkpoint, "--data", tiny_data, "--device", "cpu",
                                              "--shortlist", "10%", "--global-head", bad], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "bad.pt" in err
+
+
+@pytest.mark.parametrize("case", ["no data folder", "not a checkpoint"])
+def test_cli_bad_input_is_one_error_line(case, tmp_path, tiny_checkpoint, tiny_data, capsys):  # noqa: F811
+    from imram_min.global_head import main as head_main
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    ckpt, data = (tiny_checkpoint, tmp_path / "nowhere") if case == "no data folder" else (bad, tiny_data)
+    code, out, err = run_cli(head_main, [ckpt, "--data", data, "--out", tmp_path / "h.pt"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "h.pt").exists()
