@@ -100,7 +100,8 @@ def add_global_head(model_dir: str | os.PathLike, head, head_path: str | os.Path
         manifest = json.load(f)
     d, out_size = head.config["embed_size"], head.config["out_size"]
     if d != manifest["model_config"]["embed_size"]:
-        raise ValueError(f"the global head takes embed_size {d}, the model has {manifest['model_config']['embed_size']}")
+        raise ValueError(f"the global head takes embed_size {d}, "
+                         f"the model has {manifest['model_config']['embed_size']}")
     signatures = global_signatures(d, out_size)
     regions, words, lengths = example(d)
     head = head.cpu().eval()

@@ -120,7 +120,8 @@ def head_vectors(head: GlobalHead, region_embs: torch.Tensor, word_embs: torch.T
     head.eval()
     img = torch.cat([head.image(region_embs[i:i + batch]) for i in range(0, len(region_embs), batch)]) \
         if len(region_embs) else torch.zeros(0, head.config["out_size"])
-    cap = torch.cat([head.text(word_embs[i:i + batch], lengths[i:i + batch]) for i in range(0, len(word_embs), batch)]) \
+    cap = torch.cat([head.text(word_embs[i:i + batch], lengths[i:i + batch])
+                     for i in range(0, len(word_embs), batch)]) \
         if len(word_embs) else torch.zeros(0, head.config["out_size"])
     return img, cap
 

@@ -133,3 +133,15 @@ def test_cli_bad_input_is_one_error_line(case, tmp_path, tiny_checkpoint, tiny_d
     code, out, err = run_cli(head_main, [ckpt, "--data", data, "--out", tmp_path / "h.pt"], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert not (tmp_path / "h.pt").exists()
+
+
+def test_manifest_with_one_global_graph_is_refused(tmp_path, head_model_dir):
+    import json
+    from runtime.modeldir import ModelDirError, load_manifest
+    out = tmp_path / "model"
+    shutil.copytree(head_model_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["graphs"]["text_global"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="text_global"):
+        load_manifest(out)
