@@ -1,5 +1,5 @@
 """python -m export CKPT --out MODEL_DIR [--opset N] [--matcher plain|fast] [--no-verify]
-                 [--feature-extractor [--feature-size PX] [--grid N]]
+                 [--feature-extractor [--feature-size PX] [--grid N]] [--global-head HEAD.pt]
 
 Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json, and
 for the fast matcher of a model that updates its memory region_projection.onnx and
@@ -7,6 +7,8 @@ word_projection.onnx (see export/onnx_export.py). --feature-extractor adds
 feature_extractor.onnx (EfficientNet-Lite0 grid features, for models with img_dim 1280) so that
 ``python -m runtime.score`` takes pictures; its size and grid default to those recorded with the
 checkpoint's training data (features.json of the data folder), else 128 px and 4.
+--global-head adds image_global.onnx and text_global.onnx, the first-stage head of
+``python -m imram_min.global_head`` (export.global_head), used by runtime.index / runtime.search.
 
 A bad checkpoint or argument: one "error: ..." line, exit status 2; graphs that fail their check
 (invalid ONNX, or ONNX Runtime != PyTorch): exit status 1.
@@ -19,6 +21,7 @@ import time
 
 from runtime import cli
 
+from .global_head import GLOBAL_FILES, add_global_head
 from .onnx_export import (DEFAULT_FEATURE_SIZE, DEFAULT_GRID, DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
                           FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
                           PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
@@ -29,7 +32,8 @@ MAX_FEATURE_SIZE, MAX_GRID = 2048, 64  # as python -m imram_min.features
 def main(argv: list[str] | None = None) -> int:
     """Export; 0 on success, 2 after one error line for bad input, 1 when the graphs fail their check."""
     from imram_min.checkpoint import CheckpointError
-    return cli.run(_main, argv, user_errors=(CheckpointError, ExportSettingsError))
+    from imram_min.global_head import GlobalHeadError
+    return cli.run(_main, argv, user_errors=(CheckpointError, ExportSettingsError, GlobalHeadError))
 
 
 def _main(argv: list[str] | None) -> int:
@@ -50,6 +54,8 @@ def _main(argv: list[str] | None) -> int:
                         f"else {DEFAULT_FEATURE_SIZE})")
     p.add_argument("--grid", type=int, default=None, metavar="N",
                    help=f"N x N regions per picture (default: as recorded with the training data, else {DEFAULT_GRID})")
+    p.add_argument("--global-head", metavar="HEAD.pt", help="also export this first-stage head "
+                   "(python -m imram_min.global_head) as image_global.onnx and text_global.onnx")
     args = p.parse_args(argv)
     opset, matcher = args.opset, args.matcher
     cli.check_count(opset, "--opset", MIN_OPSET, MAX_OPSET)
@@ -64,22 +70,27 @@ def _main(argv: list[str] | None) -> int:
     if not os.path.isfile(args.checkpoint):
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     cli.check_output_folder(args.out, "--out")
-    written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE]
+    written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
+               *GLOBAL_FILES.values()]
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
-                               [args.checkpoint])
+                               [args.checkpoint] + ([args.global_head] if args.global_head else []))
 
     from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from imram_min.global_head import load_head
     try:  # the checkpoint's weights fit its config: checked before any graph is made
-        model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
+        model, _ = model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
     except CheckpointError as e:
         message = str(e)
         raise CheckpointError(message if message.startswith(args.checkpoint) else f"{args.checkpoint}: {message}") \
             from None
+    head = load_head(args.global_head, model.cfg.embed_size) if args.global_head else None
     t0 = time.perf_counter()
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opset=opset, matcher=matcher,
                                      verify=not args.no_verify, feature_extractor=args.feature_extractor,
                                      feature_size=args.feature_size, grid=args.grid)
+        if head is not None:
+            manifest = add_global_head(args.out, head, args.global_head, opset, check=not args.no_verify)
     except ExportError as e:  # the graphs came out wrong: a bug, not bad input
         print(f"error: export check failed: {cli.one_line(e)}", file=sys.stderr)
         return 1
@@ -96,6 +107,10 @@ def _main(argv: list[str] | None) -> int:
             print(f"warning: the training data's features were made at {recorded['size']} px grid {recorded['grid']} "
                   f"({recorded['from']}); the extractor makes {settings['size']} px grid {settings['grid']}, "
                   f"which this model was not trained on", file=sys.stderr)
+    if head is not None:
+        diffs = manifest["global_head"]["max_abs_diff"]
+        extractor += f", global head {head.config['out_size']} values" + \
+            ("" if diffs is None else " (" + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ")")
     print(f"wrote {args.out}: mode={cfg['mode']}, K={cfg['n_steps']}, d={cfg['embed_size']}, opset {opset}, "
           f"matcher {matcher}{extractor}{note} ({time.perf_counter() - t0:.1f}s)")
     return 0

@@ -225,6 +225,8 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
     p.add_argument("--shortlist", metavar="K[,K...]", help="also the two-stage protocol (imram_min.shortlist): "
                    "a first stage over the split, IMRAM re-ranks its top K (a count or a percentage: 10%%)")
+    p.add_argument("--global-head", metavar="HEAD.pt", help="with --shortlist: the first stage's vectors from this "
+                   "head (python -m imram_min.global_head) instead of the mean embeddings")
     args = p.parse_args(argv)
 
     # Every check before the long work: flags, device, split, checkpoint, output paths.
@@ -251,6 +253,8 @@ def _main(argv: list[str] | None) -> dict:
             shortlist.parse_shortlists(args.shortlist, n_img, n_img * split.caps_per_image)
         except ValueError as e:
             raise cli.UserError(str(e)) from None
+    if args.global_head is not None and not args.shortlist:
+        raise cli.UserError("--global-head is the first stage of --shortlist: add --shortlist")
     if args.save_sims is not None and n_img * split.n_captions * 4 > (checks.physical_memory() or float("inf")):
         raise cli.UserError(f"--save-sims: the {n_img} x {split.n_captions} float32 matrix would not fit in memory; "
                             "use --max-captions or --fold5 without --save-sims")
@@ -261,6 +265,7 @@ def _main(argv: list[str] | None) -> dict:
     if model.cfg.img_dim != split.img_dim:
         raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
                             f"takes img_dim {model.cfg.img_dim}")
+    head = shortlist.load_global_head(args.global_head, model) if args.global_head else None
 
     schedule.retain_freed_memory()
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
@@ -271,7 +276,7 @@ def _main(argv: list[str] | None) -> dict:
     if args.shortlist:
         if ctx.world > 1:
             raise cli.UserError("--shortlist runs in one process (not under torchrun)")
-        result = shortlist.run(model, dataset, device, args.shortlist, args.batch_size)
+        result = shortlist.run(model, dataset, device, args.shortlist, args.batch_size, head)
         if args.json:
             atomic.write_json(args.json, result)
         return result

@@ -7,7 +7,8 @@ The protocol, in both directions (t2i: each caption's images; i2t: each image's 
 
 1. First stage, over the whole split: every image and caption gets one global vector, the mean of
    its own region (word) embeddings, l2-normalised (the vectors runtime.index stores; no training
-   change); candidates are ranked by cosine and the top K kept (ties by lower index).
+   change), or with ``--global-head HEAD.pt`` the vectors of that head (imram_min.global_head,
+   distilled from the model); candidates are ranked by cosine and the top K kept (ties by lower index).
 2. Re-ranking: the K candidates are scored by ``schedule.score_pairs``, the exact scorer of the
    exhaustive evaluation, and ranked by that score.
 
@@ -38,6 +39,25 @@ def global_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = None) -> t
     runtime.search.global_vectors)."""
     mean = embs.mean(1) if lengths is None else embs.sum(1) / lengths.to(embs.dtype)[:, None]
     return mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def load_global_head(path: str, model: IMRAM):
+    """imram_min.global_head.load_head for ``model``; a file that is not one: cli.UserError."""
+    from imram_min.global_head import GlobalHeadError, load_head
+    from runtime import cli
+    try:
+        return load_head(path, model.cfg.embed_size)
+    except GlobalHeadError as e:
+        raise cli.UserError(str(e)) from None
+
+
+def first_stage_vectors(region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                        head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image vectors, caption vectors) of the first stage: the head's, or the mean embeddings'."""
+    if head is not None:
+        from imram_min.global_head import head_vectors
+        return head_vectors(head, region_embs, word_embs, lengths)
+    return global_vectors(region_embs), global_vectors(word_embs, lengths)
 
 
 def parse_shortlists(spec: str, n_img: int, n_cap: int) -> list[tuple[str, int, int]]:
@@ -94,14 +114,15 @@ def two_stage_ranks(rerank, first: np.ndarray, gt: list[np.ndarray], k: int) -> 
 @torch.no_grad()
 def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                         caps_per_image: int, shortlists: list[tuple[str, int, int]],
-                        device: str | torch.device = "cpu") -> dict:
+                        device: str | torch.device = "cpu", head=None) -> dict:
     """{"first_stage": metrics, "shortlists": [{"shortlist", "k_images", "k_captions", "i2t", "t2i",
-    "rsum", "hit_i2t", "hit_t2i", "seconds"}]} of the two-stage protocol on encoded embeddings."""
+    "rsum", "hit_i2t", "hit_t2i", "seconds"}]} of the two-stage protocol on encoded embeddings;
+    head: a GlobalHead for the first stage (None: the mean embeddings)."""
     model.eval()
     device = torch.device(device)
     n_img, n_cap = len(region_embs), len(word_embs)
     t0 = time.perf_counter()
-    img_g, cap_g = global_vectors(region_embs), global_vectors(word_embs, lengths)
+    img_g, cap_g = first_stage_vectors(region_embs, word_embs, lengths, head)
     first = (img_g @ cap_g.T).numpy()  # (n_img, n_cap) cosines
     first_seconds = time.perf_counter() - t0
     result = {"first_stage": {**metrics_from_sims(first, caps_per_image), "seconds": first_seconds},
@@ -135,9 +156,10 @@ def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
     return result
 
 
-def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128) -> dict:
+def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=None) -> dict:
     """The --shortlist path of ``python -m imram_min.evaluate``: encode once, the exhaustive protocol
-    (timed), then the two-stage protocol at every shortlist of ``spec``; prints the table."""
+    (timed), then the two-stage protocol at every shortlist of ``spec`` (first stage: ``head``, or the
+    mean embeddings); prints the table."""
     cpi = dataset.caps_per_image
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress=True)
     shortlists = parse_shortlists(spec, len(region_embs), len(word_embs))
@@ -145,7 +167,8 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128) -> dict
     sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress=True)
     exhaustive = {**metrics_from_sims(sims, cpi), "seconds": time.perf_counter() - t0}
     result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, cpi,
-                                                              shortlists, device),
+                                                              shortlists, device, head),
+              "first_stage_vectors": "global head" if head is not None else "mean embeddings",
               "n_images": len(region_embs), "n_captions": len(word_embs), "caps_per_image": cpi}
     print(format_table(result))
     return result

@@ -30,8 +30,9 @@ import onnxruntime as ort
 from .images import ImageError, load_and_preprocess
 from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_captions, check_count,  # noqa: F401
                      check_image_paths, check_region_feats, image_paths_or_none, list_some, too_long)
-from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GRAPHS, MANIFEST_FILE, PROJECTIONS,  # noqa: F401
-                       SUPPORTED_FORMAT_VERSIONS, ModelDirError, load_manifest, sha256_file, takes_projections)
+from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GLOBAL_GRAPHS, GRAPHS, MANIFEST_FILE,  # noqa: F401
+                       PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, has_global_head, load_manifest,
+                       sha256_file, takes_projections)
 from .text import Vocabulary, VocabularyError
 from .tiles import block_sizes, caption_blocks
 
@@ -105,7 +106,8 @@ class Engine:
     n_steps, device ("cpu"/"cuda"), provider (the provider in use), workers (matcher calls run
     side by side: 1 on CUDA), has_feature_extractor and, when it has one, preprocessing (the
     manifest's feature spec), feature_size, feature_grid. The feature extractor's session is
-    made on first use.
+    made on first use. has_global_head: the model dir has the first stage's head graphs
+    (``global_vectors``); global_size: the size of a first-stage vector (the head's, else d).
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, device: str = "auto",
@@ -134,7 +136,10 @@ class Engine:
         providers = resolve_providers(device, tf32)
         self._threads = threads
         self.projected = takes_projections(self.manifest)
-        self.graphs = GRAPHS + (PROJECTIONS if self.projected else ())
+        self.has_global_head = has_global_head(self.manifest)
+        self.global_size = self.manifest["graphs"]["image_global"]["outputs"][0]["shape"][-1] \
+            if self.has_global_head else self.embed_size
+        self.graphs = GRAPHS + (PROJECTIONS if self.projected else ()) + (GLOBAL_GRAPHS if self.has_global_head else ())
         self.sessions = {g: self._load_session(g, providers) for g in self.graphs}
         used = self.sessions["matcher"].get_providers()
         if len(providers) > 1 and CUDA not in used:
@@ -301,6 +306,20 @@ class Engine:
             return None
         name = "region_embs" if side == "region" else "word_embs"
         return self._run(f"{side}_projection", **{name: np.ascontiguousarray(embs, dtype=np.float32)})
+
+    def global_vectors(self, embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """The first stage's vector of each item (n, global_size) float32, l2-normalised: the global
+        head's (image_global / text_global) when the model dir has it, else the mean of the item's
+        embeddings. embs (n, n_vec, d) (zeros past each length); lengths (n,) for captions, None for images."""
+        if not self.has_global_head:
+            from .search import global_vectors  # the mean embeddings
+            return global_vectors(embs, lengths)
+        embs = np.ascontiguousarray(embs, dtype=np.float32)
+        if len(embs) == 0:
+            return np.zeros((0, self.global_size), np.float32)
+        if lengths is None:
+            return self._run("image_global", region_embs=embs)
+        return self._run("text_global", word_embs=embs, lengths=np.ascontiguousarray(lengths, dtype=np.int64))
 
     def match(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
               region_proj: np.ndarray | None = None, word_proj: np.ndarray | None = None) -> np.ndarray:

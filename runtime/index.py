@@ -12,7 +12,8 @@ pictures (a folder, a .txt list of paths, one picture; needs a model exported wi
 --feature-extractor), as runtime.score reads them. CAPTIONS.txt: one caption a line.
 
 What is stored per item (runtime.indexdir): its region (word) embeddings, in --dtype, and its
-first-stage vector (the mean of those embeddings, l2-normalised, float32); its id: the picture's
+first-stage vector (float32: the model dir's global head's (export.global_head) when it has one,
+else the mean of those embeddings, l2-normalised); its id: the picture's
 file name, "FEATURES.npy:ROW", or the caption. Not stored: the per-item projections the matcher
 takes (4d values per region or word, 4x the embeddings): they are recomputed for the shortlist
 only (benchmarks/README.md: at d = 64 that costs ~1 ms of a query at shortlist 100).
@@ -39,7 +40,7 @@ from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST_FILE, IndexDirEr
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
 from .scorer import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError, InputError, Scorer
-from .search import check_model, global_vectors, model_manifest_sha256
+from .search import check_model, first_stage_name, model_manifest_sha256
 
 BATCH_BYTES = 64 << 20  # features + embeddings of one batch of images, at most
 CAPTION_BATCH = 1024  # captions encoded at a time
@@ -59,7 +60,7 @@ def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick) -
             embs = scorer.encode_image_files(paths[i:j])
         else:
             embs = scorer.encode_images(items[i:j], check=False)
-        writer.add(embs.reshape(-1, embs.shape[2]), np.full(j - i, n_region), global_vectors(embs), ids[i:j])
+        writer.add(embs.reshape(-1, embs.shape[2]), np.full(j - i, n_region), scorer.global_vectors(embs), ids[i:j])
         tick(j)
 
 
@@ -67,7 +68,7 @@ def _write_captions(writer: PartWriter, scorer: Scorer, captions, ids, tick) -> 
     for i, j in _batches(len(captions), CAPTION_BATCH):
         embs, lengths = scorer.encode_captions(captions[i:j])
         mask = np.arange(embs.shape[1])[None, :] < lengths[:, None]
-        writer.add(embs[mask], lengths, global_vectors(embs, lengths), ids[i:j])
+        writer.add(embs[mask], lengths, scorer.global_vectors(embs, lengths), ids[i:j])
         tick(j)
 
 
@@ -126,7 +127,7 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
     target = index_dir if old is not None else new_folder_beside(index_dir)
     writer = None
     try:
-        writer = PartWriter(target, n, n_vectors, scorer.embed_size, dtype)
+        writer = PartWriter(target, n, n_vectors, scorer.embed_size, dtype, scorer.global_size)
         tick = (lambda done: progress(done, n)) if progress else (lambda done: None)
         if captions:
             _write_captions(writer, scorer, items, ids, tick)
@@ -134,7 +135,7 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
             _write_images(writer, scorer, items, paths, ids, tick)
         part = writer.close()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "dtype": dtype,
-                    "n_region": n_region, "first_stage": "mean of the item's embeddings, l2-normalised",
+                    "n_region": n_region, "first_stage": first_stage_name(scorer),
                     "model": {"dir": os.path.abspath(model_dir), "manifest_sha256": model_manifest_sha256(model_dir),
                               "embed_size": scorer.embed_size, "mode": scorer.mode, "n_steps": scorer.n_steps},
                     "parts": (old["parts"] if append else []) + [part]}

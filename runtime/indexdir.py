@@ -4,8 +4,9 @@
     INDEX_DIR/part-ID.embs.npy     (n_vectors, d) float32 or float16: each item's region or word
                                    embeddings, one item after another (what the matcher re-ranks)
     INDEX_DIR/part-ID.offsets.npy  (n_items + 1,) int64: item i's vectors are embs[offsets[i]:offsets[i+1]]
-    INDEX_DIR/part-ID.global.npy   (n_items, d) float32: the first stage's vector per item (the mean
-                                   of its embeddings, l2-normalised)
+    INDEX_DIR/part-ID.global.npy   (n_items, G) float32: the first stage's vector per item (the mean
+                                   of its embeddings, l2-normalised, G = d; or the model dir's
+                                   global head's, G its size)
     INDEX_DIR/part-ID.ids.txt      one JSON string a line: the item's id (file name, features row or caption)
 
 Nothing is written in place. A build or an append writes a new part under a fresh random ID
@@ -85,12 +86,12 @@ class PartWriter:
     """One new part: ``add`` items a batch at a time (in order), then ``close`` (all files fsynced).
     On an error ``remove`` deletes its files."""
 
-    def __init__(self, index_dir: str, n_items: int, n_vectors: int, d: int, dtype: str):
+    def __init__(self, index_dir: str, n_items: int, n_vectors: int, d: int, dtype: str, global_d: int | None = None):
         self.index_dir, self.name, self.dtype = index_dir, new_part_name(), dtype
         self.n_items, self.n_vectors, self.done_vectors = n_items, n_vectors, 0
         self.streams, self.ids, self.offsets = [], None, [np.zeros(1, np.int64)]
         self.embs = self._stream("embs.npy", (n_vectors, d), dtype)
-        self.global_ = self._stream("global.npy", (n_items, d), "float32")
+        self.global_ = self._stream("global.npy", (n_items, global_d or d), "float32")
         self.ids = open(part_file(index_dir, self.name, "ids.txt"), "x", encoding="utf-8", newline="\n")
 
     def _stream(self, suffix, shape, dtype) -> NpyStream:
@@ -221,12 +222,12 @@ def _load_npy(path: str, shape: tuple, dtype: str, mmap: bool = True) -> np.ndar
     return array
 
 
-def open_part(index_dir: str, part: dict, d: int, dtype: str) -> dict:
+def open_part(index_dir: str, part: dict, d: int, dtype: str, global_d: int | None = None) -> dict:
     """One part's arrays, memory-mapped (offsets and ids in memory), each checked against the
-    manifest: {"embs", "offsets", "global", "ids"}."""
+    manifest: {"embs", "offsets", "global", "ids"}. global_d: the first-stage vectors' size (None: d)."""
     name, n, n_vec = part["name"], part["n_items"], part["n_vectors"]
     out = {"embs": _load_npy(part_file(index_dir, name, "embs.npy"), (n_vec, d), dtype),
-           "global": _load_npy(part_file(index_dir, name, "global.npy"), (n, d), "float32")}
+           "global": _load_npy(part_file(index_dir, name, "global.npy"), (n, global_d or d), "float32")}
     path = part_file(index_dir, name, "offsets.npy")
     offsets = _load_npy(path, (n + 1,), "int64", mmap=False)
     if offsets[0] != 0 or offsets[-1] != n_vec or (np.diff(offsets) < 1).any():

@@ -3,7 +3,8 @@
 A model dir is what ``python -m export`` writes: image_encoder.onnx, text_encoder.onnx,
 matcher.onnx, vocab.json and manifest.json; with the fast matcher (the default) of a model that
 updates its memory also region_projection.onnx and word_projection.onnx; and with
-``--feature-extractor`` feature_extractor.onnx plus the preprocessing in the manifest.
+``--feature-extractor`` feature_extractor.onnx plus the preprocessing in the manifest; with
+``--global-head`` image_global.onnx and text_global.onnx (export.global_head).
 ``load_manifest`` checks the type and range of every manifest field the runtime reads, and the
 SHA-256 of every file it lists, so a half-copied or edited model dir is refused with one
 ModelDirError naming the file (the engine then checks the manifest's shapes against the graphs).
@@ -24,6 +25,7 @@ MANIFEST_FILE = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "matcher")
 PROJECTIONS = ("region_projection", "word_projection")  # when the matcher takes region_proj, word_proj
 FEATURE_EXTRACTOR = "feature_extractor"  # optional: pictures -> region features
+GLOBAL_GRAPHS = ("image_global", "text_global")  # optional, both or neither: the first stage's global head
 MODES = ("full", "text", "image", "mean")
 MAX_DIM = 1 << 16  # img_dim / embed_size / size of a graph's static axis in a manifest, at most
 
@@ -84,6 +86,15 @@ def check_manifest_fields(manifest) -> None:
         _check_graph(graphs[name], name)
     if FEATURE_EXTRACTOR in graphs:
         _check_graph(graphs[FEATURE_EXTRACTOR], FEATURE_EXTRACTOR)
+    if any(g in graphs for g in GLOBAL_GRAPHS):
+        for g in GLOBAL_GRAPHS:
+            if g not in graphs:
+                raise ValueError(f"graphs lists one global head graph but not {g}")
+            _check_graph(graphs[g], g)
+        sizes = {graphs[g]["outputs"][0]["shape"][-1] for g in GLOBAL_GRAPHS}
+        if len(sizes) != 1 or not all(_is_int(v) for v in sizes) or \
+                any(graphs[g]["inputs"][0]["shape"][-1] != cfg["embed_size"] for g in GLOBAL_GRAPHS):
+            raise ValueError("image_global and text_global must take embed_size vectors and make vectors of one size")
     if not isinstance(manifest.get("vocab"), dict) or not isinstance(manifest["vocab"].get("file"), str):
         raise TypeError("vocab.file must be a file name")
     files = manifest.get("files")
@@ -117,6 +128,7 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
     files, graphs, cfg = manifest["files"], manifest["graphs"], manifest["model_config"]
     needed = [graphs[g]["file"] for g in GRAPHS + (PROJECTIONS if takes_projections(manifest) else ())]
     needed.append(manifest["vocab"]["file"])
+    needed += [graphs[g]["file"] for g in GLOBAL_GRAPHS if has_global_head(manifest)]
     extractor = graphs.get(FEATURE_EXTRACTOR)
     if extractor is not None:
         needed.append(extractor["file"])
@@ -153,3 +165,8 @@ def takes_projections(manifest: dict) -> bool:
     except (KeyError, TypeError):
         return False
 
+
+
+def has_global_head(manifest: dict) -> bool:
+    """Whether the model dir has the first stage's global head graphs (image_global, text_global)."""
+    return isinstance(manifest.get("graphs"), dict) and all(g in manifest["graphs"] for g in GLOBAL_GRAPHS)

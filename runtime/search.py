@@ -14,7 +14,8 @@ for a caption index region features (.npy) or pictures (a folder, a .txt list, o
 runtime.score's IMAGES. Each query is encoded with the model's own encoders (runtime.engine).
 
 Two stages. 1. First stage: every item of the gallery has one global vector, the mean of its
-own region (word) embeddings, l2-normalised; a query gets the same from its word (region)
+own region (word) embeddings, l2-normalised, or, when the model dir has a global head
+(export.global_head), that head's vector; a query gets the same from its word (region)
 embeddings; the ``shortlist`` items of highest cosine are found exactly, with numpy: the
 (n_items, d) matrix is read in chunks of CHUNK_BYTES, and a running top-N is kept with
 argpartition. 2. Re-ranking: the shortlisted items' embeddings are read from the index
@@ -70,6 +71,13 @@ def global_vectors(embs: np.ndarray, lengths: np.ndarray | None = None) -> np.nd
     else:
         mean = embs.sum(1) / np.asarray(lengths, dtype=np.float32)[:, None]
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
+
+
+def first_stage_name(scorer) -> str:
+    """What the first stage's vectors are, as an index manifest records it."""
+    if scorer.has_global_head:
+        return f"the model's global head (image_global / text_global), {scorer.global_size} values"
+    return "mean of the item's embeddings, l2-normalised"
 
 
 def best_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +147,7 @@ class Index:
         self.scorer = Scorer(model_dir, device=device, threads=threads,
                              **({} if image_batch is None else {"image_batch": image_batch}))
         d = self.scorer.embed_size
-        self.parts = [open_part(self.index_dir, p, d, self.dtype) for p in m["parts"]]
+        self.parts = [open_part(self.index_dir, p, d, self.dtype, self.scorer.global_size) for p in m["parts"]]
         if self.kind == "images" and any((np.diff(p["offsets"]) != self.n_region).any() for p in self.parts):
             raise IndexDirError(f"{self.index_dir}: an image item has not {self.n_region} regions (n_region)")
         self.starts = np.cumsum([0] + [len(p["ids"]) for p in self.parts])
@@ -177,13 +185,13 @@ class Index:
             if isinstance(queries, np.ndarray):
                 raise InputError("queries: an image index is searched with captions (a list of strings)")
             embs, lengths = self.scorer.encode_captions(queries)
-            return {"embs": embs, "lengths": lengths, "global": global_vectors(embs, lengths)}
+            return {"embs": embs, "lengths": lengths, "global": self.scorer.global_vectors(embs, lengths)}
         paths = None if isinstance(queries, np.ndarray) else image_paths_or_none(queries)
         if paths is not None and not all(isinstance(p, os.PathLike) or os.path.exists(p) for p in paths):
             raise InputError("queries: a caption index is searched with images (region features or picture "
                              f"files); {paths[0]!r} is not a file")
         embs = self.scorer.encode_image_files(paths) if paths is not None else self.scorer.encode_images(queries)
-        return {"embs": embs, "lengths": None, "global": global_vectors(embs)}
+        return {"embs": embs, "lengths": None, "global": self.scorer.global_vectors(embs)}
 
     def score_items(self, query: dict, q: slice, items: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Matcher scores (n_queries, n_items) of the queries ``q`` against gathered items."""

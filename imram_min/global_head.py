@@ -1,0 +1,293 @@
+"""A first-stage head distilled from a trained IMRAM model: one global vector per image and caption.
+
+    python -m imram_min.global_head RUN/best.pt --data DIR [--out RUN/global_head.pt] [--epochs N]
+
+The two-stage search (imram_min.shortlist, runtime.index / runtime.search) ranks the whole gallery
+by one cosine per item, then re-ranks a shortlist with IMRAM exactly. The mean of the model's own
+region (word) embeddings keeps too few of IMRAM's top matches in a small shortlist; this head is
+trained after the model, with the IMRAM weights frozen (the matcher and its training objective
+are untouched; the head is opt-in and saved separately):
+
+    image: region_embs (n, n_region, d) -> per region MLP d -> hidden -> out -> max over the regions -> l2norm
+    text:  word_embs (n, n_word, d), lengths (n,) -> the same (own weights) over the valid words -> l2norm
+
+Training, on the train split: the frozen embeddings are encoded once. Loss per step: InfoNCE on
+the ground-truth pairs of a batch of images and all their captions (i2t with the 5 captions as
+positives, t2i with the one image), temperature TAU; plus, with weight ``distill``, the
+KL divergence from IMRAM's own scores to the head's over a group of images and their captions
+(both directions), so that the head ranks as IMRAM does, IMRAM's top-1 included, not only the
+ground truth. The groups are images that the mean embeddings find close to each other (hard
+negatives); their IMRAM scores (schedule.similarity, no grad) are computed once before training.
+
+The file (torch.save, weights_only-safe): {"format": FORMAT, "config": {...}, "state": state_dict,
+"meta": {checkpoint sha256, data, epochs, seconds, final loss}}.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+FORMAT = "imram-min-global-head/1"
+DEFAULTS = {"hidden": 256, "out_size": 256}
+TAU = 0.05  # the head's softmax temperature (cosines / TAU)
+TEACHER_TAU = 0.05  # IMRAM scores / TEACHER_TAU: soft targets of the distillation
+GROUP = 32  # images per distillation group (with their captions)
+
+
+class GlobalHeadError(ValueError):
+    """A file that is not a global head, or one that does not fit the model."""
+
+
+# --------------------------------------------------------------------------- the head
+class SideHead(nn.Module):
+    """One side: vectors (n, m, d) [+ lengths (n,)] -> (n, out) l2-normalised; per-vector MLP, max-pool."""
+
+    def __init__(self, embed_size: int, hidden: int, out_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(embed_size, hidden), nn.ReLU(), nn.Linear(hidden, out_size))
+
+    def forward(self, embs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.mlp(embs)
+        if lengths is not None:
+            valid = torch.arange(embs.shape[1], device=embs.device)[None, :] < lengths[:, None]
+            h = h.masked_fill(~valid[:, :, None], -1e4)
+        g = h.max(dim=1).values
+        return g / (g.norm(dim=1, keepdim=True) + 1e-8)
+
+
+class GlobalHead(nn.Module):
+    """image(region_embs) -> (n, out); text(word_embs, lengths) -> (n, out); both l2-normalised."""
+
+    def __init__(self, embed_size: int, hidden: int = DEFAULTS["hidden"], out_size: int = DEFAULTS["out_size"]):
+        super().__init__()
+        self.config = {"embed_size": int(embed_size), "hidden": int(hidden), "out_size": int(out_size)}
+        self.image_head = SideHead(embed_size, hidden, out_size)
+        self.text_head = SideHead(embed_size, hidden, out_size)
+
+    def image(self, region_embs: torch.Tensor) -> torch.Tensor:
+        return self.image_head(region_embs)
+
+    def text(self, word_embs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.text_head(word_embs, lengths)
+
+
+def save_head(head: GlobalHead, path: str | os.PathLike, meta: dict | None = None) -> None:
+    from imram_min.checkpoint import atomic_torch_save
+    atomic_torch_save({"format": FORMAT, "config": dict(head.config), "state": head.state_dict(),
+                       "meta": meta or {}}, path)
+
+
+def load_head(path: str | os.PathLike, embed_size: int | None = None) -> GlobalHead:
+    """A saved head, in eval mode (weights_only=True); GlobalHeadError for a file that is not one, or
+    one made for another embed_size."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GlobalHeadError(f"{path}: no such global head file (make one with python -m imram_min.global_head)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError for a non-zip file, ...
+        raise GlobalHeadError(f"{path}: cannot be read as a global head ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise GlobalHeadError(f"{path}: not a global head file (format {FORMAT})")
+    cfg = obj.get("config")
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) and cfg[k] > 0
+                                            for k in ("embed_size", "hidden", "out_size")):
+        raise GlobalHeadError(f"{path}: its config is malformed")
+    if embed_size is not None and cfg["embed_size"] != embed_size:
+        raise GlobalHeadError(f"{path}: made for embed_size {cfg['embed_size']}, the model has {embed_size}")
+    head = GlobalHead(**cfg)
+    try:
+        head.load_state_dict(obj["state"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise GlobalHeadError(f"{path}: weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
+    return head.eval()
+
+
+@torch.no_grad()
+def head_vectors(head: GlobalHead, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                 batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image vectors (n_img, out), caption vectors (n_cap, out)) of encoded embeddings, in batches."""
+    head.eval()
+    img = torch.cat([head.image(region_embs[i:i + batch]) for i in range(0, len(region_embs), batch)]) \
+        if len(region_embs) else torch.zeros(0, head.config["out_size"])
+    cap = torch.cat([head.text(word_embs[i:i + batch], lengths[i:i + batch])
+                     for i in range(0, len(word_embs), batch)]) \
+        if len(word_embs) else torch.zeros(0, head.config["out_size"])
+    return img, cap
+
+
+# --------------------------------------------------------------------------- training
+def mean_groups(region_embs: torch.Tensor, size: int, seed: int = 0) -> list[np.ndarray]:
+    """The images cut into groups of ``size`` that are close under the mean embeddings (greedy: a
+    random unassigned image and its nearest unassigned neighbours)."""
+    g = region_embs.mean(1)
+    g = (g / g.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
+    rng = np.random.default_rng(seed)
+    left = np.ones(len(g), bool)
+    groups = []
+    for i in rng.permutation(len(g)):
+        if not left[i]:
+            continue
+        cos = g[i] @ g.T
+        cos[~left] = -np.inf
+        members = np.argsort(-cos, kind="stable")[:min(size, int(left.sum()))]
+        left[members] = False
+        groups.append(np.sort(members))
+    return groups
+
+
+@torch.no_grad()
+def teacher_scores(model, region_embs, word_embs, lengths, groups, cpi: int, progress: bool = True) -> list:
+    """IMRAM's scores (len(group), cpi * len(group)) of each group's images against their captions."""
+    from imram_min import schedule
+    model.eval()
+    out = []
+    for members in tqdm(groups, desc="IMRAM scores of the groups", disable=not progress, leave=False):
+        caps = torch.from_numpy((members[:, None] * cpi + np.arange(cpi)).reshape(-1))
+        lens = lengths[caps]
+        out.append(schedule.similarity(model, region_embs[torch.from_numpy(members)],
+                                       word_embs[caps, :int(lens.max())], lens).float())
+    return out
+
+
+def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, cpi: int) -> torch.Tensor:
+    """InfoNCE on ground truth: img (B, o), cap (B * cpi, o), caption j of image j // cpi."""
+    logits = img @ cap.T / TAU  # (B, B * cpi)
+    owner = torch.arange(cap.shape[0], device=img.device) // cpi
+    t2i = F.cross_entropy(logits.T, owner)
+    pos = owner[None, :] == torch.arange(img.shape[0], device=img.device)[:, None]
+    i2t = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, -1e4), 1)).mean()
+    return (t2i + i2t) / 2
+
+
+def distill_loss(img: torch.Tensor, cap: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(IMRAM / TEACHER_TAU) || softmax(head / TAU)), rows (i2t) and columns (t2i)."""
+    student = img @ cap.T / TAU
+    target = teacher / TEACHER_TAU
+    kl = 0.0
+    for s, t in ((student, target), (student.T, target.T)):
+        kl = kl + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    return kl / 2
+
+
+def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor, cpi: int,
+               epochs: int = 20, batch: int = 128, lr: float = 2e-3, distill: float = 1.0, seed: int = 0,
+               hidden: int = DEFAULTS["hidden"], out_size: int = DEFAULTS["out_size"],
+               progress: bool = True) -> tuple[GlobalHead, list[float]]:
+    """Train a GlobalHead on frozen embeddings (caption j belongs to image j // cpi); returns (head in
+    eval mode, mean loss of each epoch). distill > 0 needs ``model`` (IMRAM's group scores)."""
+    torch.manual_seed(seed)
+    head = GlobalHead(region_embs.shape[2], hidden, out_size)
+    n_img = len(region_embs)
+    groups = mean_groups(region_embs, GROUP, seed) if distill > 0 else []
+    teacher = teacher_scores(model, region_embs, word_embs, lengths, groups, cpi, progress) if distill > 0 else []
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(n_img / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    rng = np.random.default_rng(seed)
+    history = []
+    bar = tqdm(range(epochs), desc="global head", disable=not progress)
+    for _ in bar:
+        head.train()
+        order, total = rng.permutation(n_img), 0.0
+        for s in range(steps_per_epoch):
+            ims = torch.from_numpy(np.sort(order[s * batch:(s + 1) * batch]))
+            caps = (ims[:, None] * cpi + torch.arange(cpi)).reshape(-1)
+            lens = lengths[caps]
+            loss = contrastive_loss(head.image(region_embs[ims]),
+                                    head.text(word_embs[caps, :int(lens.max())], lens), cpi)
+            if distill > 0:
+                g = int(rng.integers(len(groups)))
+                members = torch.from_numpy(groups[g])
+                gcaps = (members[:, None] * cpi + torch.arange(cpi)).reshape(-1)
+                glens = lengths[gcaps]
+                loss = loss + distill * distill_loss(head.image(region_embs[members]),
+                                                     head.text(word_embs[gcaps, :int(glens.max())], glens), teacher[g])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append(total / steps_per_epoch)
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return head.eval(), history
+
+
+# --------------------------------------------------------------------------- CLI
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _main(argv) -> dict:
+    from imram_min import checks
+    from imram_min.checkpoint import load_model
+    from imram_min.data import PrecompDataset
+    from imram_min.evaluate import encode_split
+    from runtime import cli
+    p = cli.ArgumentParser(prog="python -m imram_min.global_head",
+                           description="Distil a first-stage global head from a trained IMRAM checkpoint "
+                                       "(IMRAM frozen), for the two-stage search.")
+    p.add_argument("checkpoint", help="RUN/best.pt")
+    p.add_argument("--data", required=True, metavar="DIR", help="the data folder (its train split)")
+    p.add_argument("--out", metavar="FILE", help="default: global_head.pt beside the checkpoint")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (with all their captions)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--distill", type=float, default=1.0, help="weight of the IMRAM-score distillation (0: off)")
+    p.add_argument("--out-size", type=int, default=DEFAULTS["out_size"])
+    p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for flag, value, high in (("--epochs", args.epochs, 10000), ("--batch-size", args.batch_size, 1 << 16),
+                              ("--out-size", args.out_size, 1 << 14), ("--hidden", args.hidden, 1 << 14)):
+        cli.check_count(value, flag, 1, high)
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not (args.distill >= 0 and math.isfinite(args.distill)):
+        raise cli.UserError("--lr must be > 0 and --distill >= 0")
+    checks.data_folder(args.data)
+    split = checks.split(args.data, "train")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "global_head.pt")
+    cli.check_output_file(out, [args.checkpoint, split.features, split.captions], "--out")
+    model, vocab, _ = load_model(args.checkpoint)
+    if model.cfg.img_dim != split.img_dim:
+        raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "
+                            f"takes img_dim {model.cfg.img_dim}")
+    dataset = PrecompDataset(args.data, "train", vocab)
+    t0 = time.perf_counter()
+    torch.set_grad_enabled(True)
+    region_embs, word_embs, lengths = encode_split(model, dataset, progress=True)
+    head, history = train_head(model, region_embs, word_embs, lengths, dataset.caps_per_image, args.epochs,
+                               args.batch_size, args.lr, args.distill, args.seed, args.hidden, args.out_size)
+    seconds = time.perf_counter() - t0
+    meta = {"checkpoint": os.path.basename(args.checkpoint), "checkpoint_sha256": _sha256(args.checkpoint),
+            "data": os.fspath(args.data), "epochs": args.epochs, "distill": args.distill, "seconds": seconds,
+            "loss": history}
+    save_head(head, out, meta)
+    print(f"wrote {out}: {len(region_embs)} images, {len(word_embs)} captions, loss {history[0]:.3f} -> "
+          f"{history[-1]:.3f}, {seconds:.1f}s")
+    return {"out": out, **meta}
+
+
+def main(argv=None) -> dict:
+    """Train and save; returns {"out", meta...}. Bad input: one ``error: ...`` line, SystemExit(2)."""
+    from imram_min import checks
+    from runtime import cli
+    return cli.call(_main, argv, user_errors=(*checks.USER_ERRORS, GlobalHeadError))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
