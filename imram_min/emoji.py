@@ -31,7 +31,6 @@ Output (all files written atomically), for split in train, dev, test:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -46,6 +45,7 @@ import numpy as np
 from imram_min.synthetic import DEFAULT_TRAIN_SETTINGS
 from runtime.atomic import save_npy, write_bytes, write_text
 from runtime.images import FEATURES_JSON, write_feature_spec, write_path_list
+from runtime.modeldir import file_digest
 from runtime.text import Vocabulary, tokenize
 
 SPLITS = ("train", "dev", "test")
@@ -84,11 +84,7 @@ def tarball_name(spec: str) -> str:
 
 
 def sha1_of(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def npm_error(stderr: str) -> str:

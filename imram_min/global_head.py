@@ -25,7 +25,6 @@ The file (torch.save, weights_only-safe): {"format": FORMAT, "config": {...}, "s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -36,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from runtime.modeldir import sha256_file
 
 FORMAT = "imram-min-global-head/1"
 DEFAULTS = {"hidden": 256, "out_size": 256}
@@ -224,14 +225,6 @@ def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, length
 
 
 # --------------------------------------------------------------------------- CLI
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _main(argv) -> dict:
     from imram_min import checks
     from imram_min.checkpoint import load_model
@@ -272,7 +265,7 @@ def _main(argv) -> dict:
     head, history = train_head(model, region_embs, word_embs, lengths, dataset.caps_per_image, args.epochs,
                                args.batch_size, args.lr, args.distill, args.seed, args.hidden, args.out_size)
     seconds = time.perf_counter() - t0
-    meta = {"checkpoint": os.path.basename(args.checkpoint), "checkpoint_sha256": _sha256(args.checkpoint),
+    meta = {"checkpoint": os.path.basename(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint),
             "data": os.fspath(args.data), "epochs": args.epochs, "distill": args.distill, "seconds": seconds,
             "loss": history}
     save_head(head, out, meta)

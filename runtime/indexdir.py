@@ -33,6 +33,7 @@ import tempfile
 import numpy as np
 
 from . import atomic
+from .modeldir import read_manifest_file
 
 FORMAT, FORMAT_VERSION = "imram-min-index", 1
 MANIFEST_FILE = "manifest.json"
@@ -165,16 +166,7 @@ def remove_folder(path: str) -> None:
 # --------------------------------------------------------------------------- reading
 def read_manifest(index_dir: str) -> dict:
     """INDEX_DIR/manifest.json, its fields checked. IndexDirError."""
-    if not os.path.isdir(index_dir):
-        raise IndexDirError(f"{index_dir}: no such index folder (make one with python -m runtime.index)")
-    path = os.path.join(index_dir, MANIFEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise IndexDirError(f"{path}: missing; not an index folder written by python -m runtime.index") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise IndexDirError(f"{path}: cannot read the manifest ({e})") from None
+    path, manifest = read_manifest_file(index_dir, IndexDirError, "index", "python -m runtime.index")
     problem = _manifest_problem(manifest)
     if problem:
         raise IndexDirError(f"{path}: {problem}")

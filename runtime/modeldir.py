@@ -35,12 +35,33 @@ class ModelDirError(ValueError):
 
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read 1 MiB at a time (hashlib's ``algorithm``)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
+
+
+def read_manifest_file(folder: str, error: type[Exception], kind: str, made_by: str) -> tuple[str, object]:
+    """(FOLDER/manifest.json, its parsed JSON) of a ``kind`` folder written by ``made_by``; anything
+    missing or unreadable is one ``error`` naming the file."""
+    if not os.path.isdir(folder):
+        raise error(f"{folder}: no such {kind} folder (make one with {made_by})")
+    path = os.path.join(folder, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, json.load(f)
+    except FileNotFoundError:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise error(f"{path}: missing; not {article} {kind} folder written by {made_by}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: cannot read the manifest ({e})") from None
 
 
 def _is_int(value, low: int = 1, high: int = MAX_DIM) -> bool:
@@ -111,16 +132,7 @@ def check_manifest_fields(manifest) -> None:
 def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
     """Read MODEL_DIR/manifest.json, check its fields and (``verify``) every listed file's SHA-256."""
     model_dir = os.fspath(model_dir)
-    if not os.path.isdir(model_dir):
-        raise ModelDirError(f"{model_dir}: no such model folder (make one with python -m export CKPT --out DIR)")
-    path = os.path.join(model_dir, MANIFEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise ModelDirError(f"{path}: missing; not a model folder written by python -m export") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ModelDirError(f"{path}: cannot read the manifest ({e})") from None
+    path, manifest = read_manifest_file(model_dir, ModelDirError, "model", "python -m export CKPT --out DIR")
     try:
         check_manifest_fields(manifest)
     except (TypeError, ValueError) as e:
