@@ -30,12 +30,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-from .model import IMRAM
+from .model import IMRAM, contrastive_loss
 
 
 @dataclass
@@ -187,7 +188,6 @@ class BatchLoss(nn.Module):
 
     def forward(self, region_feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                 max_violation: bool) -> torch.Tensor:
-        from .model import contrastive_loss
         model, ctx = self.model, self.ctx
         region_embs = model.encode_images(region_feats)  # (b, n_region, d)
         word_embs = model.encode_captions(tokens, lengths)  # (b, n_word, d)
@@ -229,7 +229,6 @@ def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tenso
     its ``rank_slice`` of the images against every caption, and the rows are gathered on every
     process. score_all(model, region_embs, word_embs, lengths, **kwargs) -> (n, n_cap) numpy array
     (schedule.similarities)."""
-    import numpy as np
     if ctx.world == 1:
         return score_all(model, region_embs, word_embs, lengths, **kwargs)
     n_img = region_embs.shape[0]
