@@ -12,11 +12,14 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
                  caption at a time against the batch's images (the baseline)
     fast         imram_min.schedule.similarity(..., checkpoint=True): blocks recomputed in the
                  backward pass (what training does on a GPU)
-    fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False) (training on the CPU)
+    fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False)
+    support      what training does with hardest negatives: every pair scored by fast-nockpt without
+                 autograd, then the loss and its gradient from the 3B pairs it depends on
+                 (imram_min.distributed.support_loss, (F10))
     plain        IMRAM.similarity (model.py), on request
     fast-bf16    fast-nockpt under torch.autocast(bfloat16) (train --precision bf16); its gradients
                  are bf16-rounded, so its check is reported, not required
-    ddp-N        fast-nockpt on N processes (gloo on the CPU, one thread each; DistributedDataParallel
+    ddp-N        support on N processes (gloo on the CPU, one thread each; DistributedDataParallel
                  around imram_min.distributed.BatchLoss, as torchrun -m imram_min.train): the same
                  global batch and gradients, timed per global step (e.g. ddp-2)
 
@@ -52,7 +55,7 @@ from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from reference import per_caption_similarity  # noqa: E402  (tests/reference.py)
 from score import load_line, shape_parser  # noqa: E402  (benchmarks/score.py)
 
-SCORERS = ("original", "fast", "fast-nockpt", "plain", "fast-bf16", "ddp-2", "ddp-4")
+SCORERS = ("original", "fast", "fast-nockpt", "support", "plain", "fast-bf16", "ddp-2", "ddp-4")
 SIZES = {"cuda": (128, 1024), "cpu": (32, 256)}  # batch size, d
 LR, GRAD_CLIP, GRAD_RTOL = 2e-4, 2.0, 1e-4
 
@@ -84,7 +87,7 @@ def run_scorer(name: str, a, device: torch.device, batch, rank: int = 0, init: s
     if name.startswith("ddp-"):
         world = int(name[4:])
         ctx = join(rank, world, init, device.type)
-    loss_of = BatchLoss(model, score, ctx)
+    loss_of = BatchLoss(model, score, ctx, support=name == "support" or world > 1)  # else every pair with autograd
     step_module = loss_of if world == 1 else torch.nn.parallel.DistributedDataParallel(loss_of)
     bf16 = name == "fast-bf16"
     grads = None
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p = shape_parser(__doc__, "d (cuda 1024, cpu 256)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(auto: cuda if torch sees it)")
     p.add_argument("--batch-size", type=int, help="B (cuda 128, cpu 32)")
-    p.add_argument("--scorers", default="original,fast,fast-nockpt", help="comma-separated, of " + ",".join(SCORERS))
+    p.add_argument("--scorers", default="original,fast,fast-nockpt,support", help="comma-separated, of " + ",".join(SCORERS))
     p.add_argument("--iters", type=int, default=3, help="timed steps (3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the check step (1)")
     p.add_argument("--check-batch", type=int, help="samples of the gradient-check step (default: the batch size)")

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
+from . import fast
 from .model import IMRAM, contrastive_loss
 
 
@@ -172,27 +173,67 @@ def hinge_terms(rows: torch.Tensor, cols: torch.Tensor, offset: int, margin: flo
     return cost_cap.sum() + cost_img.sum()
 
 
+def support_loss(model: IMRAM, rows: torch.Tensor, cols: torch.Tensor, offset: int, region_embs: torch.Tensor,
+                 word_embs: torch.Tensor, lengths: torch.Tensor, margin: float) -> torch.Tensor:
+    """``hinge_terms(rows, cols, offset, margin, max_violation=True)`` with its gradient, from the 3 b
+    pairs it depends on (F10).
+
+    (F10) With hardest negatives the loss is a function of the positives F(i, i), of F(i, j^_i)
+    and of F(i^_j, j) alone (j^_i = the argmax of image i's row of costs, i^_j of caption j's
+    column), and so is its gradient: dL/dF is 0 on every other pair. So every pair is scored
+    without autograd (``rows`` / ``cols``, which pick j^ and i^) and only these pairs are scored
+    again with it (``fast.zipped_scores``): back-propagation through 3 b pairs instead of 2 B b - b^2.
+
+    rows (b, B) / cols (B, b): the scores of ``hinge_terms``, without gradient; region_embs
+    (B, n_region, d), word_embs (B, n_word, d), lengths (B,): the global batch's embeddings, with
+    gradient (``gather``); own items o .. o + b - 1 (o = ``offset``).
+    """
+    b, device = rows.shape[0], rows.device
+    own = torch.arange(b, device=device)
+    with torch.no_grad():  # the hardest negatives, as hinge_terms picks them
+        cost_cap = (margin + rows - rows[own, offset + own][:, None]).clamp(min=0)
+        cost_img = (margin + cols - cols[offset + own, own][None, :]).clamp(min=0)
+        cost_cap[own, offset + own] = 0
+        cost_img[offset + own, own] = 0
+        hard_cap, hard_img = cost_cap.max(1).indices, cost_img.max(0).indices  # j^ of own images, i^ of own captions
+    items = offset + own  # global indices of own images and of own captions (pair k is image k, caption k)
+    images, captions = torch.cat([items, items, hard_img]), torch.cat([items, hard_cap, items])
+    n_word = int(lengths[captions.cpu()].max())
+    scores = fast.zipped_scores(model, region_embs[images], word_embs[captions, :n_word],
+                                lengths[captions.cpu()])  # (3b,): F(i, i), F(i, j^_i), F(i^_j, j)
+    positive, hard_for_image, hard_for_caption = scores[:b], scores[b:2 * b], scores[2 * b:]
+    cost_cap = (margin + hard_for_image - positive).clamp(min=0) * (hard_cap != items)  # 0 where j^ is i itself
+    cost_img = (margin + hard_for_caption - positive).clamp(min=0) * (hard_img != items)
+    return cost_cap.sum() + cost_img.sum()
+
+
 class BatchLoss(nn.Module):
     """(region_feats, tokens, lengths) of this process's slice -> its loss term L_p, to back-propagate.
 
-    One process: the model's pair scores of the batch and ``contrastive_loss``, as always.
-    N processes: gathers, ``rows`` / ``cols`` and ``hinge_terms``, multiplied by N because DDP
-    averages the gradients (see the module docstring). Wrapped in DistributedDataParallel, so its
-    forward is the whole step. ``score_pairs(model, region_embs, word_embs, lengths)``: the scorer
+    Scores ``rows`` / ``cols`` (one process: rows = cols = the (B, B) pair scores) and takes
+    ``hinge_terms``; on N processes after the gathers, multiplied by N because DDP averages the
+    gradients (see the module docstring). With hardest negatives and ``support`` (the default) the
+    pairs are scored without autograd and the loss is ``support_loss`` (F10): the same loss and
+    gradients, back-propagated through 3 b pairs. Wrapped in DistributedDataParallel, its forward
+    is the whole step. ``score_pairs(model, region_embs, word_embs, lengths)``: the scorer
     (schedule.score_pairs).
     """
 
-    def __init__(self, model: IMRAM, score_pairs, ctx: Context | None = None):
+    def __init__(self, model: IMRAM, score_pairs, ctx: Context | None = None, support: bool = True):
         super().__init__()
-        self.model, self.score_pairs, self.ctx = model, score_pairs, ctx or Context()
+        self.model, self.score_pairs, self.ctx, self.support = model, score_pairs, ctx or Context(), support
 
     def forward(self, region_feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                 max_violation: bool) -> torch.Tensor:
         model, ctx = self.model, self.ctx
         region_embs = model.encode_images(region_feats)  # (b, n_region, d)
         word_embs = model.encode_captions(tokens, lengths)  # (b, n_word, d)
+        sparse = max_violation and self.support
         if ctx.world == 1:
-            sims = self.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
+                sims = self.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+            if sparse:
+                return support_loss(model, sims, sims, 0, region_embs, word_embs, lengths, model.cfg.margin)
             return contrastive_loss(sims, model.cfg.margin, max_violation)
         b = torch.tensor([len(lengths), int(lengths.max())], device=region_embs.device)
         shape = gather_no_grad(b[None], ctx, [1] * ctx.world)  # (world, 2): slice size, longest caption
@@ -201,14 +242,19 @@ class BatchLoss(nn.Module):
         all_words = gather(word_embs, ctx, sizes, (n_word, word_embs.shape[-1]))  # (B, n_word, d)
         all_lengths = gather_no_grad(lengths.to(region_embs.device), ctx, sizes).cpu()
         offset, b = sum(sizes[:ctx.rank]), sizes[ctx.rank]
-        rows = self.score_pairs(model, region_embs, all_words, all_lengths)  # (b, B)
-        # (B, b): the other processes' images against own captions; own x own is already in rows
-        cols = [rows[:, offset:offset + b]]
-        if offset:
-            cols.insert(0, self.score_pairs(model, all_regions[:offset], word_embs, lengths))
-        if offset + b < len(all_regions):
-            cols.append(self.score_pairs(model, all_regions[offset + b:], word_embs, lengths))
-        loss = hinge_terms(rows, torch.cat(cols), offset, model.cfg.margin, max_violation)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
+            rows = self.score_pairs(model, region_embs, all_words, all_lengths)  # (b, B)
+            # (B, b): the other processes' images against own captions; own x own is already in rows
+            cols = [rows[:, offset:offset + b]]
+            if offset:
+                cols.insert(0, self.score_pairs(model, all_regions[:offset], word_embs, lengths))
+            if offset + b < len(all_regions):
+                cols.append(self.score_pairs(model, all_regions[offset + b:], word_embs, lengths))
+            cols = torch.cat(cols)
+        if sparse:
+            loss = support_loss(model, rows, cols, offset, all_regions, all_words, all_lengths, model.cfg.margin)
+        else:
+            loss = hinge_terms(rows, cols, offset, model.cfg.margin, max_violation)
         return loss * ctx.world
 
 

@@ -24,6 +24,9 @@ are the formulas of ``imram_min.model``'s docstring.
     (F6) the gated update (9) as one lerp:  g m + (1 - g) o = o + g (m - o).
     (F7) the l2norm after the last update folded into the raw scores it only enters (3):
              <m/(|m| + eps), v_j> = <m, v_j> / (|m| + eps)
+    (F8), (F9) for training: the derivatives of the gated update's pointwise part (``Gate``) and
+         of the memory's l2norm (``L2Norm``) written out, in a few passes over the per-pair
+         (..., d) tensors where autograd's node per operation made about twice as many.
 
 What is left per pair for K = 3 is one half-width (d -> 2d) product at step 2 plus the attention
 itself: about 6x fewer FLOPs than the original at d = 1024.
@@ -128,32 +131,95 @@ def attended_sq_norm(attention: torch.Tensor, gram: torch.Tensor) -> torch.Tenso
 _MINUS_ONE = torch.tensor(-1.0)
 
 
+def gate(sig: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(7)-(9) from the sigmoids: sig (..., 2d) = [sigmoid(2 x_o) | g], memory (..., d) (broadcast)
+    -> the new memory o + g (m - o), o = tanh(x_o)."""
+    d = sig.shape[-1] // 2
+    o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
+    return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (m - o) = g m + (1 - g) o
+
+
+class Gate(torch.autograd.Function):
+    """(F8) ``gate`` of sigmoid(pre) with its derivative written out, for training.
+
+    With s = sigmoid(pre_o), o = 2 s - 1, g = sigmoid(pre_g), m' = o + g (m - o), and G = dL/dm':
+        dL/dm     = G g
+        dL/dpre_o = G (1 - g) 2 s (1 - s)
+        dL/dpre_g = G (m - o) g (1 - g)
+    Autograd would differentiate the slices of pre, the tanh identity and the lerp one node each
+    (zero-filled slice gradients, copies into views); this writes the (..., 2d) gradient in place.
+    pre (..., 2d) rows [2 x_o | x_g] (F5); memory (..., d) or broadcast to it (the query at step 1).
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        sig = torch.sigmoid(pre)  # [s | g]  (8)
+        ctx.save_for_backward(sig, memory)
+        return gate(sig, memory)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sig, memory = ctx.saved_tensors
+        d = sig.shape[-1] // 2
+        s, g = sig[..., :d], sig[..., d:]
+        grad_pre = torch.empty_like(sig)
+        grad_memory = grad * g  # G g
+        torch.sub(grad, grad_memory, out=grad_pre[..., :d]).mul_(2)  # 2 G (1 - g)
+        torch.mul(torch.add(memory.to(sig.dtype), s, alpha=-2).add_(1), grad, out=grad_pre[..., d:])  # G (m - o)
+        grad_pre.mul_(sig).mul_(1 - sig)  # x sigmoid' = sig (1 - sig), both halves
+        return grad_pre, grad_memory.sum_to_size(memory.shape).to(memory.dtype)
+
+
+class L2Norm(torch.autograd.Function):
+    """(F9) l2norm over the last axis, y = x / (|x| + eps), with its derivative written out, for training:
+        dL/dx = G / (|x| + eps) - y <y, G> / |x|      (G = dL/dy; the second term is 0 where x = 0)
+    (autograd's norm and division nodes make twice the passes over the (..., d) memory)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        y = x / (norm + EPS)
+        ctx.save_for_backward(y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, norm = ctx.saved_tensors
+        along = (y * grad).sum(-1, keepdim=True).div_(norm.clamp(min=torch.finfo(norm.dtype).tiny))  # <y, G> / |x|
+        return (grad / (norm + EPS)).sub_(y * along)
+
+
+def normalize(memory: torch.Tensor) -> torch.Tensor:
+    """``model.l2norm`` of the memory (9), through ``L2Norm`` (F9) when autograd records it."""
+    return L2Norm.apply(memory) if torch.is_grad_enabled() and memory.requires_grad else l2norm(memory)
+
+
 def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_query: torch.Tensor,
                  query_proj: torch.Tensor, context_proj: torch.Tensor) -> torch.Tensor:
     """The MDU (7)-(9) without the l2norm, for all pairs: the PyTorch form of the fast loop's update.
 
-    memory (n_c_items, n_q_items, n_query, d), or at step 0 the query (n_q_items, n_query, d);
-    attention (n_c_items, n_q_items, n_query, n_context); w_query: W_q (2d, d) of ``mdu_weights``;
-    query_proj (n_q_items, n_query, 2d) = W_q q; context_proj (n_c_items, n_context, 2d) =
-    W_c v + b. Returns the new memory (n_c_items, n_q_items, n_query, d).
+    memory (n_c_items, n_q_items, n_query, d), or at step 0 the query (n_q_items, n_query, d)
+    (or per pair, as memory); attention (n_c_items, n_q_items, n_query, n_context); w_query: W_q
+    (2d, d) of ``mdu_weights``; query_proj = W_q q, shaped as the query with 2d last;
+    context_proj (n_c_items, n_context, 2d) = W_c v + b. Returns the new memory (n_c_items,
+    n_q_items, n_query, d).
     """
     n_c_items, n_q_items, n_query, n_context = attention.shape
     d, rows = context_proj.shape[-1] // 2, n_q_items * n_query
     flat = attention.reshape(n_c_items, rows, n_context)
     # pre = W_q m_i + W_c c_i + b, rows [2 x_o | x_g]: (n_c_items, rows, 2d)
     if step == 0:  # (F2): m = q, so W_q m_i is the per-item query_proj, broadcast over the context items
-        pre = torch.baddbmm(query_proj.reshape(1, rows, 2 * d), flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+        pre = torch.baddbmm(query_proj.reshape(-1, rows, 2 * d), flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
     else:
         pre = (memory.reshape(-1, d) @ w_query.T).view(n_c_items, rows, 2 * d)  # W_q m_i
-        if pre.dtype == flat.dtype == context_proj.dtype:
-            pre = pre.baddbmm_(flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
-        else:  # under autocast (--precision bf16/fp16) the dtypes differ: not in place
-            pre = torch.baddbmm(pre, flat, context_proj)
-    sig = pre.sigmoid_().view(n_c_items, n_q_items, n_query, 2 * d)  # [sigmoid(2 x_o) | g]  (8)
-    o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
-    return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (m - o) = g m + (1 - g) o
-
-
+        if pre.requires_grad or not pre.dtype == flat.dtype == context_proj.dtype:  # autograd, or autocast
+            pre = torch.baddbmm(pre, flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+        else:
+            pre = pre.baddbmm_(flat, context_proj)  # the same, in place
+    pre = pre.view(n_c_items, n_q_items, n_query, 2 * d)
+    if torch.is_grad_enabled() and (pre.requires_grad or memory.requires_grad):
+        return Gate.apply(pre, memory)  # (F8)
+    return gate(pre.sigmoid_(), memory)  # [sigmoid(2 x_o) | g]  (8), in place
 # --------------------------------------------------------------------------- iterative matching
 def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, raw_scores: torch.Tensor,
                                     cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
@@ -162,19 +228,22 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     """Step scores (10) of one direction for all pairs, exactly as ``model.recurrent_attention_memory``.
 
     query (n_q_items, n_query, d): the query items (captions' words for Text-IMRAM, images'
-    regions for Image-IMRAM); context (n_c_items, n_context, d); raw_scores (n_c_items,
-    n_q_items, n_query, n_context): the step-1 raw scores s^1_ij = <q_i, v_j> (3) of every pair.
-    query_mask (n_q_items, n_query) / context_mask (n_c_items, n_context): False on padding.
+    regions for Image-IMRAM), or (n_c_items, n_q_items, n_query, d): a query of each pair's own
+    (``zipped_scores``); context (n_c_items, n_context, d); raw_scores (n_c_items, n_q_items,
+    n_query, n_context): the step-1 raw scores s^1_ij = <q_i, v_j> (3) of every pair.
+    query_mask (n_q_items, n_query) (or per pair, as query) / context_mask (n_c_items, n_context):
+    False on padding.
     mdu_parts: (w_query, query_proj, context_proj), passed to ``update`` (None when K = 1);
     update: the memory update, ``gated_update`` or a function of the same signature.
     Returns (K, n_c_items, n_q_items).
     """
     n_c_items, n_q_items, n_query, n_context = raw_scores.shape
     d = query.shape[-1]
-    qmask = None if query_mask is None else query_mask[None]  # (1, n_q_items, n_query)
+    qmask = None if query_mask is None or query_mask.dim() == 3 else query_mask[None]  # (1, n_q_items, n_query)
+    qmask = query_mask if qmask is None else qmask
     cmask = None if context_mask is None else context_mask[:, None]  # (n_c_items, 1, n_context)
     gram = context @ context.transpose(1, 2)  # (F4): G_jl = <v_j, v_l>, (n_c_items, n_context, n_context)
-    query_norm = query.norm(dim=-1)  # |q_i|, (n_q_items, n_query)
+    query_norm = query.norm(dim=-1)  # |q_i|, (n_q_items, n_query) (or per pair)
 
     scores, memory, step_scores = raw_scores, query, []
     for k in range(cfg.n_steps):
@@ -188,7 +257,7 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
         memory = update(memory, attention, k, *mdu_parts)  # (7)-(9) without the l2norm
         last_update = k == cfg.n_steps - 2
         if not cfg.no_IMRAM_norm and not last_update:
-            memory = l2norm(memory)  # (9)
+            memory = normalize(memory)  # (9)
         scores = (memory.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw_scores.shape)  # (3)
         if not cfg.no_IMRAM_norm and last_update:
             scores = scores / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)  # (F7), (9)
@@ -256,3 +325,33 @@ class FastMatcher(nn.Module):
             return mean_pooled_similarity(region_embs, word_embs, lengths)
         steps = fast_step_scores(self.model, region_embs, word_embs, lengths, region_proj, word_proj, weights)
         return sum(s.sum(0) for s in steps.values())
+
+
+def zipped_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+    """F(image p, caption p) (11) for p = 0 .. P-1: the pairs of a list, not all pairs; equal to the
+    diagonal of ``IMRAM.similarity(region_embs, word_embs, lengths)``.
+
+    region_embs (P, n_region, d), word_embs (P, n_word, d), lengths (P,) -> (P,). The same loop as
+    all pairs, each pair its own context item with a query of its own (training scores the few
+    pairs its loss depends on this way: ``imram_min.distributed.support_loss``).
+    """
+    if model.cfg.mode == "mean":
+        return mean_pooled_similarity(region_embs, word_embs, lengths).diagonal()
+    weights = direction_weights(model)
+    region_parts = split_directions(projections(model, region_embs, "region", weights), weights)  # (F1), (F2)
+    word_parts = split_directions(projections(model, word_embs, "word", weights), weights)
+    mask = word_mask(lengths, word_embs.shape[1], word_embs.device)  # (P, n_word)
+    raw = region_embs @ word_embs.transpose(1, 2)  # (3): s^1 of each pair, (P, n_region, n_word)
+    total = 0
+    for direction in model.mdus():
+        if direction == "text":  # words attend regions: (P, 1, n_word, n_region)
+            parts = (weights["text"][0], word_parts["text"][:, None], region_parts["text"]) if weights else None
+            steps = fast_recurrent_attention_memory(word_embs[:, None], region_embs, raw.transpose(1, 2)[:, None],
+                                                    model.cfg, query_mask=mask[:, None], mdu_parts=parts)
+        else:  # regions attend words: (P, 1, n_region, n_word)
+            parts = (weights["image"][0], region_parts["image"][:, None], word_parts["image"]) if weights else None
+            steps = fast_recurrent_attention_memory(region_embs[:, None], word_embs, raw[:, None], model.cfg,
+                                                    context_mask=mask, mdu_parts=parts)
+        total = total + steps.sum(0)[:, 0]  # (11): sum over steps and directions
+    return total

@@ -36,7 +36,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     max_dev_captions: int = 5000  # evaluate dev on its first N captions (0 = all)
-    precision: str = "fp32"  # fp32 (the paper), or autocast to bf16 / fp16 (fp16 with a gradient scaler)
+    precision: str = "fp32"  # fp32 (the paper), autocast to bf16 / fp16 (fp16 with a gradient scaler), or fp64
 
 
 MODEL_KEYS = [f.name for f in fields(IMRAMConfig) if f.name not in ("vocab_size", "img_dim")]
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="(0)")
     t.add_argument("--device", help="auto (cuda if available), cpu, cuda (auto)")
     t.add_argument("--workers", type=int, help="data-loader workers (0)")
-    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp64"],
                    help="fp32: exact float32, the paper (default); bf16 / fp16: autocast mixed precision, "
-                        "fp16 with a gradient scaler")
+                        "fp16 with a gradient scaler; fp64: float64 weights and arithmetic (slow: for checking "
+                        "that runs agree, e.g. on different process counts)")
     t.add_argument("--max-dev-captions", dest="max_dev_captions", type=int,
                    help="dev captions evaluated, 0 = all (5000)")
     return p
@@ -138,7 +139,7 @@ _LIMITS = {  # setting: (low, high); high None = unbounded
     "warmup_epochs": (0, None), "seed": (0, 2 ** 32 - 1), "workers": (0, checks.MAX_WORKERS),
     "max_dev_captions": (0, None),
 }
-_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "mode": MODES, "raw_feature_norm": RAW_FEATURE_NORMS, "img_encoder": ("basic", "weight_norm")}
+_CHOICES = {"precision": ("fp32", "bf16", "fp16", "fp64"), "mode": MODES, "raw_feature_norm": RAW_FEATURE_NORMS, "img_encoder": ("basic", "weight_norm")}
 
 
 def check_settings(settings: dict, sources: dict[str, str]) -> None:

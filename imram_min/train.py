@@ -37,6 +37,7 @@ settings (e.g. --num-epochs to train longer) but not the model.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -49,7 +50,8 @@ import torch
 from tqdm import tqdm
 
 from imram_min import checks, distributed, evaluate, schedule
-from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from imram_min.checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint,
+                                  upgrade_state_dict)
 from imram_min.data import PrecompDataset, collate
 from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
@@ -57,7 +59,7 @@ from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEY
 from runtime import atomic, cli
 from runtime.cli import UserError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": None}  # the autocast dtype
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -105,11 +107,11 @@ def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConf
     total, n = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.num_epochs}", leave=False, dynamic_ncols=True,
                disable=not ctx.is_main)
-    dtype = PRECISIONS[cfg.precision]
+    dtype, weights_dtype = PRECISIONS[cfg.precision], next(model.parameters()).dtype
     max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
     for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = step(region_feats.to(device, non_blocking=True), tokens.to(device, non_blocking=True),
+            loss = step(region_feats.to(device, weights_dtype, non_blocking=True), tokens.to(device, non_blocking=True),
                         lengths, max_violation)  # lengths stay on the CPU
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -131,7 +133,9 @@ def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConf
 
 def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device: torch.device,
                 ctx: distributed.Context) -> dict:
-    """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum. On N processes each scores its share of the images."""
+    """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum. On N processes each scores its share of the images.
+    Scored in float32, as evaluate does (a float32 copy of an fp64 model)."""
+    model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
     score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
     r = evaluate.evaluate_split(model, dataset, device, batch_size=cfg.batch_size, score_all=score_all)
     names = ("r1", "r5", "r10", "medr", "meanr")
@@ -246,6 +250,10 @@ def _main(argv: list[str] | None) -> dict:
         model = model.to(device)
     else:
         model = IMRAM(cfg).to(device)
+    if tcfg.precision == "fp64":  # float64 weights and arithmetic throughout the step
+        model = model.double()
+        if state is not None:
+            model.load_state_dict(upgrade_state_dict(ckpt["model"]))  # the stored float64 values, not rounded
     train_set = PrecompDataset(tcfg.data, "train", vocab)
     dev_set = PrecompDataset(tcfg.data, "dev", vocab, max_captions=max_dev)
     # the global batches of one process's DataLoader(shuffle=True); each process loads its slice of each

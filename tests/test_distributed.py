@@ -116,14 +116,25 @@ def run_two(tmp_path, n: int, max_violation: bool = True) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def single_step(n: int, max_violation: bool = True):
+def single_step(n: int, max_violation: bool = True, support: bool = False):
+    """One process's loss, gradients and pair scores; by default the dense loss of every pair
+    (model.contrastive_loss with autograd through all n x n pairs): the reference."""
     feats, tokens, lengths = batch(n)
     model = double_model()
-    loss = D.BatchLoss(model, schedule.score_pairs)(feats, tokens, lengths, max_violation)
+    loss = D.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, max_violation)
     loss.backward()
     with torch.no_grad():
         sims = schedule.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}, sims
+
+
+@pytest.mark.parametrize("n", [8, 5])
+def test_support_loss_gives_the_dense_loss_and_gradients(n):  # (F10): back-propagation through 3n pairs
+    dense_loss, dense_grads, _ = single_step(n)
+    loss, grads, _ = single_step(n, support=True)
+    assert abs(loss - dense_loss) <= 1e-12 * abs(dense_loss) and loss > 0
+    assert set(grads) == set(dense_grads)
+    assert max(float((grads[k] - g).abs().max()) for k, g in dense_grads.items()) <= 1e-10  # |g| up to ~50
 
 
 @pytest.mark.parametrize("n", [6, 5])  # 5: the batch does not divide by 2 (slices of 3 and 2)

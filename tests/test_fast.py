@@ -15,7 +15,7 @@ for _p in (str(_HERE.parent), str(_HERE)):
 
 import reference as ref  # noqa: E402
 from imram_min import fast, schedule  # noqa: E402
-from imram_min.model import RAW_FEATURE_NORMS  # noqa: E402
+from imram_min.model import RAW_FEATURE_NORMS, l2norm  # noqa: E402
 from test_model import (F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,  # noqa: E402
                         shuffled_1_to_40)  # noqa: E402
 
@@ -280,6 +280,33 @@ def test_identity_f7_last_l2norm_folded_into_the_raw_scores():
     assert max_diff(normed @ v.transpose(1, 2), folded) <= 1e-12
 
 
+@pytest.mark.parametrize("memory_shape", [(2, 4, 3, 16), (4, 3, 16)], ids=["memory", "query-broadcast"])
+def test_identity_f8_gate_derivative_written_out(memory_shape):
+    pre = _rand(2, 4, 3, 32, seed=1).requires_grad_()  # (n_c_items, n_q_items, n_query, 2d)
+    memory = _rand(*memory_shape, seed=2).requires_grad_()  # at step 1 the query, broadcast over context items
+    grad = _rand(2, 4, 3, 16, seed=3)  # dL/dm'
+    got = torch.autograd.grad(fast.Gate.apply(pre, memory), (pre, memory), grad)
+    expected = torch.autograd.grad(fast.gate(torch.sigmoid(pre), memory), (pre, memory), grad)  # autograd's
+    assert [g.shape for g in got] == [pre.shape, memory.shape]
+    assert max(max_diff(a, b) for a, b in zip(got, expected)) <= 1e-12
+    small_memory = memory[:1, :2] if memory.dim() == 4 else memory[:2]
+    small = (pre[:1, :2].detach().requires_grad_(), small_memory.detach().requires_grad_())
+    assert torch.autograd.gradcheck(fast.Gate.apply, small)  # and against finite differences
+
+
+def test_gated_update_with_grad_equals_without():
+    model = make_model(F64, mode="text", n_steps=2)
+    w_q, w_c, b = fast.mdu_weights(model.text_mdu)
+    query, v, memory = _rand(4, 3, 16, seed=1), _rand(2, 5, 16, seed=2), _rand(2, 4, 3, 16, seed=3)
+    a = _attention(2, 4, 3, 5, seed=4)
+    for step, m in ((0, query), (1, memory)):
+        args = (m, a, step, w_q, query @ w_q.T, v @ w_c.T + b)
+        with torch.no_grad():
+            expected = fast.gated_update(*args)  # the in-place form of inference
+        got = fast.gated_update(m.clone().requires_grad_(), *args[1:])  # through Gate (F8)
+        assert got.grad_fn is not None and max_diff(got, expected) <= 1e-15
+
+
 @pytest.mark.parametrize("step", [0, 1])
 def test_gated_update_equals_the_mdu_on_the_attended_context(step):
     model = make_model(F64, mode="text", n_steps=2)
@@ -292,3 +319,28 @@ def test_gated_update_equals_the_mdu_on_the_attended_context(step):
         expected = model.text_mdu(memory, c)  # (7)-(9) before the l2norm
         got = fast.gated_update(memory, a, step, w_q, query @ w_q.T, v @ w_c.T + b)
     assert max_diff(got, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_identity_f9_l2norm_derivative_written_out(zero_row):
+    x = _rand(2, 3, 6, seed=1)
+    if zero_row:
+        x[0, 1] = 0  # an all-zero memory row stays zero; its gradient is G / eps, as autograd's
+    x.requires_grad_()
+    grad = _rand(2, 3, 6, seed=2)
+    (got,) = torch.autograd.grad(fast.L2Norm.apply(x), x, grad)
+    (expected,) = torch.autograd.grad(l2norm(x), x, grad)
+    assert max_diff(fast.L2Norm.apply(x), l2norm(x)) == 0
+    assert max_diff(got, expected) <= 1e-12 * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("mode,n_steps", [("full", 3), ("text", 2), ("image", 3), ("full", 1), ("mean", 1)])
+def test_zipped_scores_are_the_listed_pairs_of_all_pairs(mode, n_steps):
+    model = make_model(F64, mode=mode, n_steps=n_steps)
+    feats, tokens, lengths = make_inputs([4, 7, 2, 5], n_img=3)
+    r, w = embed(model, feats, tokens, lengths)
+    images, captions = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([3, 0, 1, 2, 3])  # any pairs, repeats too
+    with torch.no_grad():
+        expected = model.similarity(r, w, lengths)[images, captions]
+        got = fast.zipped_scores(model, r[images], w[captions], lengths[captions])
+    assert got.shape == (5,) and max_diff(got, expected) <= 1e-12

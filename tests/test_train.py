@@ -51,9 +51,10 @@ def test_one_epoch_writes_checkpoints_log_and_config(tmp_path):
     assert json.load(open(os.path.join(run, "config.json")))["model"]["mode"] == "full"
 
 
-def test_resume_gives_the_same_weights_as_training_straight_through(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_resume_gives_the_same_weights_as_training_straight_through(tmp_path, precision):
     data = make_data(tmp_path / "data")
-    common = ["--data", data, *TINY, "--lr-update", "1"]
+    common = ["--data", data, *TINY, "--lr-update", "1", "--precision", precision]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train.main([*common, "--out", straight, "--num-epochs", "2"])
     train.main([*common, "--out", split, "--num-epochs", "1"])
@@ -62,6 +63,8 @@ def test_resume_gives_the_same_weights_as_training_straight_through(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert a["model"][k].dtype == (torch.float64 if precision == "fp64" else torch.float32) or \
+            not a["model"][k].is_floating_point()
     drop = lambda log: [{k: v for k, v in e.items() if k != "seconds"} for e in log]  # noqa: E731
     assert drop(read_log(straight)) == drop(read_log(split))
     assert [e["lr"] for e in read_log(split)] == pytest.approx([2e-4, 2e-5])
