@@ -6,8 +6,9 @@
 #       captions, mode full, K = 3, d = 1024: fast-cuda and onnx-cuda on all of it, the per-caption
 #       loop on CUDA (1000 x 100 slice) for the speed ratio and on the CPU (200 x 5 slice) as the
 #       exactness reference
-#   (c) benchmarks/train_step.py on CUDA at batch 128, d = 1024, K = 3, full: samples/s, peak GPU
-#       memory, gradient exactness (on a 32-sample check step, which the original also fits)
+#   (c) benchmarks/train_step.py on CUDA at batch 128, d = 1024, K = 3, full (original, fast,
+#       fast-nockpt, support): samples/s, peak GPU memory, gradient exactness (on a 32-sample check
+#       step, which the original also fits)
 # Each part has its own timeout and a failing part does not stop the others; a summary ends it.
 #
 #   bash scripts/gpu_check.sh            # output tee'd to $OUT/gpu_check.log when OUT is set,
