@@ -8,8 +8,6 @@ checkpointing and allocator settings. ``similarity`` is the one tiler of the pai
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,33 +16,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from runtime import tiles
+from runtime.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, retain_freed_memory  # noqa: F401 (imram_min.schedule's names)
 
 from .fast import FastMatcher, direction_weights, projections
 from .model import IMRAM
-
-
-MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30  # bytes, glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
-
-
-def retain_freed_memory() -> bool:
-    """Let glibc keep freed blocks for reuse instead of handing them back to the OS at once.
-
-    Blocks of pairs allocate and free tensors of ~16 MB many times a second; with glibc's
-    defaults each is mapped afresh and its pages faulted in again (on a 2-core CPU that was
-    ~15% of scoring time, in the kernel). Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to
-    MMAP_THRESHOLD (32 MB) and TRIM_THRESHOLD (1 GB) for this process. Called by the training
-    and evaluation commands (the benchmarks set the same through the environment, for every
-    scorer alike); a no-op returning False off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return (bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD))
-                and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)))
-    except (OSError, AttributeError):
-        return False
 
 
 GROUP_BLOCKS = 16  # caption blocks whose captions are on the device at once, their blocks on one pool of workers

@@ -108,6 +108,8 @@ class Engine:
     manifest's feature spec), feature_size, feature_grid. The feature extractor's session is
     made on first use. has_global_head: the model dir has the first stage's head graphs
     (``global_vectors``); global_size: the size of a first-stage vector (the head's, else d).
+    projected: the matcher takes per-item projections (``project``); projection_size: their
+    size P per region or word (4d for mode full), 0 when it takes none.
     """
 
     def __init__(self, model_dir: str | os.PathLike = DEFAULT_MODEL_DIR, device: str = "auto",
@@ -136,6 +138,8 @@ class Engine:
         providers = resolve_providers(device, tf32)
         self._threads = threads
         self.projected = takes_projections(self.manifest)
+        self.projection_size = self.manifest["graphs"]["region_projection"]["outputs"][0]["shape"][-1] \
+            if self.projected else 0
         self.has_global_head = has_global_head(self.manifest)
         self.global_size = self.manifest["graphs"]["image_global"]["outputs"][0]["shape"][-1] \
             if self.has_global_head else self.embed_size
@@ -331,7 +335,7 @@ class Engine:
                  "lengths": np.ascontiguousarray(lengths, dtype=np.int64)}
         if self.projected:
             feeds["region_proj"] = np.ascontiguousarray(
-                self.project("region", feeds["region_embs"]) if region_proj is None else region_proj)
+                self.project("region", feeds["region_embs"]) if region_proj is None else region_proj, dtype=np.float32)
             feeds["word_proj"] = np.ascontiguousarray(
-                self.project("word", feeds["word_embs"]) if word_proj is None else word_proj)
+                self.project("word", feeds["word_embs"]) if word_proj is None else word_proj, dtype=np.float32)
         return self.sessions["matcher"].run(None, feeds)[0]

@@ -8,6 +8,10 @@
                                    of its embeddings, l2-normalised, G = d; or the model dir's
                                    global head's, G its size)
     INDEX_DIR/part-ID.ids.txt      one JSON string a line: the item's id (file name, features row or caption)
+    INDEX_DIR/part-ID.proj.npy     only in an index built with --store-projections (the manifest's
+                                   projection_size P > 0): (n_vectors, P) in the embeddings' dtype,
+                                   each vector's projection (region_projection.onnx / word_projection.onnx
+                                   of the stored embedding), row for row with embs.npy
 
 Nothing is written in place. A build or an append writes a new part under a fresh random ID
 (files no manifest lists yet), fsyncs it, then replaces manifest.json atomically
@@ -39,8 +43,10 @@ FORMAT, FORMAT_VERSION = "imram-min-index", 1
 MANIFEST_FILE = "manifest.json"
 KINDS = ("images", "captions")  # what the gallery holds: images are searched by captions, and vice versa
 DTYPES = ("float32", "float16")
-SUFFIXES = ("embs.npy", "offsets.npy", "global.npy", "ids.txt")
-PART_FILE = re.compile(r"part-[0-9a-f]{12}\.(embs\.npy|offsets\.npy|global\.npy|ids\.txt)")
+SUFFIXES = ("embs.npy", "offsets.npy", "global.npy", "ids.txt")  # every part has these
+PROJ = "proj.npy"  # and these, in an index that stores the projections (manifest: projection_size > 0)
+PART_FILE = re.compile(r"part-[0-9a-f]{12}\.(embs\.npy|offsets\.npy|global\.npy|ids\.txt|proj\.npy)")
+FAISS_FILE = re.compile(r"faiss-[0-9a-f]{12}\.index")  # an approximate first stage (runtime.faiss_stage), optional
 
 
 class IndexDirError(ValueError):
@@ -87,25 +93,32 @@ class PartWriter:
     """One new part: ``add`` items a batch at a time (in order), then ``close`` (all files fsynced).
     On an error ``remove`` deletes its files."""
 
-    def __init__(self, index_dir: str, n_items: int, n_vectors: int, d: int, dtype: str, global_d: int | None = None):
+    def __init__(self, index_dir: str, n_items: int, n_vectors: int, d: int, dtype: str, global_d: int | None = None,
+                 proj_size: int = 0):
         self.index_dir, self.name, self.dtype = index_dir, new_part_name(), dtype
         self.n_items, self.n_vectors, self.done_vectors = n_items, n_vectors, 0
         self.streams, self.ids, self.offsets = [], None, [np.zeros(1, np.int64)]
         self.embs = self._stream("embs.npy", (n_vectors, d), dtype)
         self.global_ = self._stream("global.npy", (n_items, global_d or d), "float32")
+        self.proj = self._stream(PROJ, (n_vectors, proj_size), dtype) if proj_size else None
         self.ids = open(part_file(index_dir, self.name, "ids.txt"), "x", encoding="utf-8", newline="\n")
 
     def _stream(self, suffix, shape, dtype) -> NpyStream:
         self.streams.append(NpyStream(part_file(self.index_dir, self.name, suffix), shape, dtype))
         return self.streams[-1]
 
-    def add(self, vectors: np.ndarray, counts: np.ndarray, global_: np.ndarray, ids: list[str]) -> None:
+    def add(self, vectors: np.ndarray, counts: np.ndarray, global_: np.ndarray, ids: list[str],
+            proj: np.ndarray | None = None) -> None:
         """vectors (sum(counts), d): the items' embeddings one after another; counts (n,) vectors per
-        item; global_ (n, d) float32; ids: n strings."""
-        stored = np.asarray(vectors, dtype=self.dtype)
-        if not np.isfinite(stored).all():
-            raise ValueError(f"embeddings overflow {self.dtype}; build the index with --dtype float32")
-        self.embs.write(stored)
+        item; global_ (n, d) float32; ids: n strings; proj (sum(counts), P): the vectors' projections,
+        when the part stores them."""
+        for name, rows, stream in (("embeddings", vectors, self.embs), ("projections", proj, self.proj)):
+            if stream is None:
+                continue
+            stored = np.asarray(rows, dtype=self.dtype)
+            if not np.isfinite(stored).all():
+                raise ValueError(f"{name} overflow {self.dtype}; build the index with --dtype float32")
+            stream.write(stored)
         self.global_.write(global_)
         self.offsets.append(self.done_vectors + np.cumsum(counts, dtype=np.int64))
         self.done_vectors += int(np.sum(counts))
@@ -130,19 +143,20 @@ class PartWriter:
             stream.file.close()
         if self.ids is not None:
             self.ids.close()
-        for suffix in SUFFIXES:
+        for suffix in SUFFIXES + (PROJ,):
             path = part_file(self.index_dir, self.name, suffix)
             if os.path.exists(path):
                 os.remove(path)
 
 
 def commit(index_dir: str, manifest: dict) -> None:
-    """Replace INDEX_DIR/manifest.json atomically, then delete the part files it does not list
-    (those of a rebuilt index, and strays of an interrupted write)."""
+    """Replace INDEX_DIR/manifest.json atomically, then delete the part (and FAISS) files it does not
+    list (those of a rebuilt or appended index, and strays of an interrupted write)."""
     atomic.write_json(os.path.join(index_dir, MANIFEST_FILE), manifest)
-    keep = {p["name"] for p in manifest["parts"]}
+    keep = {p["name"] for p in manifest["parts"]} | {manifest.get("faiss", {}).get("file")}
     for name in os.listdir(index_dir):
-        if PART_FILE.fullmatch(name) and name.split(".")[0] not in keep:
+        if (PART_FILE.fullmatch(name) and name.split(".")[0] not in keep) or \
+                (FAISS_FILE.fullmatch(name) and name not in keep):
             os.remove(os.path.join(index_dir, name))
 
 
@@ -199,6 +213,12 @@ def _manifest_problem(m) -> str | None:
             return "parts must hold {name: part-<12 hex digits>, n_items: int >= 1, n_vectors: int >= 1}"
     if m["kind"] == "images" and not _is_int(m.get("n_region"), 1):
         return "n_region must be an integer >= 1 for an image index"
+    if not _is_int(m.get("projection_size", 0)):
+        return "projection_size must be an integer >= 0 (0: projections not stored)"
+    f = m.get("faiss")
+    if f is not None and not (isinstance(f, dict) and isinstance(f.get("factory"), str) and
+                              isinstance(f.get("params"), str) and FAISS_FILE.fullmatch(str(f.get("file")))):
+        return "faiss must be {factory: str, file: faiss-<12 hex digits>.index, params: str}"
     return None
 
 
@@ -214,12 +234,15 @@ def _load_npy(path: str, shape: tuple, dtype: str, mmap: bool = True) -> np.ndar
     return array
 
 
-def open_part(index_dir: str, part: dict, d: int, dtype: str, global_d: int | None = None) -> dict:
+def open_part(index_dir: str, part: dict, d: int, dtype: str, global_d: int | None = None,
+              proj_size: int = 0) -> dict:
     """One part's arrays, memory-mapped (offsets and ids in memory), each checked against the
-    manifest: {"embs", "offsets", "global", "ids"}. global_d: the first-stage vectors' size (None: d)."""
+    manifest: {"embs", "offsets", "global", "ids", "proj"}. global_d: the first-stage vectors' size
+    (None: d); proj_size: the stored projections' size P ("proj": None when 0)."""
     name, n, n_vec = part["name"], part["n_items"], part["n_vectors"]
     out = {"embs": _load_npy(part_file(index_dir, name, "embs.npy"), (n_vec, d), dtype),
-           "global": _load_npy(part_file(index_dir, name, "global.npy"), (n, global_d or d), "float32")}
+           "global": _load_npy(part_file(index_dir, name, "global.npy"), (n, global_d or d), "float32"),
+           "proj": _load_npy(part_file(index_dir, name, PROJ), (n_vec, proj_size), dtype) if proj_size else None}
     path = part_file(index_dir, name, "offsets.npy")
     offsets = _load_npy(path, (n + 1,), "int64", mmap=False)
     if offsets[0] != 0 or offsets[-1] != n_vec or (np.diff(offsets) < 1).any():

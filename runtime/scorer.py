@@ -98,13 +98,15 @@ class Scorer(Engine):
         return max(step, min(MAX_GROUP, GROUP_BYTES // per_image) // step * step)
 
     def _score_group(self, region_embs: np.ndarray, caption_shards: list, step: int, out: np.ndarray,
-                     tick: Callable, first: int = 0) -> None:
+                     tick: Callable, first: int = 0, region_proj: np.ndarray | None = None) -> None:
         """out (n, n_cap) <- one image group's region_embs (n, n_region, d) x every caption shard
-        (indices, word_embs, lengths) in matcher calls of ``step`` images, the group and each
-        caption shard projected once. The calls run on ``self.workers`` threads; the next caption
-        shard is projected while they run, and at most three shards' calls are in flight.
+        (indices, word_embs, lengths[, word_proj]) in matcher calls of ``step`` images, the group
+        and each caption shard projected once (unless their projections are given: region_proj,
+        a shard's word_proj). The calls run on ``self.workers`` threads; the next caption shard is
+        projected while they run, and at most three shards' calls are in flight.
         first: the index of the group's first image (for error messages)."""
-        region_proj = self.project("region", region_embs)
+        if region_proj is None:
+            region_proj = self.project("region", region_embs)
         queued = deque()  # (caption indices, [(rows, future)]) of the shards in flight
 
         def collect():
@@ -114,8 +116,8 @@ class Scorer(Engine):
                 tick()
         pool = ThreadPoolExecutor(self.workers)
         try:
-            for idx, word_embs, lens in caption_shards:
-                word_proj = self.project("word", word_embs)
+            for idx, word_embs, lens, *given in caption_shards:
+                word_proj = given[0] if given and given[0] is not None else self.project("word", word_embs)
                 calls = []
                 for i in range(0, len(region_embs), step):
                     rows = slice(i, i + step)
@@ -131,22 +133,31 @@ class Scorer(Engine):
 
     def score_embeddings(self, region_embs: np.ndarray, word_embs: np.ndarray, lengths: np.ndarray,
                          out: np.ndarray | None = None,
-                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                         progress: Callable[[int, int], None] | None = None,
+                         region_proj: np.ndarray | None = None, word_proj: np.ndarray | None = None) -> np.ndarray:
         """Similarities (n_img, n_cap) float32 of every image with every caption, from embeddings:
         region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d) (zeros or anything past each
         length), lengths (n_cap,). As ``score`` does after encoding: captions sorted by length into
-        shards, images in groups, matcher calls of shard x shard pairs. out, progress: as ``score``."""
-        region_embs = np.asarray(region_embs, dtype=np.float32)
+        shards, images in groups, matcher calls of shard x shard pairs. out, progress: as ``score``.
+        region_proj (n_img, n_region, P), word_proj (n_cap, n_word, P): the items' ``project``, when
+        already made (an index that stores them); else made here. Images (and their projections) of
+        another float dtype are made float32 by each matcher call, for its own images."""
+        region_embs = np.asarray(region_embs)
         word_embs, lengths = np.asarray(word_embs, dtype=np.float32), np.asarray(lengths, dtype=np.int64)
         n_img, n_cap = len(region_embs), len(lengths)
         step = self.shard_size(region_embs.shape[1], word_embs.shape[1])
         out = output_array(out, n_img, n_cap)
-        caption_shards = [(idx, np.ascontiguousarray(word_embs[idx, :int(lengths[idx].max())]), lengths[idx])
-                          for idx in caption_blocks(lengths, step)]
+
+        def shard(idx):
+            n_word = int(lengths[idx].max())
+            return (idx, np.ascontiguousarray(word_embs[idx, :n_word]), lengths[idx],
+                    None if word_proj is None else np.ascontiguousarray(word_proj[idx, :n_word], dtype=np.float32))
+        caption_shards = [shard(idx) for idx in caption_blocks(lengths, step)]
         tick = progress_ticker(len(caption_shards) * -(-n_img // step), progress)
         group = self.group_size(region_embs.shape[1], step)
         for i in range(0, n_img, group):
-            self._score_group(region_embs[i:i + group], caption_shards, step, out[i:i + group], tick, i)
+            self._score_group(region_embs[i:i + group], caption_shards, step, out[i:i + group], tick, i,
+                              None if region_proj is None else region_proj[i:i + group])
         return out
 
     # ------------------------------------------------------------------ all pairs

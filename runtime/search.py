@@ -1,6 +1,7 @@
 """Search an index folder: a fast first stage over the whole gallery, exact IMRAM re-ranking of a shortlist.
 
     python -m runtime.search INDEX_DIR QUERIES [--top-k 10] [--shortlist N | --exhaustive] [--json]
+                             [--first-stage exact|faiss [--faiss-params P]]
                              [--model MODEL_DIR] [--device auto|cpu|cuda] [--threads T] [--quiet]
 
     from runtime import Index
@@ -8,6 +9,9 @@
     rows, scores = index.search(["a red dog left of a blue ball"], top_k=10, shortlist=100)
     rows, scores = index.search(captions, top_k=10, exhaustive=True)      # every item, the matcher
     index.ids[rows[0, 0]]                                # the best match's id (file name, row, caption)
+
+A serving process calls ``runtime.memory.retain_freed_memory()`` once (as this command does): glibc
+then keeps freed blocks for reuse (a d = 1024 query: 445 against 481 ms).
 
 QUERIES: for an image index a text file of captions (one a line, as runtime.score reads them);
 for a caption index region features (.npy) or pictures (a folder, a .txt list, one file), as
@@ -17,11 +21,13 @@ Two stages. 1. First stage: every item of the gallery has one global vector, the
 own region (word) embeddings, l2-normalised, or, when the model dir has a global head
 (export.global_head), that head's vector; a query gets the same from its word (region)
 embeddings; the ``shortlist`` items of highest cosine are found exactly, with numpy: the
-(n_items, d) matrix is read in chunks of CHUNK_BYTES, and a running top-N is kept with
-argpartition. 2. Re-ranking: the shortlisted items' embeddings are read from the index
+(n_items, d) matrix is scored in chunks of CHUNK_BYTES, and a running top-N is kept with
+argpartition (or, with first_stage="faiss", the approximate FAISS index built with --faiss:
+runtime.faiss_stage). 2. Re-ranking: the shortlisted items' embeddings are read from the index
 (``read_rows``: file reads, so the process's memory stays that of the shortlist, whatever the
-gallery's size), their per-item projections made (runtime.engine), and the matcher
-scores them against the query exactly as runtime.score does (``Scorer.score_embeddings``).
+gallery's size), their per-item projections read too (an index built with --store-projections)
+or made (runtime.engine), and the matcher scores them against the query exactly as
+runtime.score does (``Scorer.score_embeddings``).
 ``exhaustive=True`` skips stage 1 and scores every item with the matcher: the scores of
 runtime.score. Order: score descending, ties by row ascending. The shortlist is at least top_k.
 
@@ -34,22 +40,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import mmap
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
-from . import cli
+from . import cli, faiss_stage
+from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import IndexDirError, open_part, read_manifest
 from .inputs import image_paths_or_none
+from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
 from .scorer import DEVICES, MAX_THREADS, DeviceError, InputError, Scorer
 
-CHUNK_BYTES = 32 << 20  # first stage: global vectors read per chunk
+CHUNK_BYTES = 32 << 20  # first stage: global vectors scored per chunk
 EXHAUSTIVE_ITEMS = 1024  # exhaustive: items scored per call of Scorer.score_embeddings
 DEFAULT_TOP_K, DEFAULT_SHORTLIST = 10, 100
+FIRST_STAGES = ("exact", "faiss")  # exact: the numpy scan; faiss: the index's FAISS index (runtime.faiss_stage)
 
 
 def model_manifest_sha256(model_dir: str) -> str:
@@ -128,17 +138,49 @@ class TopK:
         return np.stack(self.rows), np.stack(self.scores).astype(np.float32)
 
 
+def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndarray,
+              n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n rows of highest inner product per query over memory-mapped (n_k, G) float32 .npy
+    matrices whose first rows are rows starts[k]: (rows, scores), each (Q, n), exact.
+
+    Each file is mapped afresh and scored in chunks of CHUNK_BYTES straight from the page cache (no
+    copy); after each chunk its pages are unmapped (MADV_DONTNEED; they stay in the page cache), so
+    the process's RSS grows by one chunk, not by the matrix (100 MB at 100K x 256). Reading the
+    chunks into a buffer instead took 4x as long (26.6 against 6.4 ms at 100K x 256, 226 against
+    61 ms at 1M x 256: benchmarks/README.md)."""
+    top, queries_t = TopK(len(queries), n), np.ascontiguousarray(queries.T, dtype=np.float32)
+    d = queries_t.shape[0]
+    rows, page = max(1, CHUNK_BYTES // (4 * d)), mmap.PAGESIZE
+    for start, matrix in zip(starts, matrices):
+        with open(matrix.filename, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if len(m) < matrix.offset + matrix.nbytes:
+                raise IndexDirError(f"{matrix.filename}: shorter than its header says")
+            for i in range(0, len(matrix), rows):
+                k = min(rows, len(matrix) - i)
+                chunk = np.frombuffer(m, np.float32, k * d, matrix.offset + 4 * i * d).reshape(k, d)
+                top.update((chunk @ queries_t).T, int(start) + i)
+                del chunk  # the map closes only without views of it
+                if hasattr(m, "madvise"):
+                    first = (matrix.offset + 4 * i * d) // page * page
+                    m.madvise(mmap.MADV_DONTNEED, first, matrix.offset + 4 * (i + k) * d - first)
+    return top.result()
+
+
 class Index:
     """An index folder (``python -m runtime.index``) searched with the model it was built with.
 
     model_dir: None for the one recorded in the index (another model is refused: IndexDirError).
-    device, threads, image_batch: as runtime.Scorer. Attributes: kind ("images": captions are the
-    queries; "captions": images are), dtype, ids (one str per row), scorer (runtime.Scorer),
-    manifest, n_region (images per item, image index).
+    device, threads, image_batch: as runtime.Scorer. first_stage: "exact" (the numpy scan) or
+    "faiss" (the index's FAISS index, built with --faiss; faiss_params: its search parameters, None
+    for the ones recorded at build). Attributes: kind ("images": captions are the queries;
+    "captions": images are), dtype, ids (one str per row), scorer (runtime.Scorer), manifest,
+    n_region (images per item, image index), projection_size (P of the stored projections, 0:
+    none), faiss (the FAISS index in use, or None).
     """
 
     def __init__(self, index_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "auto", threads: int | None = None, image_batch: int | None = None):
+                 device: str = "auto", threads: int | None = None, image_batch: int | None = None,
+                 first_stage: str = "exact", faiss_params: str | None = None):
         self.index_dir = os.fspath(index_dir)
         self.manifest = m = read_manifest(self.index_dir)
         self.kind, self.dtype, self.n_region = m["kind"], m["dtype"], m.get("n_region")
@@ -146,12 +188,35 @@ class Index:
         check_model(model_dir, m, self.index_dir)
         self.scorer = Scorer(model_dir, device=device, threads=threads,
                              **({} if image_batch is None else {"image_batch": image_batch}))
-        d = self.scorer.embed_size
-        self.parts = [open_part(self.index_dir, p, d, self.dtype, self.scorer.global_size) for p in m["parts"]]
+        d, self.projection_size = self.scorer.embed_size, m.get("projection_size", 0)
+        if self.projection_size and self.projection_size != self.scorer.projection_size:
+            raise IndexDirError(f"{self.index_dir}: stores projections of {self.projection_size} values, the model's "
+                                f"matcher takes {self.scorer.projection_size}")
+        self.parts = [open_part(self.index_dir, p, d, self.dtype, self.scorer.global_size, self.projection_size)
+                      for p in m["parts"]]
         if self.kind == "images" and any((np.diff(p["offsets"]) != self.n_region).any() for p in self.parts):
             raise IndexDirError(f"{self.index_dir}: an image item has not {self.n_region} regions (n_region)")
         self.starts = np.cumsum([0] + [len(p["ids"]) for p in self.parts])
         self.ids = [i for p in self.parts for i in p["ids"]]
+        self.faiss = self._open_faiss(first_stage, faiss_params, threads)
+
+    def _open_faiss(self, first_stage: str, params: str | None, threads: int | None):
+        """The FAISS index of an index built with --faiss, for first_stage "faiss"; None for "exact"."""
+        if first_stage not in FIRST_STAGES:
+            raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
+        entry = self.manifest.get("faiss")
+        if first_stage == "exact":
+            if params is not None:
+                raise FaissError("--faiss-params needs --first-stage faiss")
+            return None
+        if entry is None:
+            raise IndexDirError(f"{self.index_dir}: has no FAISS index (build it with python -m runtime.index "
+                                f"... --faiss FACTORY)")
+        index = faiss_stage.read(self.index_dir, entry, len(self), self.scorer.global_size)
+        faiss_stage.set_params(index, entry["params"] if params is None else params)
+        if threads:
+            faiss_stage.import_faiss().omp_set_num_threads(int(threads))
+        return index
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -160,21 +225,23 @@ class Index:
         return f"Index({self.index_dir!r}, {len(self)} {self.kind}, {self.dtype}, {self.scorer!r})"
 
     # ------------------------------------------------------------------ items
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of ``rows`` (ascending) as float32 (n, n_vec_max, d), zero-padded, and counts (n,)."""
-        flat, counts = [], []
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Embeddings of ``rows`` (ascending) (n, n_vec_max, d), zero-padded, counts (n,), and their
+        stored projections (n, n_vec_max, P) (None where the index stores none), in the index's dtype:
+        a float16 index's are made float32 by each matcher call for its own items, on the matcher's
+        threads (one conversion of 100 x 36 x 4096 values took 39 ms, two side by side 19 ms)."""
+        arrays = ("embs", "proj") if self.projection_size else ("embs",)
+        flat, counts = {a: [] for a in arrays}, []
         for k, part in enumerate(self.parts):
             local = rows[(rows >= self.starts[k]) & (rows < self.starts[k + 1])] - self.starts[k]
             if len(local):
                 n = np.diff(part["offsets"])[local]
-                flat.append(read_rows(part["embs"], part["offsets"][local], n).astype(np.float32, copy=False))
+                for a in arrays:
+                    flat[a].append(read_rows(part[a], part["offsets"][local], n))
                 counts.append(n)
-        counts, flat = np.concatenate(counts), np.concatenate(flat)
-        if (counts == counts[0]).all():  # images, or captions of one length: no padding
-            return flat.reshape(len(counts), int(counts[0]), -1), counts
-        out = np.zeros((len(counts), int(counts.max()), flat.shape[1]), dtype=np.float32)
-        out[np.arange(counts.max())[None, :] < counts[:, None]] = flat
-        return out, counts
+        counts = np.concatenate(counts)
+        out = [_padded(np.concatenate(flat[a]), counts) for a in arrays]
+        return out[0], counts, out[1] if self.projection_size else None
 
     # ------------------------------------------------------------------ queries
     def encode_queries(self, queries) -> dict:
@@ -193,30 +260,19 @@ class Index:
         embs = self.scorer.encode_image_files(paths) if paths is not None else self.scorer.encode_images(queries)
         return {"embs": embs, "lengths": None, "global": self.scorer.global_vectors(embs)}
 
-    def score_items(self, query: dict, q: slice, items: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Matcher scores (n_queries, n_items) of the queries ``q`` against gathered items."""
+    def score_items(self, query: dict, q: slice, items: np.ndarray, counts: np.ndarray,
+                    proj: np.ndarray | None = None) -> np.ndarray:
+        """Matcher scores (n_queries, n_items) of the queries ``q`` against gathered items (and
+        their stored projections, if any: ``gather``)."""
         if self.kind == "images":
             lens = query["lengths"][q]
-            return self.scorer.score_embeddings(items, query["embs"][q, :int(lens.max())], lens).T
-        return self.scorer.score_embeddings(query["embs"][q], items, counts)
+            return self.scorer.score_embeddings(items, query["embs"][q, :int(lens.max())], lens, region_proj=proj).T
+        return self.scorer.score_embeddings(query["embs"][q], items, counts, word_proj=proj)
 
     def first_stage(self, global_: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The n rows of highest cosine per query: (rows, cosines), each (Q, n), exact. Each part's
-        (n_items, d) matrix is read in chunks of CHUNK_BYTES into one buffer (file reads, not the
-        memory map: the pages a map touches would count in the process's RSS, 410 MB at 100K x d = 1024)."""
-        top, queries_t = TopK(len(global_), n), np.ascontiguousarray(global_.T, dtype=np.float32)
-        d = queries_t.shape[0]
-        buf = np.empty((max(1, CHUNK_BYTES // (4 * d)), d), dtype=np.float32)
-        for k, part in enumerate(self.parts):
-            matrix = part["global"]
-            with open(matrix.filename, "rb") as f:
-                f.seek(matrix.offset)
-                for i in range(0, len(matrix), len(buf)):
-                    chunk = buf[:min(len(buf), len(matrix) - i)]
-                    if f.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
-                        raise IndexDirError(f"{matrix.filename}: shorter than its header says")
-                    top.update((chunk @ queries_t).T, int(self.starts[k]) + i)
-        return top.result()
+        """The n rows of highest cosine per query: (rows, cosines), each (Q, n), exact (``exact_top``
+        over every part's first-stage vectors)."""
+        return exact_top([p["global"] for p in self.parts], self.starts, global_, n)
 
     def search(self, queries, top_k: int = DEFAULT_TOP_K, shortlist: int = DEFAULT_SHORTLIST,
                exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -231,12 +287,27 @@ class Index:
                 rows = np.arange(first, min(first + EXHAUSTIVE_ITEMS, len(self)))
                 top.update(self.score_items(query, slice(None), *self.gather(rows)), first)
             return top.result()
-        candidates, _ = self.first_stage(query["global"], min(max(shortlist, k), len(self)))
+        n = min(max(shortlist, k), len(self))
+        if self.faiss is None:
+            candidates, _ = self.first_stage(query["global"], n)
+        else:
+            candidates, _ = faiss_stage.search(self.faiss, query["global"], n)
         rows, scores = np.zeros((n_q, k), np.int64), np.zeros((n_q, k), np.float32)
         for q in range(n_q):
-            cand = np.sort(candidates[q])
+            cand = np.sort(candidates[q][candidates[q] >= 0])
+            if len(cand) < k:  # FAISS found fewer than top_k items
+                cand = np.sort(self.first_stage(query["global"][q:q + 1], n)[0][0])
             rows[q], scores[q] = best_rows(self.score_items(query, slice(q, q + 1), *self.gather(cand))[0], cand, k)
         return rows, scores
+
+
+def _padded(flat: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Items' vectors one after another (sum(counts), w) -> (n, max(counts), w), zeros past each count."""
+    if (counts == counts[0]).all():  # images, or captions of one length: no padding
+        return flat.reshape(len(counts), int(counts[0]), -1)
+    out = np.zeros((len(counts), int(counts.max()), flat.shape[1]), dtype=flat.dtype)
+    out[np.arange(counts.max())[None, :] < counts[:, None]] = flat
+    return out
 
 
 def check_positive(value, name: str) -> int:
@@ -269,6 +340,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     how.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST, metavar="N",
                      help="items the matcher re-ranks per query, at least K (default: %(default)s)")
     how.add_argument("--exhaustive", action="store_true", help="score every item with the matcher")
+    p.add_argument("--first-stage", choices=FIRST_STAGES, default="exact",
+                   help="exact (default): every item's cosine, numpy; faiss: the approximate FAISS index the "
+                        "index was built with (--faiss; needs the optional faiss package)")
+    p.add_argument("--faiss-params", metavar="PARAMS", help="FAISS search parameters, e.g. nprobe=64 "
+                   "(default: the ones the index was built with)")
     p.add_argument("--json", action="store_true", help='one JSON object a query: {"query", "matches"}')
     p.add_argument("--model", metavar="MODEL_DIR", help="default: the model the index was built with")
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -300,9 +376,11 @@ def read_queries(path: str, kind: str):
 def _main(argv: Sequence[str] | None) -> None:
     from .score import json_line
     args = parse_args(argv)
+    retain_freed_memory()
     manifest = read_manifest(args.index)
     queries, texts = read_queries(args.queries, manifest["kind"])
-    index = Index(args.index, args.model, device=args.device, threads=args.threads)
+    index = Index(args.index, args.model, device=args.device, threads=args.threads, first_stage=args.first_stage,
+                  faiss_params=args.faiss_params)
     if not args.quiet:
         how = "exhaustive" if args.exhaustive else f"shortlist {max(args.shortlist, args.top_k)}"
         print(f"{index!r}; {len(texts)} queries, {how}", file=sys.stderr)
@@ -319,7 +397,8 @@ def _main(argv: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(_main, argv, user_errors=(InputError, ModelDirError, DeviceError, ImageError, IndexDirError))
+    return cli.run(_main, argv, user_errors=(InputError, ModelDirError, DeviceError, ImageError, IndexDirError,
+                                             FaissError))
 
 
 if __name__ == "__main__":

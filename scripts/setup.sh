@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv in the repository: PyTorch, then this package with its test and notebook extras.
+# Set up .venv in the repository: PyTorch, then this package with its test, notebook and faiss extras
+# (faiss: the optional approximate first stage of runtime.search, so that the tests cover it).
 # Idempotent and quick when nothing changed. Called by scripts/run.sh and scripts/test.sh.
 #   PYTHON=python3.11 bash scripts/setup.sh      # choose the interpreter (3.10+)
 #   TORCH_SPEC="torch==2.5.1" bash scripts/setup.sh   # choose the PyTorch build yourself
@@ -22,9 +23,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "$spec"
 fi
 stamp=.venv/.imram-min-installed
-want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing imram-min and its extras into .venv" >&2
-    "${PIP[@]}" install --no-build-isolation -e ".[test,notebooks]"
+    "${PIP[@]}" install --no-build-isolation -e ".[test,notebooks,faiss]"
     echo "$want" > "$stamp"
 fi

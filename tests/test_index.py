@@ -103,6 +103,82 @@ def test_top_k_keeps_ties_by_lower_row():
     assert rows.tolist() == [[1, 2]] and scores.tolist() == [[3.0, 3.0]]
 
 
+# --------------------------------------------------------------------------- stored projections
+@pytest.fixture(scope="module")
+def proj_index(tmp_path_factory, tiny_model_dir, split):  # noqa: F811
+    out = tmp_path_factory.mktemp("idx") / "proj"
+    build(out, split[2], tiny_model_dir, store_projections=True, device="cpu", threads=1)
+    return out
+
+
+def test_stored_projections_are_recorded_and_equal_recomputing(proj_index, image_index, split):
+    stored, plain = Index(proj_index, device="cpu", threads=1), Index(image_index, device="cpu", threads=1)
+    p = stored.scorer.projection_size
+    assert p == 4 * 32  # mode full: 2d per direction, d = 32
+    assert stored.manifest["projection_size"] == p and plain.manifest["projection_size"] == 0
+    assert stored.parts[0]["proj"].shape == (N_TEST_IMAGES * stored.n_region, p) and plain.parts[0]["proj"] is None
+    for how in ({"shortlist": 3}, {"exhaustive": True}):
+        rows_s, scores_s = stored.search(split[3], top_k=N_TEST_IMAGES, **how)
+        rows_p, scores_p = plain.search(split[3], top_k=N_TEST_IMAGES, **how)
+        assert (rows_s == rows_p).all() and np.abs(scores_s - scores_p).max() <= TOL
+
+
+def test_stored_projections_caption_index_float16_and_append(tmp_path, tiny_model_dir, split):  # noqa: F811
+    caps = split[3]
+    for store in (True, False):
+        build(tmp_path / f"c{store}", caps[:20], tiny_model_dir, captions=True, dtype="float16",
+              store_projections=store, device="cpu", threads=1)
+        build(tmp_path / f"c{store}", caps[20:], captions=True, append=True, device="cpu", threads=1)
+    stored, plain = (Index(tmp_path / f"c{s}", device="cpu", threads=1) for s in (True, False))
+    assert [p["proj"].dtype for p in stored.parts] == [np.float16, np.float16]  # the appended part has them too
+    assert sum(len(p["proj"]) for p in stored.parts) == sum(p["n_vectors"] for p in stored.manifest["parts"])
+    rows_s, scores_s = stored.search(split[2], top_k=len(caps), exhaustive=True)
+    rows_p, scores_p = plain.search(split[2], top_k=len(caps), exhaustive=True)
+    got_s, got_p = np.zeros((len(split[2]), len(caps)), np.float32), np.zeros((len(split[2]), len(caps)), np.float32)
+    np.put_along_axis(got_s, rows_s, scores_s, 1)
+    np.put_along_axis(got_p, rows_p, scores_p, 1)
+    assert np.abs(got_s - got_p).max() <= 2e-3  # float16 projections: ~1e-3 of a score, as float16 embeddings
+
+
+def test_append_keeps_the_projection_choice(proj_index, image_index, tmp_path, split):
+    import shutil
+    for src, store in ((proj_index, False), (image_index, True)):
+        copy = tmp_path / src.name
+        shutil.copytree(src, copy)
+        with pytest.raises(indexdir.IndexDirError, match="projections"):
+            build(copy, split[2][:1], append=True, store_projections=store, device="cpu", threads=1)
+
+
+# --------------------------------------------------------------------------- the FAISS first stage (optional)
+def test_faiss_first_stage_equals_exact_and_extends_on_append(tmp_path, tiny_model_dir, split):  # noqa: F811
+    pytest.importorskip("faiss")
+    out = tmp_path / "idx"
+    build(out, split[2][:4], tiny_model_dir, faiss="IVF2,Flat", faiss_params="nprobe=2", device="cpu", threads=1)
+    first = json.loads((out / "manifest.json").read_text())["faiss"]["file"]
+    m = build(out, split[2][4:], append=True, device="cpu", threads=1)
+    assert m["faiss"]["factory"] == "IVF2,Flat" and m["faiss"]["params"] == "nprobe=2"
+    assert m["faiss"]["file"] != first and not (out / first).exists()  # a new file, the old one removed
+    exact, approx = Index(out, device="cpu", threads=1), Index(out, device="cpu", threads=1, first_stage="faiss")
+    assert approx.faiss.ntotal == N_TEST_IMAGES
+    rows_e, scores_e = exact.search(split[3], top_k=2, shortlist=3)
+    rows_a, scores_a = approx.search(split[3], top_k=2, shortlist=3)  # every list probed: exact
+    assert (rows_e == rows_a).all() and np.abs(scores_e - scores_a).max() <= TOL
+
+
+def test_default_path_never_imports_faiss(tmp_path, tiny_model_dir, split):  # noqa: F811
+    import subprocess
+    import sys
+    index = str(tmp_path / "idx")
+    code = ("import sys; from runtime import index, search; "
+            f"assert index.main([{str(split[0])!r}, '--model', {str(tiny_model_dir)!r}, '--out', {index!r}, "
+            "'--quiet', '--store-projections']) == 0; "
+            f"assert search.main([{index!r}, {str(split[1])!r}, '--quiet']) == 0; "
+            "assert 'faiss' not in sys.modules, 'faiss imported'")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+
+
 # --------------------------------------------------------------------------- safety
 def test_different_model_is_refused(image_index, tmp_path, split, tiny_checkpoint, capsys):  # noqa: F811
     import contextlib
@@ -168,18 +244,37 @@ def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", ["missing_index", "not_an_index", "features_to_image_index", "bad_top_k",
-                                  "append_captions_to_images", "missing_model", "bad_manifest"])
-def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
+                                  "append_captions_to_images", "missing_model", "bad_manifest",
+                                  "store_projections_plain_matcher", "append_with_projections",
+                                  "altered_projection_size", "faiss_not_installed", "bad_faiss_factory",
+                                  "faiss_params_without_faiss", "first_stage_faiss_without_faiss_index"])
+def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir, tiny_checkpoint,  # noqa: F811
+                                    split, capsys, monkeypatch):
     ims, caps = split[0], split[1]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     broken = tmp_path / "broken"
-    if case == "bad_manifest":
+    if case in ("bad_manifest", "altered_projection_size", "append_with_projections"):
         import shutil
         shutil.copytree(image_index, broken)
         m = json.loads((broken / "manifest.json").read_text())
-        m["parts"][0]["n_items"] += 1
+        if case == "bad_manifest":
+            m["parts"][0]["n_items"] += 1
+        elif case == "altered_projection_size":
+            m["projection_size"] = 7
         (broken / "manifest.json").write_text(json.dumps(m))
+    plain = tmp_path / "plain_model"
+    if case == "store_projections_plain_matcher":
+        import contextlib
+        import io
+        from export.__main__ import main as export_main
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert export_main([os.fspath(tiny_checkpoint), "--out", os.fspath(plain), "--matcher", "plain"]) == 0
+    if case == "faiss_not_installed":
+        import sys
+        monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    if case == "bad_faiss_factory":
+        pytest.importorskip("faiss")
     main, args, words = {
         "missing_index": (search_main, [tmp_path / "nope", caps], ["nope", "no such index"]),
         "not_an_index": (index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "junk"], ["not an index"]),
@@ -189,6 +284,19 @@ def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir,
                                       ["cannot append captions"]),
         "missing_model": (index_main, [ims, "--model", tmp_path / "nomodel", "--out", tmp_path / "new"], ["nomodel"]),
         "bad_manifest": (search_main, [broken, caps], ["global.npy", "manifest says"]),
+        "store_projections_plain_matcher": (index_main, [ims, "--model", plain, "--out", tmp_path / "new",
+                                                         "--store-projections"], ["takes no projections"]),
+        "append_with_projections": (index_main, [ims, "--append", "--out", broken, "--store-projections"],
+                                    ["does not store the projections"]),
+        "altered_projection_size": (search_main, [broken, caps], ["projections of 7 values"]),
+        "faiss_not_installed": (index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "new",
+                                             "--faiss", "Flat"], ["FAISS is not installed", "pip install"]),
+        "bad_faiss_factory": (index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "new",
+                                           "--faiss", "NoSuchIndex9"], ["--faiss", "NoSuchIndex9"]),
+        "faiss_params_without_faiss": (index_main, [ims, "--model", tiny_model_dir, "--out", tmp_path / "new",
+                                                    "--faiss-params", "nprobe=4"], ["--faiss-params needs --faiss"]),
+        "first_stage_faiss_without_faiss_index": (search_main, [image_index, caps, "--first-stage", "faiss"],
+                                                  ["has no FAISS index"]),
     }[case]
     code, out, err = run_cli(main, [*args, "--quiet"], capsys)
     assert_one_error_line(code, out, err, tmp_path / "new", words)
