@@ -128,6 +128,35 @@ def test_score_embeddings_equals_score(scorer, test_split):
     assert np.abs(got - scorer.score(feats, captions)).max() <= 1e-6
 
 
+def test_cast_model_is_the_onnx_packages_serialisation():
+    from onnx import TensorProto, helper
+    from runtime.engine import cast_model
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert cast_model(TensorProto.FLOAT16, TensorProto.FLOAT) == model.SerializeToString()
+
+
+def test_float16_is_made_float32_exactly(scorer):
+    every_float16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(16, 64, 64)
+    got = scorer.float32(every_float16[:, ::2])  # not contiguous
+    want = every_float16[:, ::2].astype(np.float32)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    number = ~np.isnan(want)  # every finite value, subnormals, +-0 and +-inf: bit for bit
+    assert np.array_equal(got[number].view(np.uint32), want[number].view(np.uint32)) and np.isnan(got[~number]).all()
+    assert scorer.float32(np.zeros((0, 3), np.float16)).shape == (0, 3)
+
+
+def test_float16_rows_score_as_their_float32_values(scorer, test_split):
+    _, _, feats, caps = test_split
+    region_embs = scorer.encode_images(feats).astype(np.float16)
+    word_embs, lengths = scorer.encode_captions(caps)
+    want = scorer.score_embeddings(region_embs.astype(np.float32), word_embs, lengths)
+    assert np.array_equal(scorer.score_embeddings(region_embs, word_embs, lengths), want)
+
+
 def test_match_makes_the_projections_it_is_not_given(scorer, test_split):
     _, _, feats, captions = test_split
     region_embs, (word_embs, lengths) = scorer.encode_images(feats[:3]), scorer.encode_captions(captions[:4])
