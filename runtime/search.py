@@ -51,10 +51,11 @@ from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import IndexDirError, open_part, read_manifest
-from .inputs import image_paths_or_none
+from .inputs import check_region_feats, image_paths_or_none
 from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
 from .scorer import DEVICES, MAX_THREADS, DeviceError, InputError, Scorer
+from .text import UNK
 
 CHUNK_BYTES = 32 << 20  # first stage: global vectors scored per chunk
 EXHAUSTIVE_ITEMS = 1024  # exhaustive: items scored per call of Scorer.score_embeddings
@@ -244,20 +245,30 @@ class Index:
         return out[0], counts, out[1] if self.projection_size else None
 
     # ------------------------------------------------------------------ queries
-    def encode_queries(self, queries) -> dict:
+    def encode_queries(self, queries, name: str = "queries") -> dict:
         """Queries -> {"embs": (Q, n_vec, d), "lengths": (Q,) or None, "global": (Q, d)}. Captions (a list
         of str) for an image index; region features (Q, n_region, img_dim) or picture paths for a
-        caption index. InputError for queries of the other kind."""
+        caption index. InputError for queries of the other kind, for a caption with no word the
+        model knows (its query would be the same for every such caption: nothing to search with)
+        and for features of another size. name: what error messages call the queries."""
         if self.kind == "images":
             if isinstance(queries, np.ndarray):
-                raise InputError("queries: an image index is searched with captions (a list of strings)")
+                raise InputError(f"{name}: an image index is searched with captions (a list of strings)")
+            tokens, lengths = self.scorer.tokenize(queries, name)
+            for q, (ids, n) in enumerate(zip(tokens, lengths)):
+                if (ids[1:n - 1] == UNK).all():  # between <start> and <end>
+                    raise InputError(f"{name}: query {q} ({queries[q][:60]!r}) has no word the "
+                                     f"model's vocabulary knows; nothing to search with")
             embs, lengths = self.scorer.encode_captions(queries)
             return {"embs": embs, "lengths": lengths, "global": self.scorer.global_vectors(embs, lengths)}
         paths = None if isinstance(queries, np.ndarray) else image_paths_or_none(queries)
         if paths is not None and not all(isinstance(p, os.PathLike) or os.path.exists(p) for p in paths):
             raise InputError("queries: a caption index is searched with images (region features or picture "
                              f"files); {paths[0]!r} is not a file")
-        embs = self.scorer.encode_image_files(paths) if paths is not None else self.scorer.encode_images(queries)
+        if paths is not None:
+            embs = self.scorer.encode_image_files(paths)
+        else:
+            embs = self.scorer.encode_images(check_region_feats(queries, self.scorer.img_dim, name), check=False)
         return {"embs": embs, "lengths": None, "global": self.scorer.global_vectors(embs)}
 
     def score_items(self, query: dict, q: slice, items: np.ndarray, counts: np.ndarray,
@@ -275,11 +286,12 @@ class Index:
         return exact_top([p["global"] for p in self.parts], self.starts, global_, n)
 
     def search(self, queries, top_k: int = DEFAULT_TOP_K, shortlist: int = DEFAULT_SHORTLIST,
-               exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               exhaustive: bool = False, name: str = "queries") -> tuple[np.ndarray, np.ndarray]:
         """(rows (Q, k) int64, scores (Q, k) float32), best first, k = min(top_k, len(self)).
-        shortlist: items the matcher re-ranks per query (at least top_k); exhaustive: all of them."""
+        shortlist: items the matcher re-ranks per query (at least top_k, at most len(self));
+        exhaustive: all of them. name: what error messages call the queries (``encode_queries``)."""
         top_k, shortlist = check_positive(top_k, "top_k"), check_positive(shortlist, "shortlist")
-        query = self.encode_queries(queries)
+        query = self.encode_queries(queries, name)
         n_q, k = len(query["embs"]), min(top_k, len(self))
         if exhaustive:
             top = TopK(n_q, k)
@@ -335,10 +347,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("queries", metavar="QUERIES",
                    help="image index: a text file of captions, one a line; caption index: region features "
                         "(.npy) or pictures (a folder, a .txt list, one picture)")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K", help="matches per query (default: 10)")
+    p.add_argument("--top-k", type=int, metavar="K", help=f"matches per query (default: {DEFAULT_TOP_K})")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST, metavar="N",
-                     help="items the matcher re-ranks per query, at least K (default: %(default)s)")
+    how.add_argument("--shortlist", type=int, metavar="N",
+                     help=f"items the matcher re-ranks per query, at least K (default: {DEFAULT_SHORTLIST})")
     how.add_argument("--exhaustive", action="store_true", help="score every item with the matcher")
     p.add_argument("--first-stage", choices=FIRST_STAGES, default="exact",
                    help="exact (default): every item's cosine, numpy; faiss: the approximate FAISS index the "
@@ -351,9 +363,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, metavar="T", help=f"1..{MAX_THREADS}")
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
     args = p.parse_args(argv)
-    for flag, value in (("--top-k", args.top_k), ("--shortlist", args.shortlist)):
+    args.given = {flag: value for flag, value in (("--top-k", args.top_k), ("--shortlist", args.shortlist))
+                  if value is not None}  # said once when more than the index holds
+    for flag, value in args.given.items():
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    args.top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    args.shortlist = DEFAULT_SHORTLIST if args.shortlist is None else args.shortlist
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         p.error(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
     return args
@@ -384,7 +400,11 @@ def _main(argv: Sequence[str] | None) -> None:
     if not args.quiet:
         how = "exhaustive" if args.exhaustive else f"shortlist {max(args.shortlist, args.top_k)}"
         print(f"{index!r}; {len(texts)} queries, {how}", file=sys.stderr)
-    rows, scores = index.search(queries, args.top_k, args.shortlist, args.exhaustive)
+    rows, scores = index.search(queries, args.top_k, args.shortlist, args.exhaustive, name=args.queries)
+    for flag, value in args.given.items():
+        if value > len(index):
+            print(f"note: {flag} {value} is more than the index's {len(index)} items; {len(index)} used",
+                  file=sys.stderr)
     out = sys.stdout
     for q, (r, s) in enumerate(zip(rows, scores)):
         if args.json:

@@ -247,14 +247,19 @@ def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
                                   "append_captions_to_images", "missing_model", "bad_manifest",
                                   "store_projections_plain_matcher", "append_with_projections",
                                   "altered_projection_size", "faiss_not_installed", "bad_faiss_factory",
-                                  "faiss_params_without_faiss", "first_stage_faiss_without_faiss_index"])
+                                  "faiss_params_without_faiss", "first_stage_faiss_without_faiss_index",
+                                  "unknown_words_query", "empty_query_file", "shortlist_zero", "shortlist_negative",
+                                  "top_k_negative", "truncated_embeddings", "altered_embeddings_header",
+                                  "wrong_feature_size_query", "wrong_feature_size_build",
+                                  "append_another_region_count", "append_another_feature_size"])
 def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir, tiny_checkpoint,  # noqa: F811
                                     split, capsys, monkeypatch):
     ims, caps = split[0], split[1]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     broken = tmp_path / "broken"
-    if case in ("bad_manifest", "altered_projection_size", "append_with_projections"):
+    if case in ("bad_manifest", "altered_projection_size", "append_with_projections", "truncated_embeddings",
+                "altered_embeddings_header"):
         import shutil
         shutil.copytree(image_index, broken)
         m = json.loads((broken / "manifest.json").read_text())
@@ -263,6 +268,21 @@ def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir,
         elif case == "altered_projection_size":
             m["projection_size"] = 7
         (broken / "manifest.json").write_text(json.dumps(m))
+        embs = broken / f"{m['parts'][0]['name']}.embs.npy"
+        if case == "truncated_embeddings":
+            embs.write_bytes(embs.read_bytes()[:-100])
+        elif case == "altered_embeddings_header":
+            embs.write_bytes(embs.read_bytes().replace(b"'<f4'", b"'<f8'", 1))
+    feats = split[2]
+    (tmp_path / "unknown.txt").write_text("zzzqx qqqzv\n")
+    (tmp_path / "empty.txt").write_text("")
+    np.save(tmp_path / "wide.npy", np.zeros((2, feats.shape[1], feats.shape[2] + 1), np.float32))
+    np.save(tmp_path / "regions.npy", np.zeros((2, feats.shape[1] + 1, feats.shape[2]), np.float32))
+    if case == "wrong_feature_size_query":
+        build(tmp_path / "caption_index", split[3][:5], tiny_model_dir, captions=True, device="cpu", threads=1)
+    if case.startswith("append_another"):
+        import shutil
+        shutil.copytree(image_index, broken)
     plain = tmp_path / "plain_model"
     if case == "store_projections_plain_matcher":
         import contextlib
@@ -297,9 +317,34 @@ def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir,
                                                     "--faiss-params", "nprobe=4"], ["--faiss-params needs --faiss"]),
         "first_stage_faiss_without_faiss_index": (search_main, [image_index, caps, "--first-stage", "faiss"],
                                                   ["has no FAISS index"]),
+        "unknown_words_query": (search_main, [image_index, tmp_path / "unknown.txt"], ["unknown.txt", "query 0", "no word"]),
+        "empty_query_file": (search_main, [image_index, tmp_path / "empty.txt"], ["empty.txt", "no captions"]),
+        "shortlist_zero": (search_main, [image_index, caps, "--shortlist", "0"], ["--shortlist", ">= 1"]),
+        "shortlist_negative": (search_main, [image_index, caps, "--shortlist", "-3"], ["--shortlist", ">= 1"]),
+        "top_k_negative": (search_main, [image_index, caps, "--top-k", "-1"], ["--top-k", ">= 1"]),
+        "truncated_embeddings": (search_main, [broken, caps], ["embs.npy"]),
+        "altered_embeddings_header": (search_main, [broken, caps], ["embs.npy"]),
+        "wrong_feature_size_query": (search_main, [tmp_path / "caption_index", tmp_path / "wide.npy"],
+                                     ["wide.npy", str(feats.shape[2])]),
+        "wrong_feature_size_build": (index_main, [tmp_path / "wide.npy", "--model", tiny_model_dir, "--out",
+                                                  tmp_path / "new"], ["wide.npy", str(feats.shape[2])]),
+        "append_another_region_count": (index_main, [tmp_path / "regions.npy", "--append", "--out", broken],
+                                        ["regions"]),
+        "append_another_feature_size": (index_main, [tmp_path / "wide.npy", "--append", "--out", broken],
+                                        ["wide.npy", str(feats.shape[2])]),
     }[case]
     code, out, err = run_cli(main, [*args, "--quiet"], capsys)
     assert_one_error_line(code, out, err, tmp_path / "new", words)
+
+
+def test_top_k_and_shortlist_past_the_gallery_are_clamped_and_said_once(image_index, split, capsys):
+    code, out, err = run_cli(search_main, [image_index, split[1], "--top-k", "50", "--shortlist", "80", "--json",
+                                           "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert err.splitlines() == [f"note: --top-k 50 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used",
+                                f"note: --shortlist 80 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used"]
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == len(split[3]) and all(len(d["matches"]) == N_TEST_IMAGES for d in lines)
 
 
 # --------------------------------------------------------------------------- two-stage evaluation (torch side)
