@@ -255,6 +255,30 @@ def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, 
         assert [t["image"] for t in row["top"]] == np.argsort(-expected[:, row["caption"]], kind="stable")[:5].tolist()
 
 
+def test_runtime_imports_only_numpy_onnxruntime_its_helpers_and_the_standard_library():
+    """Non-negotiable 3, read from the source: every import in runtime/ is of the standard library,
+    numpy, onnxruntime, nltk (the tokenizer), PIL (pictures) or runtime itself; faiss (the optional
+    first stage) only inside runtime/faiss_stage.py's import_faiss."""
+    import ast
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "nltk", "PIL", "runtime"}
+    found = {}
+    for path in sorted((ROOT / "runtime").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        functions = {id(n): f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in allowed:
+                    found.setdefault(top, set()).add((path.name, functions.get(id(node))))
+    assert found == {"faiss": {("faiss_stage.py", "import_faiss")}}
+
+
 def test_runtime_runs_with_torch_unimportable(tiny_model_dir, test_split, tmp_path):  # noqa: F811
     ims, caps, feats, captions = test_split
     out = tmp_path / "sims.npy"
