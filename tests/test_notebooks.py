@@ -27,7 +27,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01_data", "02_model", "03_train_evaluate", "04_export_runtime"]
+EXPECTED = ["01_data", "02_model", "03_train_evaluate", "04_export_runtime", "05_search"]
 CELL_TIMEOUT = 600  # seconds per cell
 KERNEL_NAME = "imram-min-test"
 # Absolute paths of a machine: POSIX homes, scratch and system folders, Windows drives, and this checkout.
