@@ -11,7 +11,9 @@ two differ only in the order of floating-point sums, so any gap is rounding, amp
 training: hardest negatives (max violation) flip when two are within rounding of each other, and
 Adam (lr 1e-3 in the built-in recipe) carries each flip on. Prints per epoch the train loss and
 dev rsum of both runs and, at the end, the largest |difference| of any weight against the largest
-|weight|. --precision fp64 makes the rounding ~1e-16 instead of ~1e-7.
+|weight|. --precision fp64 makes the rounding ~1e-16 instead of ~1e-7. --nudge compares instead
+with one process whose first weight starts one unit in the last place away: the same arithmetic
+from a start 1 ulp apart, the smallest difference there is.
 """
 from __future__ import annotations
 
@@ -29,10 +31,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(args: list[str], processes: int, out: str) -> float:
-    """One training run -> seconds. processes 1: plain python; N > 1: torchrun, one thread each."""
+# One process, the first weight moved by one unit in the last place of its precision (float32, or
+# float64 under --precision fp64) just before Adam takes the parameters; all else as imram_min.train.
+NUDGED_TRAIN = """
+import sys, torch
+import imram_min.train as train
+adam = torch.optim.Adam
+def nudged_adam(params, *args, **kwargs):
+    params = list(params)
+    with torch.no_grad():
+        w = params[0].view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(float("inf"), dtype=w.dtype))
+    return adam(params, *args, **kwargs)
+torch.optim.Adam = nudged_adam
+sys.exit(0 if train.main(sys.argv[1:]) is not None else 1)
+"""
+
+
+def train(args: list[str], processes: int, out: str, nudge: bool = False) -> float:
+    """One training run -> seconds. processes 1: plain python (nudge: NUDGED_TRAIN); N > 1: torchrun,
+    one thread each."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if processes == 1:
+    if nudge:
+        cmd = [sys.executable, "-c", NUDGED_TRAIN]
+    elif processes == 1:
         cmd = [sys.executable, "-m", "imram_min.train"]
     else:
         env["OMP_NUM_THREADS"] = "1"
@@ -55,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="(2)")
     p.add_argument("--processes", type=int, default=2, help="N of the torchrun run (2)")
     p.add_argument("--precision", default="fp32", help="train --precision of both runs (fp32)")
+    p.add_argument("--nudge", action="store_true", help="the second run is one process too, with its first weight "
+                   "moved by one unit in the last place: how far rounding alone carries a run")
     p.add_argument("--out", help="keep both runs here (default: a temporary folder)")
     p.add_argument("--json", help="also write the comparison as JSON")
     a, extra = p.parse_known_args(argv)  # anything else goes to both training runs
@@ -62,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             "--device", "cpu", *extra]
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.abspath(a.out) if a.out else tmp
+        if a.nudge:
+            a.processes = "1+ulp"
         runs = {1: os.path.join(base, "1proc"), a.processes: os.path.join(base, f"{a.processes}proc")}
-        seconds = {n: train(args, n, run) for n, run in runs.items()}
+        seconds = {n: train(args, 1 if a.nudge else n, run, nudge=n != 1) for n, run in runs.items()}
         logs = {n: read_log(run) for n, run in runs.items()}
         weights = {n: torch.load(os.path.join(run, "last.pt"), weights_only=True)["model"] for n, run in runs.items()}
     one, many = logs[1], logs[a.processes]
-    print(f"\n{a.precision}, {a.epochs} epochs: 1 process ({seconds[1]:.0f} s) vs {a.processes} processes "
-          f"({seconds[a.processes]:.0f} s)")
+    other = "1 process, one weight 1 ulp up" if a.nudge else f"{a.processes} processes"
+    print(f"\n{a.precision}, {a.epochs} epochs: 1 process ({seconds[1]:.0f} s) vs {other} ({seconds[a.processes]:.0f} s)")
     n = a.processes
     print(f"{'epoch':>5} {'loss 1':>10} {f'loss {n}':>10} {'rsum 1':>8} {f'rsum {n}':>8} {'|diff|':>7}")
     for e1, en in zip(one, many):
