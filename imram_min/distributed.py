@@ -199,7 +199,10 @@ def support_loss(model: IMRAM, rows: torch.Tensor, cols: torch.Tensor, offset: i
     items = offset + own  # global indices of own images and of own captions (pair k is image k, caption k)
     images, captions = torch.cat([items, items, hard_img]), torch.cat([items, hard_cap, items])
     n_word = int(lengths[captions.cpu()].max())
-    scores = fast.zipped_scores(model, region_embs[images], word_embs[captions, :n_word],
+    # index_select, not x[index]: its backward (index_add_) sums the rows that repeat in a fixed order;
+    # x[index]'s (index_put_ with accumulate) did not on the CPU, and training was not reproducible
+    scores = fast.zipped_scores(model, region_embs.index_select(0, images),
+                                word_embs[:, :n_word].index_select(0, captions),
                                 lengths[captions.cpu()])  # (3b,): F(i, i), F(i, j^_i), F(i^_j, j)
     positive, hard_for_image, hard_for_caption = scores[:b], scores[b:2 * b], scores[2 * b:]
     cost_cap = (margin + hard_for_image - positive).clamp(min=0) * (hard_cap != items)  # 0 where j^ is i itself

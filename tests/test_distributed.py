@@ -128,6 +128,30 @@ def single_step(n: int, max_violation: bool = True, support: bool = False):
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}, sims
 
 
+def test_the_support_step_is_reproducible_bit_for_bit():
+    """The same step again, float32 on 2 threads, gives the same gradients to the bit. The rows a
+    batch repeats (hardest negatives) are gathered with index_select, whose backward sums them in a
+    fixed order; x[index]'s backward (index_put_ with accumulate) did not on the CPU at this size,
+    and two runs of the same flags parted in the first epoch with hardest negatives."""
+    from imram_min.model import IMRAM, IMRAMConfig
+    torch.manual_seed(0)
+    model = IMRAM(IMRAMConfig(vocab_size=40, img_dim=32, word_dim=16, embed_size=64, n_steps=3)).train()
+    g = torch.Generator().manual_seed(1)
+    feats, tokens = torch.randn(32, 36, 32, generator=g), torch.randint(4, 40, (32, 13), generator=g)
+    lengths = torch.randint(5, 14, (32,), generator=g).sort(descending=True).values
+    loss_module = D.BatchLoss(model, schedule.score_pairs, support=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, first = step(loss_module, feats, tokens, lengths)
+        for _ in range(8):
+            model.zero_grad()
+            _, again = step(loss_module, feats, tokens, lengths)
+            assert all(torch.equal(again[k], first[k]) for k in first)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("n", [8, 5])
 def test_support_loss_gives_the_dense_loss_and_gradients(n):  # (F10): back-propagation through 3n pairs
     dense_loss, dense_grads, _ = single_step(n)
