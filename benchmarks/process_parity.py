@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.nudge:
             a.processes = "1+ulp"
         runs = {1: os.path.join(base, "1proc"), a.processes: os.path.join(base, f"{a.processes}proc")}
-        seconds = {n: train(args, 1 if a.nudge else n, run, nudge=n != 1) for n, run in runs.items()}
+        seconds = {n: train(args, 1 if a.nudge else n, run, nudge=a.nudge and n != 1) for n, run in runs.items()}
         logs = {n: read_log(run) for n, run in runs.items()}
         weights = {n: torch.load(os.path.join(run, "last.pt"), weights_only=True)["model"] for n, run in runs.items()}
     one, many = logs[1], logs[a.processes]
