@@ -325,9 +325,12 @@ class Engine:
         """Captions -> (word_embs (n_cap, n_word_max, d) float32 with zeros past each length, lengths (n_cap,) int64).
 
         Encoded in shards of captions of similar length, then laid out padded to the longest."""
-        captions = check_captions(captions)
-        tokens, lengths = self.tokenize(captions)
-        out = np.zeros((len(captions), tokens.shape[1], self.embed_size), dtype=np.float32)
+        return self.encode_token_batch(*self.tokenize(check_captions(captions)))
+
+    def encode_token_batch(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_captions`` from ``tokenize``'s tokens (n_cap, n_word) and lengths (n_cap,): shards of
+        captions of similar length through the text encoder, laid out padded to the longest."""
+        out = np.zeros((len(lengths), tokens.shape[1], self.embed_size), dtype=np.float32)
         for idx, embs, _ in self.caption_shards(tokens, lengths, self.shard_size(1, tokens.shape[1])):
             out[idx, :embs.shape[1]] = embs
         return out, lengths

@@ -59,7 +59,7 @@ def _projections(writer: PartWriter, scorer: Scorer, side: str, embs: np.ndarray
     """The projections of the embeddings as the index stores them (rounded to its dtype, so that a
     float16 index's stored projections are those a search would make from its embeddings); None
     when the part stores none."""
-    return scorer.project(side, embs.astype(writer.dtype).astype(np.float32)) if writer.proj else None
+    return scorer.project(side, embs.astype(writer.dtype, copy=False)) if writer.proj else None
 
 
 def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick) -> None:
