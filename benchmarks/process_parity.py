@@ -115,4 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as e:  # the training run has said why, on stderr, above
+        sys.exit(f"error: a training run ended with exit status {e.returncode} (its message is above)")
