@@ -139,8 +139,8 @@ class TopK:
         return np.stack(self.rows), np.stack(self.scores).astype(np.float32)
 
 
-def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndarray,
-              n: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndarray, n: int,
+              matmul=np.matmul) -> tuple[np.ndarray, np.ndarray]:
     """The n rows of highest inner product per query over memory-mapped (n_k, G) float32 .npy
     matrices whose first rows are rows starts[k]: (rows, scores), each (Q, n), exact.
 
@@ -148,7 +148,8 @@ def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndar
     copy); after each chunk its pages are unmapped (MADV_DONTNEED; they stay in the page cache), so
     the process's RSS grows by one chunk, not by the matrix (100 MB at 100K x 256). Reading the
     chunks into a buffer instead took 4x as long (26.6 against 6.4 ms at 100K x 256, 226 against
-    61 ms at 1M x 256: benchmarks/README.md)."""
+    61 ms at 1M x 256: benchmarks/README.md). matmul(a, b): the product a @ b (``Index`` passes
+    ``Engine.matmul``, whose threads do not spin once done)."""
     top, queries_t = TopK(len(queries), n), np.ascontiguousarray(queries.T, dtype=np.float32)
     d = queries_t.shape[0]
     rows, page = max(1, CHUNK_BYTES // (4 * d)), mmap.PAGESIZE
@@ -159,7 +160,7 @@ def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndar
             for i in range(0, len(matrix), rows):
                 k = min(rows, len(matrix) - i)
                 chunk = np.frombuffer(m, np.float32, k * d, matrix.offset + 4 * i * d).reshape(k, d)
-                top.update((chunk @ queries_t).T, int(start) + i)
+                top.update(matmul(chunk, queries_t).T, int(start) + i)
                 del chunk  # the map closes only without views of it
                 if hasattr(m, "madvise"):
                     first = (matrix.offset + 4 * i * d) // page * page
@@ -241,7 +242,7 @@ class Index:
                     flat[a].append(read_rows(part[a], part["offsets"][local], n))
                 counts.append(n)
         counts = np.concatenate(counts)
-        out = [_padded(np.concatenate(flat[a]), counts) for a in arrays]
+        out = [_padded(flat[a][0] if len(flat[a]) == 1 else np.concatenate(flat[a]), counts) for a in arrays]
         return out[0], counts, out[1] if self.projection_size else None
 
     # ------------------------------------------------------------------ queries
@@ -284,7 +285,7 @@ class Index:
     def first_stage(self, global_: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n rows of highest cosine per query: (rows, cosines), each (Q, n), exact (``exact_top``
         over every part's first-stage vectors)."""
-        return exact_top([p["global"] for p in self.parts], self.starts, global_, n)
+        return exact_top([p["global"] for p in self.parts], self.starts, global_, n, self.scorer.matmul)
 
     def search(self, queries, top_k: int = DEFAULT_TOP_K, shortlist: int = DEFAULT_SHORTLIST,
                exhaustive: bool = False, name: str = "queries") -> tuple[np.ndarray, np.ndarray]:

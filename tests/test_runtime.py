@@ -128,15 +128,30 @@ def test_score_embeddings_equals_score(scorer, test_split):
     assert np.abs(got - scorer.score(feats, captions)).max() <= 1e-6
 
 
-def test_cast_model_is_the_onnx_packages_serialisation():
+@pytest.mark.parametrize("op", ["Cast", "MatMul"])
+def test_one_node_models_are_the_onnx_packages_serialisation(op):
     from onnx import TensorProto, helper
-    from runtime.engine import cast_model
-    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)],
+    from runtime.engine import cast_model, matmul_model
+    if op == "Cast":
+        node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)
+        inputs, ours = [("x", TensorProto.FLOAT16)], cast_model(TensorProto.FLOAT16, TensorProto.FLOAT)
+    else:
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        inputs, ours = [("a", TensorProto.FLOAT), ("b", TensorProto.FLOAT)], matmul_model()
+    graph = helper.make_graph([node], op.lower(), [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert cast_model(TensorProto.FLOAT16, TensorProto.FLOAT) == model.SerializeToString()
+    assert ours == model.SerializeToString()
+
+
+def test_engine_matmul_is_the_float32_product(scorer):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 24)), rng.normal(size=(24, 3))
+    got = scorer.matmul(a[::2], b)  # float64 and not contiguous: made float32 C-contiguous first
+    want = a[::2].astype(np.float32).astype(np.float64) @ b.astype(np.float32).astype(np.float64)
+    assert got.dtype == np.float32 and got.shape == (150, 3)
+    assert np.abs(got - want).max() <= 1e-5
 
 
 def test_float16_is_made_float32_exactly(scorer):
