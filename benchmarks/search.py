@@ -185,7 +185,7 @@ def parse_config(spec: str, dtype: str) -> dict:
 
 
 def bench_config(spec: dict, args, work: str, models: dict) -> list[dict]:
-    c = CONFIGS[spec["base"]]
+    c = {**CONFIGS[spec["base"]], **{k: getattr(args, k) for k in ("build", "slice") if getattr(args, k)}}
     if spec["base"] not in models:
         models[spec["base"]] = model_dir_for(spec["base"], work, args.first_stage == "head")
     model, origin = models[spec["base"]]
@@ -239,6 +239,8 @@ def main() -> None:
     p.add_argument("--configs", default="default,full", help="NAME[+proj][:DTYPE], comma-separated")
     p.add_argument("--sizes", default="10000,30000,100000")
     p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--build", type=int, default=None, help="images built (default: the config's, 2,000 or 500)")
+    p.add_argument("--slice", type=int, default=None, help="images timed exhaustively (default: 1,000 or 100)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored embeddings")
     p.add_argument("--first-stage", default="head", choices=["head", "mean"],

@@ -40,7 +40,8 @@ from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST_FILE, IndexDirError, PartWriter, commit,
-                       move_into_place, new_folder_beside, part_file, read_manifest, remove_folder)
+                       model_dir_of, move_into_place, new_folder_beside, part_file, read_manifest, relative_model_dir,
+                       remove_folder)
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
 from .scorer import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError, InputError, Scorer
@@ -124,7 +125,7 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
             raise IndexDirError(f"{index_dir}: {'stores' if stored else 'does not store'} the projections; "
                                 f"append {'with' if stored else 'without'} --store-projections")
         store_projections = stored
-        model_dir = old["model"]["dir"] if model_dir is None else os.fspath(model_dir)
+        model_dir = model_dir_of(index_dir, old) if model_dir is None else os.fspath(model_dir)
         check_model(model_dir, old, index_dir)
     model_dir = os.fspath(DEFAULT_MODEL_DIR if model_dir is None else model_dir)
     dtype = dtype or "float32"
@@ -167,7 +168,7 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
         part = writer.close()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "dtype": dtype,
                     "n_region": n_region, "first_stage": first_stage_name(scorer), "projection_size": proj_size,
-                    "model": {"dir": os.path.abspath(model_dir), "manifest_sha256": model_manifest_sha256(model_dir),
+                    "model": {"dir": relative_model_dir(model_dir, index_dir), "manifest_sha256": model_manifest_sha256(model_dir),
                               "embed_size": scorer.embed_size, "mode": scorer.mode, "n_steps": scorer.n_steps},
                     "parts": (old["parts"] if append else []) + [part]}
         manifest["n_items"] = sum(p["n_items"] for p in manifest["parts"])

@@ -21,7 +21,9 @@ were; its stray part files are removed by the next successful write. A new index
 temporary folder beside INDEX_DIR and renamed into place. One writer at a time.
 
 The manifest records the SHA-256 of the model folder's manifest.json (which itself lists the
-SHA-256 of every model file): an index is searched only with the model it was built with.
+SHA-256 of every model file): an index is searched only with the model it was built with. It also
+records where that model folder is, relative to INDEX_DIR (``model_dir_of``), so the two can be
+moved or copied together (a service's /srv/index and /srv/model) and still find each other.
 Loading is safe: np.load(allow_pickle=False), memory-mapped, every shape, dtype and offset
 checked against the manifest (IndexDirError naming the file).
 """
@@ -185,6 +187,21 @@ def read_manifest(index_dir: str) -> dict:
     if problem:
         raise IndexDirError(f"{path}: {problem}")
     return manifest
+
+
+def relative_model_dir(model_dir: str, index_dir: str) -> str:
+    """What the manifest records as the model dir: its path relative to INDEX_DIR (absolute when
+    there is no relative path, e.g. another drive)."""
+    try:
+        return os.path.relpath(os.path.abspath(model_dir), os.path.abspath(index_dir))
+    except ValueError:
+        return os.path.abspath(model_dir)
+
+
+def model_dir_of(index_dir: str, manifest: dict) -> str:
+    """The model dir an index was built with: the manifest's path, read relative to INDEX_DIR
+    (an absolute one, as indexes before this recorded, stays as it is)."""
+    return os.path.normpath(os.path.join(index_dir, manifest["model"]["dir"]))
 
 
 def _is_int(value, low: int = 0) -> bool:

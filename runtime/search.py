@@ -50,7 +50,7 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import IndexDirError, open_part, read_manifest
+from .indexdir import IndexDirError, model_dir_of, open_part, read_manifest
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
@@ -186,7 +186,7 @@ class Index:
         self.index_dir = os.fspath(index_dir)
         self.manifest = m = read_manifest(self.index_dir)
         self.kind, self.dtype, self.n_region = m["kind"], m["dtype"], m.get("n_region")
-        model_dir = m["model"]["dir"] if model_dir is None else os.fspath(model_dir)
+        model_dir = model_dir_of(self.index_dir, m) if model_dir is None else os.fspath(model_dir)
         check_model(model_dir, m, self.index_dir)
         self.scorer = Scorer(model_dir, device=device, threads=threads,
                              **({} if image_batch is None else {"image_batch": image_batch}))
@@ -336,8 +336,8 @@ def check_model(model_dir: str, manifest: dict, index_dir: str) -> None:
     if model_manifest_sha256(model_dir) != recorded["manifest_sha256"]:
         raise IndexDirError(
             f"{model_dir}: not the model {index_dir} was built with (the index records model manifest "
-            f"SHA-256 {recorded['manifest_sha256'][:12]}..., from {recorded['dir']}); search with that model "
-            f"or rebuild the index")
+            f"SHA-256 {recorded['manifest_sha256'][:12]}..., from {model_dir_of(index_dir, manifest)}); search "
+            f"with that model or rebuild the index")
 
 
 # --------------------------------------------------------------------------- CLI

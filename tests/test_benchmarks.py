@@ -72,3 +72,27 @@ def test_ideal_speed_up_at_full_size_is_the_documented_5_72():
     ratio = np.mean([flops_per_pair("original", 36, n, 1024, 3, "full") for n in range(8, 17)]) \
         / np.mean([flops_per_pair("fast", 36, n, 1024, 3, "full") for n in range(8, 17)])
     assert ratio == pytest.approx(5.72, abs=0.01)
+
+
+def test_search_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    """benchmarks/search.py: build, grow, timed queries, the paired baseline and the exhaustive slice,
+    for a float32 index and a float16 one with stored projections; every row reported, torch never
+    loaded by the query processes. No timing asserted."""
+    captions = tmp_path / "captions.txt"  # words of the synthetic vocabulary and of the made-up one
+    captions.write_text("a red dog w1 w2\na blue ball w3\na green cup w4 w5 w6\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search.py"), "--configs",
+                          "default,default+proj:float16", "--sizes", "150", "--queries", "2", "--build", "60",
+                          "--slice", "40", "--threads", "1", "--captions", str(captions), "--work", str(tmp_path),
+                          "--json", str(tmp_path / "search.json")], cwd=ROOT, text=True, capture_output=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "search.json").read_text())
+    assert [(r["config"], r["images"], r["dtype"], r["projections_stored"]) for r in rows] == \
+        [("default", 150, "float32", False), ("default+proj:float16", 150, "float16", True)]
+    for r in rows:
+        assert not r["torch_loaded"] and r["size_mb"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["p50_ms"] <= r["p95_ms"] and r["exhaustive_ms"] > 0
+        assert all(r["paired_p50_ms"][k] > 0 for k in ("onnxruntime", "numpy"))
+        assert (r["steps_ms"]["projections"] is None) == r["projections_stored"]
+    assert "| default+proj:float16 d = 64 float16" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "search.json"]  # its scratch removed

@@ -180,6 +180,23 @@ def test_default_path_never_imports_faiss(tmp_path, tiny_model_dir, split):  # n
 
 
 # --------------------------------------------------------------------------- safety
+def test_index_and_model_moved_together_still_find_each_other(tmp_path, tiny_model_dir, split):  # noqa: F811
+    import shutil
+    built = tmp_path / "built"
+    shutil.copytree(tiny_model_dir, built / "model")
+    build(built / "index", split[2], built / "model", device="cpu", threads=1)
+    assert json.loads((built / "index" / "manifest.json").read_text())["model"]["dir"] == "../model"
+    moved = shutil.move(str(built), str(tmp_path / "elsewhere"))
+    rows, _ = Index(os.path.join(moved, "index"), device="cpu", threads=1).search(split[3][:1], top_k=2)
+    assert rows.shape == (1, 2)
+
+
+def test_an_absolute_model_dir_in_the_manifest_is_read_as_it_is(tmp_path, image_index, tiny_model_dir):  # noqa: F811
+    manifest = json.loads((image_index / "manifest.json").read_text())
+    manifest["model"]["dir"] = os.path.abspath(tiny_model_dir)  # as indexes built before relative paths record
+    assert indexdir.model_dir_of(str(tmp_path), manifest) == os.path.abspath(tiny_model_dir)
+
+
 def test_different_model_is_refused(image_index, tmp_path, split, tiny_checkpoint, capsys):  # noqa: F811
     import contextlib
     import io
