@@ -96,3 +96,38 @@ def test_search_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
         assert (r["steps_ms"]["projections"] is None) == r["projections_stored"]
     assert "| default+proj:float16 d = 64 float16" in out.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "search.json"]  # its scratch removed
+
+
+@pytest.mark.parametrize("nudge", [False, True])
+def test_process_parity_compares_two_runs_of_the_same_flags(tmp_path, nudge):
+    """benchmarks/process_parity.py on tiny data, one epoch: 1 vs 2 processes, or (--nudge) 1 process vs
+    itself with one weight 1 ulp up, which must end with different weights: the nudge is made."""
+    from test_train import TINY, make_data
+    data = make_data(tmp_path / "data")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "process_parity.py"), "--data", data, "--epochs", "1",
+                          "--json", str(tmp_path / "parity.json"), *(["--nudge"] if nudge else []), *TINY],
+                         cwd=ROOT, text=True, capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["processes"] == ("1+ulp" if nudge else 2)
+    assert [len(log) for log in report["logs"].values()] == [1, 1]
+    assert 0 <= report["rsum_gap"] <= 600 and report["weights_max_abs"] > 0
+    if nudge:
+        assert report["weights_max_abs_diff"] > 0
+    assert "final dev rsum gap" in out.stdout
+
+
+def test_first_stage_benchmark_sweeps_faiss_up_to_the_exact_top_n(tmp_path):
+    """benchmarks/first_stage.py at a tiny size: an IVF index probing more lists returns a superset, so its
+    recall of the exact top-N never falls, and the sweep ends at recall >= 0.99."""
+    pytest.importorskip("faiss")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_stage.py"), "--dims", "16", "--sizes", "3000",
+                          "--factories", "IVF", "--queries", "5", "--shortlist", "10", "--work", str(tmp_path),
+                          "--json", str(tmp_path / "first_stage.json")], cwd=ROOT, text=True, capture_output=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "first_stage.json").read_text())
+    assert (row["d"], row["n"], row["queries"], row["shortlist"]) == (16, 3000, 5, 10)
+    recalls = [r["recall"] for r in row["faiss"]]
+    assert recalls == sorted(recalls) and recalls[-1] >= 0.99 and all(r["ms"] > 0 for r in row["faiss"])
+    assert "| 16 | 3,000 |" in out.stdout
