@@ -383,8 +383,8 @@ class Engine:
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a @ b in float32, a (m, k), b (k, n) -> (m, n), on ONNX Runtime's CPU threads, which sleep once
         done. numpy's OpenBLAS threads spin for ~0.1 s after each product and take a core from the
-        matcher calls that follow: a d = 1024 query at 100K images took 506 against 457 ms p50
-        (the first stage with numpy's ``@``, and without BLAS threads; benchmarks/README.md)."""
+        matcher calls that follow: a d = 1024 query at 100K images took 467 ms p50 with numpy's
+        product as the first stage's, 416 ms with this one (paired; benchmarks/README.md)."""
         return self._matmul.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32),
                                        "b": np.ascontiguousarray(b, dtype=np.float32)})[0]
 

@@ -168,7 +168,8 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
         part = writer.close()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "dtype": dtype,
                     "n_region": n_region, "first_stage": first_stage_name(scorer), "projection_size": proj_size,
-                    "model": {"dir": relative_model_dir(model_dir, index_dir), "manifest_sha256": model_manifest_sha256(model_dir),
+                    "model": {"dir": relative_model_dir(model_dir, index_dir),
+                              "manifest_sha256": model_manifest_sha256(model_dir),
                               "embed_size": scorer.embed_size, "mode": scorer.mode, "n_steps": scorer.n_steps},
                     "parts": (old["parts"] if append else []) + [part]}
         manifest["n_items"] = sum(p["n_items"] for p in manifest["parts"])

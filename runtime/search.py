@@ -20,9 +20,9 @@ runtime.score's IMAGES. Each query is encoded with the model's own encoders (run
 Two stages. 1. First stage: every item of the gallery has one global vector, the mean of its
 own region (word) embeddings, l2-normalised, or, when the model dir has a global head
 (export.global_head), that head's vector; a query gets the same from its word (region)
-embeddings; the ``shortlist`` items of highest cosine are found exactly, with numpy: the
-(n_items, d) matrix is scored in chunks of CHUNK_BYTES, and a running top-N is kept with
-argpartition (or, with first_stage="faiss", the approximate FAISS index built with --faiss:
+embeddings; the ``shortlist`` items of highest cosine are found exactly: the (n_items, d) matrix
+is scored in chunks of CHUNK_BYTES (``Engine.matmul``: ONNX Runtime, whose threads do not spin
+after the product as numpy's do), and a running top-N is kept with numpy's argpartition (or, with first_stage="faiss", the approximate FAISS index built with --faiss:
 runtime.faiss_stage). 2. Re-ranking: the shortlisted items' embeddings are read from the index
 (``read_rows``: file reads, so the process's memory stays that of the shortlist, whatever the
 gallery's size), their per-item projections read too (an index built with --store-projections)
