@@ -112,7 +112,7 @@ def worker(args) -> None:
             index.search([caption], top_k=10, shortlist=args.shortlist)
             paired[name].append(time.perf_counter() - t0)
     print(json.dumps({"latency_s": lat, "steps_s": medians, "peak_rss_mb": peak_rss_mb(), "paired_s": paired,
-                      "torch_loaded": "torch" in sys.modules, "n": len(index)}))
+                      "torch_loaded": "torch" in sys.modules, "n": len(index), "device": index.scorer.device}))
 
 
 def run_worker(index: str, captions: str, queries: int, shortlist: int, exhaustive: bool, threads) -> dict:
@@ -213,7 +213,7 @@ def bench_config(spec: dict, args, work: str, models: dict) -> list[dict]:
         p50, p95 = (float(np.percentile(q["latency_s"], p)) for p in (50, 95))
         ours, base = (1e3 * float(np.median(q["paired_s"][k])) for k in ("onnxruntime", "numpy"))
         row = {"config": spec["name"], "weights": origin, "d": c["embed_size"], "dtype": spec["dtype"],
-               "projections_stored": spec["proj"], "first_stage": args.first_stage, "images": n,
+               "projections_stored": spec["proj"], "first_stage": args.first_stage, "images": n, "device": q["device"],
                "build_images_per_s": build_rate, "size_mb": folder_mb(big), "bytes_per_image": 1e6 * folder_mb(big) / n,
                "p50_ms": 1e3 * p50, "p95_ms": 1e3 * p95, "paired_p50_ms": {"onnxruntime": ours, "numpy": base},
                "steps_ms": {k: None if v is None else 1e3 * v for k, v in q["steps_s"].items()},
@@ -270,7 +270,7 @@ def main() -> None:
     print("| --- |" + " ---: |" * 15)
     for r in rows:
         st = r["steps_ms"]
-        print(f"| {r['config']} d = {r['d']} {r['dtype']} ({r['weights']}) | {r['images']:,} | "
+        print(f"| {r['config']} d = {r['d']} {r['dtype']} ({r['weights']}), {r['device']} | {r['images']:,} | "
               f"{r['build_images_per_s']:.0f} | {r['size_mb']:,.0f} MB | {r['bytes_per_image'] / 1e3:,.1f} KB | "
               f"{ms(r['p50_ms'])} | {ms(r['p95_ms'])} | {paired(r['paired_p50_ms'])} | "
               f"{ms(st['encode'])} | {ms(st['first_stage'])} | "

@@ -9,6 +9,9 @@
 #   (c) benchmarks/train_step.py on CUDA at batch 128, d = 1024, K = 3, full (original, fast,
 #       fast-nockpt, support): samples/s, peak GPU memory, gradient exactness (on a 32-sample check
 #       step, which the original also fits)
+#   (d) only when asked for (GPU_CHECK_PARTS="d", a call of its own: ~4 minutes, a 37 GB index on
+#       disk): benchmarks/search.py's d = 1024 rows (--store-projections float16, and float32
+#       recomputing the projections) at 10K and 100K images, on ONNX Runtime CUDA when it starts
 # Each part has its own timeout and a failing part does not stop the others; a summary ends it.
 #
 #   bash scripts/gpu_check.sh            # output tee'd to $OUT/gpu_check.log when OUT is set,
@@ -206,9 +209,12 @@ main() {
         --embed-size 1024 --steps 3 --mode full --check-batch 32 --iters 3 --max-seconds 70 \
         --json "$RESULTS/train_step.json"
 
+    run_part "d-search-cuda" 420 0 "$PY" benchmarks/search.py --configs full+proj:float16,full \
+        --sizes 10000,100000 --queries 10 --work /tmp --json "$RESULTS/search_cuda.json"
+
     echo
     echo "=== summary ($(( $(date +%s) - START ))s)"
-    for part in a-cuda-tests b-score-flickr c-train-step; do
+    for part in a-cuda-tests b-score-flickr c-train-step d-search-cuda; do
         printf '%-16s %s\n' "$part" "${STATUS[$part]:-not run}"
     done
     "$PY" - "$RESULTS" <<'EOF'
@@ -242,6 +248,13 @@ try:
               + (f" ({s.get('error', '')[:120]})" if s.get("status") != "ok" else ""))
 except FileNotFoundError:
     print("train: no results")
+try:
+    for r in json.load(open(os.path.join(root, "search_cuda.json"))):
+        st = r["steps_ms"]
+        print(f"search {r['config']:<18} {r['images']:>7,} images on {r['device']}: p50 {r['p50_ms']:.1f} ms, "
+              f"p95 {r['p95_ms']:.1f} ms, matcher {st['matcher']:.1f} ms, {r['speedup']:.0f}x exhaustive")
+except FileNotFoundError:
+    print("search: no results (part d runs only when asked for)")
 EOF
 }
 
