@@ -198,7 +198,7 @@ class Engine:
         self.device = "cuda" if self.provider == CUDA else "cpu"
         self.workers = 1 if self.device == "cuda" else int(threads or available_cpus())
         self._float16_to_float32 = ort.InferenceSession(cast_model(FLOAT16, FLOAT), session_options(1), providers=[CPU])
-        self._matmul = ort.InferenceSession(matmul_model(), session_options(threads, spinning=False), providers=[CPU])
+        self._matmul = None  # made on first use (``matmul``: an index's first stage)
 
     def _load_session(self, graph: str, providers: list) -> ort.InferenceSession:
         spec = self.manifest["graphs"][graph]
@@ -385,6 +385,9 @@ class Engine:
         done. numpy's OpenBLAS threads spin for ~0.1 s after each product and take a core from the
         matcher calls that follow: a d = 1024 query at 100K images took 467 ms p50 with numpy's
         product as the first stage's, 416 ms with this one (paired; benchmarks/README.md)."""
+        if self._matmul is None:
+            self._matmul = ort.InferenceSession(matmul_model(), session_options(self._threads, spinning=False),
+                                                providers=[CPU])
         return self._matmul.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32),
                                        "b": np.ascontiguousarray(b, dtype=np.float32)})[0]
 

@@ -22,11 +22,12 @@ own region (word) embeddings, l2-normalised, or, when the model dir has a global
 (export.global_head), that head's vector; a query gets the same from its word (region)
 embeddings; the ``shortlist`` items of highest cosine are found exactly: the (n_items, d) matrix
 is scored in chunks of CHUNK_BYTES (``Engine.matmul``: ONNX Runtime, whose threads do not spin
-after the product as numpy's do), and a running top-N is kept with numpy's argpartition (or, with first_stage="faiss", the approximate FAISS index built with --faiss:
-runtime.faiss_stage). 2. Re-ranking: the shortlisted items' embeddings are read from the index
-(``read_rows``: file reads, so the process's memory stays that of the shortlist, whatever the
-gallery's size), their per-item projections read too (an index built with --store-projections)
-or made (runtime.engine), and the matcher scores them against the query exactly as
+after the product as numpy's do), and a running top-N is kept with numpy's argpartition (or,
+with first_stage="faiss", the approximate FAISS index built with --faiss: runtime.faiss_stage).
+2. Re-ranking: the shortlisted items' embeddings are read from the index (``read_rows``: file
+reads, so the process's memory stays that of the shortlist, whatever the gallery's size), their
+per-item projections read too (an index built with --store-projections) or made
+(runtime.engine), and the matcher scores them against the query exactly as
 runtime.score does (``Scorer.score_embeddings``).
 ``exhaustive=True`` skips stage 1 and scores every item with the matcher: the scores of
 runtime.score. Order: score descending, ties by row ascending. The shortlist is at least top_k.
@@ -355,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      help=f"items the matcher re-ranks per query, at least K (default: {DEFAULT_SHORTLIST})")
     how.add_argument("--exhaustive", action="store_true", help="score every item with the matcher")
     p.add_argument("--first-stage", choices=FIRST_STAGES, default="exact",
-                   help="exact (default): every item's cosine, numpy; faiss: the approximate FAISS index the "
+                   help="exact (default): every item's cosine, exactly; faiss: the approximate FAISS index the "
                         "index was built with (--faiss; needs the optional faiss package)")
     p.add_argument("--faiss-params", metavar="PARAMS", help="FAISS search parameters, e.g. nprobe=64 "
                    "(default: the ones the index was built with)")
