@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from runtime.cli import ArgumentParser  # noqa: E402  (a bad flag: one error line, exit 2)
 
 
 # One process, the first weight moved by one unit in the last place of its precision (float32, or
@@ -71,7 +73,7 @@ def read_log(run: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a data folder (e.g. data/synthetic from imram_min.synthetic)")
     p.add_argument("--epochs", type=int, default=2, help="(2)")

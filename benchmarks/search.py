@@ -45,6 +45,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from runtime.cli import ArgumentParser  # noqa: E402  (a bad flag: one error line, exit 2)
 
 CONFIGS = {  # build images, exhaustive slice
     "default": {"embed_size": 64, "word_dim": 64, "img_dim": 256, "build": 2000, "slice": 1000},
@@ -119,7 +120,10 @@ def run_worker(index: str, captions: str, queries: int, shortlist: int, exhausti
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--index", index, "--captions", captions,
            "--queries", str(queries), "--shortlist", str(shortlist)] + (["--exhaustive"] if exhaustive else []) + \
           (["--threads", str(threads)] if threads else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    if out.returncode:
+        said = (out.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise SystemExit(f"error: the query process on {index} ended with exit status {out.returncode}: {said}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -235,7 +239,7 @@ def paired(p50: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="default,full", help="NAME[+proj][:DTYPE], comma-separated")
     p.add_argument("--sizes", default="10000,30000,100000")
     p.add_argument("--queries", type=int, default=20)
@@ -255,7 +259,20 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    args.sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes must be comma-separated image counts, got {args.sizes!r}")
+    for flag in ("sizes", "queries", "build", "slice", "threads"):
+        values = getattr(args, flag)
+        if any(v is not None and v < 1 for v in (values if isinstance(values, list) else [values])):
+            p.error(f"--{flag} must be >= 1, got {values}")
+    try:
+        with open(args.captions, encoding="utf-8") as f:
+            if not any(line.strip() for line in f):
+                p.error(f"--captions {args.captions}: no captions in it")
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"--captions {args.captions}: cannot be read ({e})")
     specs = [parse_config(c, args.dtype) for c in args.configs.split(",")]
     print(f"load average {os.getloadavg()[0]:.2f}; first stage: {args.first_stage}", flush=True)
     work, models = tempfile.mkdtemp(prefix="search-bench-", dir=args.work), {}

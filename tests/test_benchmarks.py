@@ -6,6 +6,7 @@ run side by side, each in its own process (they set torch's thread count).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -131,3 +132,17 @@ def test_first_stage_benchmark_sweeps_faiss_up_to_the_exact_top_n(tmp_path):
     recalls = [r["recall"] for r in row["faiss"]]
     assert recalls == sorted(recalls) and recalls[-1] >= 0.99 and all(r["ms"] > 0 for r in row["faiss"])
     assert "| 16 | 3,000 |" in out.stdout
+
+
+@pytest.mark.parametrize("script, args", [
+    ("search.py", ["--captions", "no_such_captions.txt"]),
+    ("search.py", ["--sizes", "10,x"]),
+    ("search.py", ["--build", "0"]),
+    ("process_parity.py", ["--data", "x", "--epochs", "two"]),
+])
+def test_benchmark_bad_flags_are_one_error_line_and_exit_2(tmp_path, script, args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"error: {script}: ")
+    assert os.listdir(tmp_path) == []
