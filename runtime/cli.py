@@ -130,9 +130,11 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_output_file(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), flag: str = "--output") -> str:
+def check_output_file(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), flag: str = "--output",
+                      overwrite: bool | None = None) -> str:
     """Refuse an output path that is (or links to) one of ``inputs``, is a folder, or whose folder is
-    missing or not writable. Returns the path. Raises UserError."""
+    missing or not writable; with ``overwrite=False`` (the command has --overwrite and it was not
+    given) also one that already exists (``refuse_replacing``). Returns the path. Raises UserError."""
     path = os.fspath(path)
     for src in inputs:
         if src is not None and os.path.exists(src) and same_file(path, src):
@@ -144,7 +146,21 @@ def check_output_file(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
         raise UserError(f"{flag} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"{flag} {path}: the folder {folder} is not writable")
+    if overwrite is False and os.path.lexists(path):
+        refuse_replacing(flag, path)
     return path
+
+
+def refuse_replacing(flag: str, path: str | os.PathLike, held: Sequence[str] = ()) -> None:
+    """THE refusal of every command that would replace an existing output without --overwrite:
+    one line naming it. ``held``: for a folder, the names of the outputs it already holds.
+    Raises UserError."""
+    path = os.fspath(path)
+    if not held:
+        raise UserError(f"{flag} {path} already exists: give another name, or add --overwrite to replace it")
+    names = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    raise UserError(f"{flag} {path} already holds {names}: give another folder, or add --overwrite to replace "
+                    f"{'it' if len(held) == 1 else 'them'}")
 
 
 def check_count(value: int, flag: str, low: int = 1, high: int | None = None) -> int:
@@ -190,9 +206,12 @@ def check_outputs_distinct(outputs: Sequence[tuple[str, str | os.PathLike | None
                 raise UserError(f"{flag_a} and {flag_b} are the same file {a}: give two different names")
 
 
-def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> str:
+def check_output_folder(path: str | os.PathLike, flag: str = "--out", overwrite: bool | None = None,
+                        outputs: Sequence[str] = ()) -> str:
     """A folder to write into: an existing folder, or a new one whose nearest existing parent is a
-    writable folder. Nothing is created. Raises UserError."""
+    writable folder. Nothing is created. With ``overwrite=False`` (the command has --overwrite and
+    it was not given) an existing folder that already holds one of ``outputs`` (names inside it) is
+    refused, naming them (``refuse_replacing``). Raises UserError."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file; expected a folder (an existing one, or a new one to create)")
@@ -203,4 +222,8 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> str:
         raise UserError(f"{flag} {path}: {probe} is a file, so the folder cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: the folder {probe} is not writable")
+    if overwrite is False and os.path.isdir(path):
+        held = [name for name in outputs if os.path.lexists(os.path.join(path, name))]
+        if held:
+            refuse_replacing(flag, path, held)
     return path
