@@ -5,8 +5,10 @@ Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manif
 for the fast matcher of a model that updates its memory region_projection.onnx and
 word_projection.onnx (see export/onnx_export.py). --feature-extractor adds
 feature_extractor.onnx (EfficientNet-Lite0 grid features, for models with img_dim 1280) so that
-``python -m runtime.score`` takes pictures; its size and grid default to those recorded with the
-checkpoint's training data (features.json of the data folder), else 128 px and 4.
+``python -m runtime.score`` takes pictures; its size and grid are those recorded with the
+checkpoint's training data (features.json of the data folder), or --feature-size and --grid:
+with neither, export refuses (an extractor at guessed settings would be wrong). A --out that
+already holds a model dir's files is not replaced without --overwrite.
 --global-head adds image_global.onnx and text_global.onnx, the first-stage head of
 ``python -m imram_min.global_head`` (export.global_head), used by runtime.index / runtime.search.
 
@@ -22,7 +24,7 @@ import time
 from runtime import cli
 
 from .global_head import GLOBAL_FILES, add_global_head
-from .onnx_export import (DEFAULT_FEATURE_SIZE, DEFAULT_GRID, DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
+from .onnx_export import (DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
                           FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
                           PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
 
@@ -51,9 +53,11 @@ def _main(argv: list[str] | None) -> int:
                         "so the runtime scores image files")
     p.add_argument("--feature-size", type=int, default=None, metavar="PX",
                    help="picture side the extractor takes (default: as recorded with the training data, "
-                        f"else {DEFAULT_FEATURE_SIZE})")
+                        "features.json of its data folder; needed when none is recorded)")
     p.add_argument("--grid", type=int, default=None, metavar="N",
-                   help=f"N x N regions per picture (default: as recorded with the training data, else {DEFAULT_GRID})")
+                   help="N x N regions per picture (default: as recorded with the training data; needed when none "
+                        "is recorded)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model dir's files already in --out")
     p.add_argument("--global-head", metavar="HEAD.pt", help="also export this first-stage head "
                    "(python -m imram_min.global_head) as image_global.onnx and text_global.onnx")
     args = p.parse_args(argv)
@@ -69,9 +73,9 @@ def _main(argv: list[str] | None) -> int:
         cli.check_count(args.grid, "--grid", 1, MAX_GRID)
     if not os.path.isfile(args.checkpoint):
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
-    cli.check_output_folder(args.out, "--out")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
                *GLOBAL_FILES.values()]
+    cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
                                [args.checkpoint] + ([args.global_head] if args.global_head else []))
 

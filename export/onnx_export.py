@@ -353,8 +353,10 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
     return manifest
 
 
-def recorded_feature_settings(checkpoint: str | os.PathLike, ckpt: dict) -> tuple[dict | None, str | None]:
+def recorded_feature_settings(checkpoint: str | os.PathLike, ckpt: dict,
+                              looked: list[str] | None = None) -> tuple[dict | None, str | None]:
     """(feature spec, where it was found) of the data a checkpoint was trained on, or (None, None).
+    ``looked``, when given, receives each features.json path tried (for the error message).
 
     First found wins: the checkpoint's meta["features"] (a feature spec); else the features.json
     of its data folder, the folder named by the checkpoint's train_state (last.pt) or by the
@@ -385,6 +387,8 @@ def recorded_feature_settings(checkpoint: str | os.PathLike, ckpt: dict) -> tupl
             continue
         for base in (os.getcwd(), run_dir):
             path = os.path.join(base, data_dir, FEATURES_JSON)
+            if looked is not None and os.path.normpath(path) not in looked:
+                looked.append(os.path.normpath(path))
             if os.path.isfile(path):
                 try:
                     with open(path, encoding="utf-8") as f:
@@ -402,8 +406,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                       feature_size: int | None = None, grid: int | None = None) -> dict:
     """Load a project checkpoint (imram_min.checkpoint) and ``export_model`` it; returns the manifest.
 
-    With ``feature_extractor``: a size or grid left None is taken from ``recorded_feature_settings``,
-    else DEFAULT_FEATURE_SIZE / DEFAULT_GRID. manifest["source"]["feature_settings"] says which
+    With ``feature_extractor``: a size or grid left None is taken from ``recorded_feature_settings``;
+    when nothing is recorded, ExportSettingsError (an extractor made at guessed settings would feed
+    the model features it was not trained on). manifest["source"]["feature_settings"] says which
     (size, grid, from, and the recorded size/grid when they were overridden)."""
     from imram_min.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -415,18 +420,26 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if feature_extractor:
         if model.cfg.img_dim != FEATURE_DIM:  # say so before looking for settings that would not matter
             build_feature_extractor(model.cfg.img_dim, DEFAULT_FEATURE_SIZE, DEFAULT_GRID)
+        looked: list[str] = []
         try:
-            recorded, where = recorded_feature_settings(checkpoint, ckpt)
+            recorded, where = recorded_feature_settings(checkpoint, ckpt, looked)
         except ExportSettingsError:
             if feature_size is None or grid is None:
                 raise
             recorded, where = None, None  # both given: the recorded ones are not needed
         settings = {"size": feature_size, "grid": grid, "from": "command line"}
+        if (feature_size is None or grid is None) and not recorded:
+            places = (" (looked for " + " and ".join(looked) + ")") if looked else \
+                " (no training data folder is named by the checkpoint or a config.json beside it)"
+            raise ExportSettingsError(
+                f"{os.fspath(checkpoint)}: the picture size and grid its training features were made with are not "
+                f"recorded{places}: pass --feature-size PX --grid N as given to imram_min.features, or put that "
+                f"{FEATURES_JSON} in the training data folder")
         if feature_size is None or grid is None:
-            settings["from"] = where if recorded else "defaults"
-        for key, default in (("size", DEFAULT_FEATURE_SIZE), ("grid", DEFAULT_GRID)):
+            settings["from"] = where
+        for key in ("size", "grid"):
             if settings[key] is None:
-                settings[key] = int(recorded[key]) if recorded else default
+                settings[key] = int(recorded[key])
         if recorded and (int(recorded["size"]), int(recorded["grid"])) != (settings["size"], settings["grid"]):
             settings["recorded"] = {"size": int(recorded["size"]), "grid": int(recorded["grid"]), "from": where}
         source["feature_settings"] = settings

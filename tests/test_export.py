@@ -182,6 +182,22 @@ def test_export_cli_bad_checkpoint_is_one_error_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_export_cli_refuses_to_replace_a_model_dir_without_overwrite(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    from export.__main__ import main
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / MANIFEST_FILE).write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    code = main([os.fspath(tiny_checkpoint), "--out", os.fspath(out), "--no-verify"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --out {out} already holds {MANIFEST_FILE}") and "--overwrite" in err
+    assert sorted(os.listdir(tmp_path)) == ["m"] and sorted(os.listdir(out)) == [MANIFEST_FILE, "notes.txt"]
+    assert (out / MANIFEST_FILE).read_text() == "{}"
+    assert main([os.fspath(tiny_checkpoint), "--out", os.fspath(out), "--no-verify", "--overwrite"]) == 0
+    assert json.loads((out / MANIFEST_FILE).read_text())["files"] and (out / "notes.txt").read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- ONNX Runtime vs PyTorch
 def test_image_encoder_parity_ragged_and_single(tiny_model_dir, tiny):  # noqa: F811
     sess = session(tiny_model_dir / FILES["image_encoder"])

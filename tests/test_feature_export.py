@@ -70,11 +70,12 @@ def picture_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def picture_model_dir(picture_checkpoint, tmp_path_factory):
-    """``python -m export CKPT --out DIR --feature-extractor`` (in-process), exported once: default
-    size and grid, since the checkpoint records no training data."""
+    """``python -m export CKPT --out DIR --feature-extractor --feature-size 128 --grid 4`` (in-process),
+    exported once: the checkpoint records no training data, so the size and grid are given."""
     out = tmp_path_factory.mktemp("picture_export") / "model"
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert export_main([os.fspath(picture_checkpoint), "--out", os.fspath(out), "--feature-extractor"]) == 0
+        assert export_main([os.fspath(picture_checkpoint), "--out", os.fspath(out), "--feature-extractor",
+                            "--feature-size", str(DEFAULT_FEATURE_SIZE), "--grid", str(DEFAULT_GRID)]) == 0
     EXPORT_STDOUT.append(stdout.getvalue())
     return out
 
@@ -152,9 +153,9 @@ def test_export_adds_the_feature_extractor_to_the_manifest(picture_model_dir):
     assert info["sha256"] == sha256_file(picture_model_dir / FEATURE_EXTRACTOR_FILE)
     assert info["bytes"] == os.path.getsize(picture_model_dir / FEATURE_EXTRACTOR_FILE)
     assert manifest["preprocessing"] == feature_spec(DEFAULT_FEATURE_SIZE, DEFAULT_GRID)
-    assert manifest["source"]["feature_settings"] == {"size": 128, "grid": 4, "from": "defaults"}
+    assert manifest["source"]["feature_settings"] == {"size": 128, "grid": 4, "from": "command line"}
     assert manifest["verification"]["max_abs_diff"]["feature_extractor"] <= PARITY_TOL
-    assert "feature extractor 128 px grid 4 (from defaults)" in EXPORT_STDOUT[0]
+    assert "feature extractor 128 px grid 4 (from command line)" in EXPORT_STDOUT[0]
     graph_proto = onnx.load(os.fspath(picture_model_dir / FEATURE_EXTRACTOR_FILE))
     onnx.checker.check_model(graph_proto, full_check=True)
     assert [o.version for o in graph_proto.opset_import if o.domain in ("", "ai.onnx")] == [manifest["opset"]]
@@ -202,6 +203,20 @@ def test_export_reads_size_and_grid_recorded_with_the_training_data(picture_chec
     diff = float(np.abs(got - expected).max())
     print(f"runtime vs extract_features, 64 px grid 3: max abs diff {diff:.2e}")
     assert got.shape == (3, 9, 1280) and diff <= PARITY_TOL
+
+
+def test_export_without_recorded_feature_settings_refuses(picture_checkpoint, tmp_path, capsys):
+    """No meta.features, no config.json naming a data folder with features.json, and --feature-size
+    or --grid missing: one line saying what to pass, nothing written (no guessed 128 px / grid 4)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(picture_checkpoint, run / "best.pt")
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {"data": os.fspath(tmp_path / "data")}}))
+    for extra in ([], ["--grid", "4"], ["--feature-size", "128"]):
+        code, stdout, err = run_cli(export_main, [run / "best.pt", "--out", tmp_path / "m", "--feature-extractor",
+                                                  "--no-verify", *extra], capsys)
+        assert_one_error_line(code, stdout, err, tmp_path / "m",
+                              ("--feature-size PX --grid N", os.fspath(tmp_path / "data" / FEATURES_JSON)))
 
 
 def test_recorded_settings_in_the_checkpoint_meta_come_first(picture_checkpoint, tmp_path):
