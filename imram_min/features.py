@@ -17,8 +17,10 @@ CNN, average-pooled to an N x N grid, each cell one region:
    flatten) as one module, the grid pooling written as a fixed matrix product so that it
    exports to ONNX for any size and grid (``python -m export ... --feature-extractor``).
 5. CLI: ``python -m imram_min.features IMAGES... --out feats.npy [--grid N] [--size PX]``: writes
-   feats.npy, images.txt (the row order) and features.json (``runtime.images.feature_spec``:
-   network, size, grid, normalisation) beside it.
+   feats.npy, images.txt (the row order; ``{split}_images.txt`` for ``--out DIR/{split}_ims.npy``,
+   so a data folder's splits can be written one after the other) and features.json
+   (``runtime.images.feature_spec``: network, size, grid, normalisation; one per folder) beside it.
+   ``python -m imram_min.data prepare`` makes a whole data folder from pictures and captions.
 
 Defaults: ``--size 128 --grid 4`` (16 regions). The feature map at 128 px is exactly 4 x 4, so
 the grid pooling is the identity, as 7 x 7 is at 224 px. 128 px needs a third of the
@@ -32,6 +34,7 @@ with the same size and grid as the ones it was trained on.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -46,7 +49,7 @@ from tqdm import tqdm
 from imram_min import checks
 from runtime import cli
 from runtime.atomic import save_npy
-from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, list_images, load_and_preprocess,
+from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, feature_spec, list_images, load_and_preprocess,
                             write_feature_spec, write_path_list)
 
 DEFAULT_SIZE, DEFAULT_GRID = 128, 4
@@ -234,6 +237,18 @@ def extract_features(paths: Sequence[str | os.PathLike], grid: int = DEFAULT_GRI
 
 MAX_SIZE, MAX_GRID, MAX_BATCH = 2048, 64, 4096
 PATH_LIST = "images.txt"
+SPLIT_FEATURE_SUFFIXES = ("_ims.npy", "_feat.npy")  # a data folder's {split}_ims.npy / {split}_feat.npy
+
+
+def path_list_name(out: str | os.PathLike) -> str:
+    """The order file beside a features file: ``{split}_images.txt`` for a data folder's
+    ``{split}_ims.npy`` / ``{split}_feat.npy`` (so the splits of one folder keep one order file
+    each), else ``images.txt``."""
+    name = os.path.basename(os.fspath(out))
+    for suffix in SPLIT_FEATURE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)] + "_images.txt"
+    return PATH_LIST
 
 
 def check_images(paths: Sequence[str]) -> None:
@@ -251,26 +266,49 @@ def check_images(paths: Sequence[str]) -> None:
             raise ImageError(f"{path}: not an image file Pillow can read ({' '.join(str(e).split())})") from None
 
 
-def check_outputs(out: str, inputs: Sequence[str], overwrite: bool) -> tuple[str, str]:
-    """The overwrite policy. --out, images.txt and features.json beside it are one set. images.txt
-    or features.json already in the folder without the --out file describe another feature file:
-    refused unless --overwrite. No output may be an input (an image or a list of paths)."""
+def check_feature_json(spec_path: str, size: int, grid: int, overwrite: bool, flag: str = "--out's folder") -> bool:
+    """features.json is shared by every feature file of a folder (a data folder's train_ims.npy,
+    dev_ims.npy, test_ims.npy): an existing one made with the same size and grid is kept; one of
+    other settings is refused unless --overwrite. Returns whether to write it. Raises UserError."""
+    if not os.path.exists(spec_path):
+        return True
+    try:
+        with open(spec_path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if old == feature_spec(size, grid):
+        return False
+    if not overwrite:
+        held = f"{old['size']} px grid {old['grid']}" if isinstance(old, dict) and {"size", "grid"} <= old.keys() \
+            else "other settings"
+        raise cli.UserError(f"{flag} {os.path.dirname(spec_path)} already holds {FEATURES_JSON} of {held} (this is "
+                            f"{size} px grid {grid}; the feature files of a folder share one): give another folder, "
+                            "or add --overwrite to replace it")
+    return True
+
+
+def check_outputs(out: str, inputs: Sequence[str], overwrite: bool, size: int = DEFAULT_SIZE,
+                  grid: int = DEFAULT_GRID) -> tuple[str, str, bool]:
+    """The overwrite policy -> (order file, features.json, whether to write features.json).
+
+    --out and its order file (``path_list_name``) are one set: either already there is refused
+    without --overwrite (runtime.cli's one wording). features.json beside them is shared by the
+    folder's feature files (``check_feature_json``). No output may be an input (an image or a
+    list of paths)."""
     if os.path.isdir(out):
         raise cli.UserError(f"--out {out} is a folder; give a .npy file name")
     folder = os.path.dirname(os.path.abspath(out))
-    cli.check_output_folder(folder, "--out's folder")
-    path_list, spec = os.path.join(folder, PATH_LIST), os.path.join(folder, FEATURES_JSON)
-    cli.check_outputs_distinct([("--out", out), (f"the order file {PATH_LIST}", path_list),
+    path_list, spec = os.path.join(folder, path_list_name(out)), os.path.join(folder, FEATURES_JSON)
+    cli.check_outputs_distinct([("--out", out), (f"the order file {os.path.basename(path_list)}", path_list),
                                 (f"the preprocessing file {FEATURES_JSON}", spec)], inputs)
     for path in (path_list, spec):
         if os.path.isdir(path):
             raise cli.UserError(f"{path} is a folder; --out's folder needs that name for its own "
                                 f"{os.path.basename(path)}")
-    others = [os.path.basename(p) for p in (path_list, spec) if os.path.exists(p)]
-    if others and not os.path.exists(out) and not overwrite:
-        raise cli.UserError(f"{folder} already holds {' and '.join(others)} of another feature file (not of --out "
-                            f"{os.path.basename(out)}): write into another folder, or add --overwrite to replace them")
-    return path_list, spec
+    cli.check_output_folder(folder, "--out's folder", overwrite=overwrite,
+                            outputs=[os.path.basename(out), os.path.basename(path_list)])
+    return path_list, spec, check_feature_json(spec, size, grid, overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,10 +320,10 @@ def _main(argv: Sequence[str] | None) -> None:
     parser = cli.ArgumentParser(
         prog="python -m imram_min.features",
         description="Images -> (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (.npy), "
-                    "plus images.txt beside it listing the images in row order and features.json "
-                    "describing the preprocessing (network, size, grid, normalisation). The three files are "
-                    "one set: images.txt / features.json of another feature file in the folder are not "
-                    "replaced without --overwrite.")
+                    "plus images.txt beside it listing the images in row order ({split}_images.txt for a data "
+                    "folder's {split}_ims.npy) and features.json describing the preprocessing (network, size, "
+                    "grid, normalisation), shared by the feature files of a folder. An existing --out or order "
+                    "file, or a features.json of other settings, is not replaced without --overwrite.")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive, sorted) or .txt files of paths")
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--grid", type=int, default=DEFAULT_GRID,
@@ -295,7 +333,7 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help=f"pictures per batch, 1..{MAX_BATCH} (default 32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace images.txt / features.json of another feature file in --out's folder")
+                        help="replace an existing --out and its order file (and a features.json of other settings)")
     args = parser.parse_args(argv)
 
     # Every check before the long work: flags, device, each picture's header, output paths, memory.
@@ -309,7 +347,7 @@ def _main(argv: Sequence[str] | None) -> None:
         raise cli.UserError(str(e)) from None
     if not paths:
         raise ImageError(f"{' '.join(args.images)}: no image paths")
-    path_list, spec = check_outputs(args.out, [*args.images, *paths], args.overwrite)
+    path_list, spec, new_spec = check_outputs(args.out, [*args.images, *paths], args.overwrite, args.size, args.grid)
     check_images(paths)
     need = min(args.batch_size, len(paths)) * 200 * args.size ** 2  # rough peak of the network's activations
     have = checks.physical_memory()
@@ -326,7 +364,8 @@ def _main(argv: Sequence[str] | None) -> None:
     if os.path.exists(args.out):  # the old set goes first: a stop between the writes leaves no mismatched set
         os.remove(args.out)
     write_path_list(path_list, paths)
-    write_feature_spec(spec, args.size, args.grid)
+    if new_spec:
+        write_feature_spec(spec, args.size, args.grid)
     save_npy(args.out, feats)  # last: the .npy completes the set
     print(f"{args.out}: {feats.shape} float32 from {len(paths)} images in {seconds:.1f} s; "
           f"order in {path_list}, preprocessing in {spec}", file=sys.stderr)

@@ -173,3 +173,38 @@ def test_extract_features_names_an_unreadable_file(tmp_path, model):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ImageError, match="broken.png"):
         features.extract_features([tmp_path / "ok.png", tmp_path / "broken.png"], model=model)
+
+
+@needs_weights
+def test_features_cli_writes_the_splits_of_a_data_folder_one_after_the_other(tmp_path, capsys):
+    """{split}_ims.npy gets {split}_images.txt; the folder's one features.json is shared by the splits."""
+    pics = [write_picture(tmp_path / f"p{i}.png", size=(48, 40), seed=i) for i in range(3)]
+    data = tmp_path / "data"
+    small = ["--size", "64", "--grid", "2"]
+    assert features.main([str(pics[0]), str(pics[1]), "--out", str(data / "train_ims.npy"), *small]) == 0
+    spec = (data / "features.json").read_text()
+    assert features.main([str(pics[2]), "--out", str(data / "dev_ims.npy"), *small]) == 0
+    assert sorted(os.listdir(data)) == ["dev_images.txt", "dev_ims.npy", "features.json", "train_images.txt",
+                                        "train_ims.npy"]
+    assert (data / "features.json").read_text() == spec
+    assert (data / "train_images.txt").read_text().splitlines() == ["../p0.png", "../p1.png"]
+    assert (data / "dev_images.txt").read_text().splitlines() == ["../p2.png"]
+    assert np.load(data / "train_ims.npy").shape == (2, 4, 1280) and np.load(data / "dev_ims.npy").shape == (1, 4, 1280)
+    capsys.readouterr()
+
+    before = {name: (data / name).read_bytes() for name in os.listdir(data)}
+    for argv, words in [
+        ([str(pics[2]), "--out", str(data / "test_ims.npy"), "--size", "64", "--grid", "1"],
+         ("features.json of 64 px grid 2", "64 px grid 1", "--overwrite")),
+        ([str(pics[2]), "--out", str(data / "dev_ims.npy"), *small],
+         (f"--out's folder {data} already holds dev_ims.npy, dev_images.txt", "--overwrite")),
+    ]:
+        assert features.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert all(word in err for word in words), err
+        assert {name: (data / name).read_bytes() for name in os.listdir(data)} == before  # nothing replaced
+
+    assert features.main([str(pics[0]), "--out", str(data / "dev_ims.npy"), *small, "--overwrite"]) == 0
+    assert (data / "dev_images.txt").read_text().splitlines() == ["../p0.png"]
+    np.testing.assert_allclose(np.load(data / "dev_ims.npy")[0], np.load(data / "train_ims.npy")[0], atol=1e-4)
