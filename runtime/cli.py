@@ -157,7 +157,7 @@ def refuse_replacing(flag: str, path: str | os.PathLike, held: Sequence[str] = (
     Raises UserError."""
     path = os.fspath(path)
     if not held:
-        raise UserError(f"{flag} {path} already exists: give another name, or add --overwrite to replace it")
+        raise UserError(f"{flag} {path} already exists: add --overwrite to replace it")
     names = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     raise UserError(f"{flag} {path} already holds {names}: give another folder, or add --overwrite to replace "
                     f"{'it' if len(held) == 1 else 'them'}")
