@@ -13,11 +13,15 @@ it loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling)::
     }
 
 ``best.pt`` and converted checkpoints have no ``train_state``. Checkpoints are written
-atomically (``runtime.atomic``): a reader never sees a half-written file.
+atomically (``runtime.atomic``): a reader never sees a half-written file. A process killed in
+the rename window leaves its temporary file ``.NAME.XXXXXXXX.tmp``; the next save of NAME (and
+the next training start in that folder) removes it. A full disk during a save is one
+``DiskFullError`` naming the device, with the temporary file removed and the old NAME kept.
 """
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 
@@ -34,11 +38,88 @@ class CheckpointError(ValueError):
     """A file that is not a valid imram-min checkpoint."""
 
 
+class DiskFullError(CheckpointError):
+    """A checkpoint that could not be written for lack of space (the message names the device)."""
+
+
 # --------------------------------------------------------------------------- atomic writes
+_TEMP_SUFFIX = re.compile(r"\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's random part, as runtime.atomic names it
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary files ``.NAME.XXXXXXXX.tmp`` that an atomic write of ``path`` left when it
+    was killed between writing and renaming; returns their paths. Only regular files are removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape("." + name) + ".*.tmp")):
+        rest = os.path.basename(tmp)[len(name) + 1:]
+        try:
+            if _TEMP_SUFFIX.fullmatch(rest) and os.path.isfile(tmp) and not os.path.islink(tmp):
+                os.remove(tmp)
+                removed.append(tmp)
+        except FileNotFoundError:  # gone meanwhile
+            pass
+    return removed
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind ``error``, following __cause__ / __context__: torch.save into
+    a Python file re-raises the write's OSError as its own RuntimeError ("unexpected pos", from
+    inline_container.cc, raised by write_end_of_file in the writer's __exit__) with the OSError as
+    its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def device_of(path: str | os.PathLike) -> str:
+    """The device holding ``path``'s folder, as the user knows it: "/dev/sda1 (mounted at /data)", or
+    the mount point alone when /proc/self/mounts does not say (not Linux)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    mount = folder
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    source = None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[1].replace("\\040", " ") == mount:
+                    source = fields[0]  # the last mount at that point is the one in effect
+    except OSError:
+        pass
+    return f"{source} (mounted at {mount})" if source else f"mounted at {mount}"
+
+
+def _free_bytes(path: str | os.PathLike) -> int | None:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save(obj) to ``path`` atomically."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    """torch.save(obj) to ``path`` atomically. Stale temporary files of ``path`` are removed first;
+    a full disk raises DiskFullError (one line naming the device and the free space; the temporary
+    file is removed, an existing ``path`` is kept)."""
+    remove_stale_temps(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        free = _free_bytes(path)
+        left = f", {free / 2 ** 20:.1f} MiB free" if free is not None else ""
+        kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+        raise DiskFullError(f"{os.fspath(path)}: no space left on device {device_of(path)}{left} "
+                            f"({os.strerror(full.errno)}); {kept}") from None
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -17,7 +17,9 @@ import torch
 
 from imram_min import schedule
 from imram_min.checkpoint import CheckpointError
-from imram_min.data import DataError, captions_per_image, features_paths, load_captions, load_features, load_vocab
+from imram_min.data import (DataError, caption_layout, cap2img_path, features_paths, load_captions, load_features,
+                            load_vocab, whole_images_captions)
+from runtime import inputs
 from runtime.cli import UserError
 from runtime.text import Vocabulary, VocabularyError
 
@@ -70,7 +72,16 @@ class Split:
     img_dim: int
     dtype: str
     n_captions: int
-    caps_per_image: int
+    caps_per_image: int | None  # 5 or 1: the SCAN layout; None: another layout, from the sidecar
+    image_of_caption: np.ndarray  # (n_captions,) int64: the image row of each caption
+    cap2img: str | None = None  # the sidecar's path, if the split has one
+
+    def kept_images(self, max_captions: int | None) -> int:
+        """Images covered by the first ``max_captions`` captions (None: all), whole images only."""
+        if max_captions is None:
+            return self.n_images
+        keep = whole_images_captions(self.image_of_caption, max_captions)
+        return int(self.image_of_caption[keep - 1]) + 1 if keep else 0
 
 
 def available_splits(data_dir: str) -> list[str]:
@@ -80,7 +91,8 @@ def available_splits(data_dir: str) -> list[str]:
 
 
 def split(data_dir: str, name: str, flag: str = "--split") -> Split:
-    """Check a split's features (3-d float array) and captions (UTF-8, 5 or 1 per image)."""
+    """Check a split's features (3-d float array) and captions (UTF-8; 5 or 1 per image, or any number
+    with DIR/{name}_cap2img.txt). The features' values are not read (``finite_features`` does)."""
     paths = features_paths(data_dir, name)
     if not any(os.path.exists(p) for p in paths):
         have = available_splits(data_dir)
@@ -94,12 +106,24 @@ def split(data_dir: str, name: str, flag: str = "--split") -> Split:
     caps = os.path.join(data_dir, f"{name}_caps.txt")
     if not os.path.isfile(caps):
         raise UserError(f"{caps}: no such captions file (split {name!r} has features {path})")
-    n_captions = len(load_captions(data_dir, name))
-    cpi = captions_per_image(int(feats.shape[0]), n_captions, caps)
     if not all(feats.shape):
         raise UserError(f"{path}: expected shape (n_img, n_region, img_dim) with no zero size, got {feats.shape}")
+    captions = load_captions(data_dir, name)
+    image_of_caption, cpi = caption_layout(int(feats.shape[0]), captions, caps)
+    sidecar = cap2img_path(data_dir, name)
     return Split(name, path, caps, int(feats.shape[0]), int(feats.shape[1]), int(feats.shape[2]),
-                 str(feats.dtype), n_captions, cpi)
+                 str(feats.dtype), len(captions), cpi, image_of_caption, sidecar if os.path.exists(sidecar) else None)
+
+
+def finite_features(s: Split) -> None:
+    """Every region feature of the split finite (and below runtime.inputs.MAX_FEATURE in magnitude),
+    read in chunks of the memory-mapped file (runtime.inputs.check_region_feats): a UserError naming
+    the file and the image row otherwise."""
+    feats = load_features(os.path.dirname(s.features) or ".", s.name)
+    try:
+        inputs.check_region_feats(feats, s.img_dim, name=s.features)
+    except inputs.InputError as e:
+        raise UserError(str(e)) from None
 
 
 def same_features(a: Split, b: Split) -> None:
@@ -110,10 +134,16 @@ def same_features(a: Split, b: Split) -> None:
 
 
 def max_captions(value: int | None, s: Split, flag: str) -> None:
-    """A caption limit must cover whole images (a positive multiple of captions per image)."""
-    if value is not None and (value <= 0 or value % s.caps_per_image):
-        raise UserError(f"{flag} must be a positive multiple of {s.caps_per_image} (whole images of "
+    """A caption limit must cover whole images: in the SCAN layout a positive multiple of the captions
+    per image; in another layout it is cut back to whole images, and must hold the first one."""
+    if value is None:
+        return
+    if value <= 0 or (s.caps_per_image is not None and value % s.caps_per_image):
+        raise UserError(f"{flag} must be a positive multiple of {s.caps_per_image or 1} (whole images of "
                         f"{s.captions}), got {value}")
+    if s.kept_images(value) == 0:
+        raise UserError(f"{flag} {value}: fewer captions than the first image of {s.captions} has "
+                        f"({int(np.sum(s.image_of_caption == 0))}, per {s.cap2img}); the limit keeps whole images")
 
 
 def physical_memory() -> int | None:

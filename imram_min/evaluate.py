@@ -8,8 +8,11 @@ Steps: encode every image of the split once and every caption (batched), score a
 
 * i2t (image -> text, caption retrieval): for image i the rank of its best-ranked ground-truth
   caption; the ground truth of image i is captions cpi*i .. cpi*i + cpi-1 (cpi = captions per
-  image, 5 or 1).
-* t2i (text -> image, image retrieval): for caption j the rank of its image j // cpi.
+  image, 5 or 1), or in another layout the captions DIR/{split}_cap2img.txt gives image i (any
+  number >= 1; ``layout`` below is then the (n_cap,) image row of each caption).
+* t2i (text -> image, image retrieval): for caption j the rank of its image j // cpi (or its row
+  in the sidecar). On the SCAN layout both give exactly the SCAN numbers; no caption is ever
+  repeated to make 5.
 
 Rank and ties: the rank of a ground truth is the number of candidates that score *strictly
 higher* than it (0 = first). A tie with the ground truth therefore counts in its favour; for
@@ -38,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from imram_min.checkpoint import load_model
-from imram_min.data import PrecompDataset
+from imram_min.data import PrecompDataset, whole_images_captions
 from imram_min import checks, distributed, schedule
 from imram_min.model import IMRAM
 from runtime import atomic, cli
@@ -81,31 +84,56 @@ def encode_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.devi
 
 
 # --------------------------------------------------------------------------- ranking
-def _check(sims: np.ndarray, caps_per_image: int) -> tuple[int, int]:
+def _check(sims: np.ndarray, caps_per_image) -> tuple[int, int]:
     sims = np.asarray(sims)
-    if sims.ndim != 2 or sims.shape[1] != caps_per_image * sims.shape[0]:
-        raise ValueError(f"sims must be (n_img, {caps_per_image} * n_img), got shape {sims.shape}")
+    if isinstance(caps_per_image, (int, np.integer)):
+        if sims.ndim != 2 or sims.shape[1] != caps_per_image * sims.shape[0]:
+            raise ValueError(f"sims must be (n_img, {caps_per_image} * n_img), got shape {sims.shape}")
+    else:
+        rows = np.asarray(caps_per_image)
+        if sims.ndim != 2 or rows.shape != (sims.shape[1],):
+            raise ValueError(f"sims (n_img, n_cap) and image_of_caption (n_cap,) must agree, got shapes {sims.shape} "
+                             f"and {rows.shape}")
+        if len(rows) and (rows[0] != 0 or rows[-1] != sims.shape[0] - 1 or not np.isin(np.diff(rows), (0, 1)).all()):
+            raise ValueError("image_of_caption must be grouped by image in image order, every image with a caption")
     if not np.isfinite(sims).all():
         raise ValueError("sims contains NaN or inf")
     return sims.shape
 
 
-def i2t_ranks(sims: np.ndarray, caps_per_image: int = 5) -> np.ndarray:
-    """(n_img,) int64: per image, the number of captions scoring strictly higher than its best ground truth."""
-    n_img, _ = _check(sims, caps_per_image)
+def image_of_caption(layout, n_cap: int) -> np.ndarray:
+    """(n_cap,) int64 image row of each caption: ``layout`` is 5 or 1 (captions per image, the SCAN
+    layout) or already the (n_cap,) rows (any number per image, grouped by image in image order)."""
+    if isinstance(layout, (int, np.integer)):
+        return np.arange(n_cap, dtype=np.int64) // int(layout)
+    return np.asarray(layout, dtype=np.int64)
+
+
+def i2t_ranks(sims: np.ndarray, caps_per_image=5) -> np.ndarray:
+    """(n_img,) int64: per image, the number of captions scoring strictly higher than its best ground truth.
+
+    caps_per_image: 5 or 1 (the SCAN layout), or image_of_caption (n_cap,): any number of captions per image."""
+    n_img, n_cap = _check(sims, caps_per_image)
     sims = np.asarray(sims)
-    gt = sims.reshape(n_img, n_img, caps_per_image)[np.arange(n_img), np.arange(n_img)].max(1)  # (n_img,)
+    if isinstance(caps_per_image, (int, np.integer)):
+        gt = sims.reshape(n_img, n_img, caps_per_image)[np.arange(n_img), np.arange(n_img)].max(1)  # (n_img,)
+    else:  # the best of each image's own captions: a max over each image's run of captions
+        rows = np.asarray(caps_per_image)
+        own = sims[rows, np.arange(n_cap)]  # (n_cap,): every caption's score with its own image
+        gt = np.maximum.reduceat(own, np.flatnonzero(np.r_[True, np.diff(rows) > 0]))  # (n_img,)
     ranks = np.empty(n_img, dtype=np.int64)
     for i in range(0, n_img, 1024):  # rows in chunks: the bool matrix stays small
         ranks[i:i + 1024] = (sims[i:i + 1024] > gt[i:i + 1024, None]).sum(1)
     return ranks
 
 
-def t2i_ranks(sims: np.ndarray, caps_per_image: int = 5) -> np.ndarray:
-    """(n_cap,) int64: per caption, the number of images scoring strictly higher than its own image."""
+def t2i_ranks(sims: np.ndarray, caps_per_image=5) -> np.ndarray:
+    """(n_cap,) int64: per caption, the number of images scoring strictly higher than its own image.
+
+    caps_per_image: 5 or 1 (the SCAN layout), or image_of_caption (n_cap,): any number of captions per image."""
     n_img, n_cap = _check(sims, caps_per_image)
     sims = np.asarray(sims)
-    gt = sims[np.arange(n_cap) // caps_per_image, np.arange(n_cap)]  # (n_cap,)
+    gt = sims[image_of_caption(caps_per_image, n_cap), np.arange(n_cap)]  # (n_cap,)
     ranks = np.empty(n_cap, dtype=np.int64)
     for j in range(0, n_cap, 4096):
         ranks[j:j + 4096] = (sims[:, j:j + 4096] > gt[None, j:j + 4096]).sum(0)
@@ -119,32 +147,45 @@ def rank_metrics(ranks: np.ndarray) -> tuple[float, float, float, float, float]:
     return r1, r5, r10, float(math.floor(np.median(ranks)) + 1), float(np.mean(ranks) + 1)
 
 
-def i2t(sims: np.ndarray, caps_per_image: int = 5, return_ranks: bool = False):
+def i2t(sims: np.ndarray, caps_per_image=5, return_ranks: bool = False):
     """Image -> text retrieval on sims (n_img, n_cap): (r1, r5, r10, medr, meanr) [, ranks]."""
     ranks = i2t_ranks(sims, caps_per_image)
     return (rank_metrics(ranks), ranks) if return_ranks else rank_metrics(ranks)
 
 
-def t2i(sims: np.ndarray, caps_per_image: int = 5, return_ranks: bool = False):
+def t2i(sims: np.ndarray, caps_per_image=5, return_ranks: bool = False):
     """Text -> image retrieval on sims (n_img, n_cap): (r1, r5, r10, medr, meanr) [, ranks]."""
     ranks = t2i_ranks(sims, caps_per_image)
     return (rank_metrics(ranks), ranks) if return_ranks else rank_metrics(ranks)
 
 
-def metrics_from_sims(sims: np.ndarray, caps_per_image: int = 5) -> dict:
-    """{"i2t": [r1, r5, r10, medr, meanr], "t2i": [...], "rsum": float, "n_images", "n_captions"}."""
+def metrics_from_sims(sims: np.ndarray, caps_per_image=5) -> dict:
+    """{"i2t": [r1, r5, r10, medr, meanr], "t2i": [...], "rsum": float, "n_images", "n_captions"}.
+    caps_per_image: 5 or 1, or image_of_caption (n_cap,) (``i2t_ranks``)."""
     a, b = i2t(sims, caps_per_image), t2i(sims, caps_per_image)
     return {"i2t": list(a), "t2i": list(b), "rsum": float(sum(a[:3]) + sum(b[:3])),
             "n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1])}
 
 
-def fold_slices(n_images: int, caps_per_image: int, n_folds: int = 5) -> list[tuple[slice, slice]]:
-    """(image slice, caption slice) of each of ``n_folds`` equal folds, in order."""
+def fold_slices(n_images: int, caps_per_image=5, n_folds: int = 5) -> list[tuple[slice, slice]]:
+    """(image slice, caption slice) of each of ``n_folds`` equal folds of the images, in order.
+    caps_per_image: 5 or 1, or image_of_caption (n_cap,) (a fold's captions are its images' own)."""
     if n_images % n_folds:
         raise ValueError(f"{n_images} images cannot be cut into {n_folds} equal folds")
     size = n_images // n_folds
-    return [(slice(k * size, (k + 1) * size), slice(k * size * caps_per_image, (k + 1) * size * caps_per_image))
-            for k in range(n_folds)]
+    if isinstance(caps_per_image, (int, np.integer)):
+        return [(slice(k * size, (k + 1) * size), slice(k * size * caps_per_image, (k + 1) * size * caps_per_image))
+                for k in range(n_folds)]
+    first = np.searchsorted(np.asarray(caps_per_image), np.arange(n_folds + 1) * size)  # first caption of each fold
+    return [(slice(k * size, (k + 1) * size), slice(int(first[k]), int(first[k + 1]))) for k in range(n_folds)]
+
+
+def fold_layout(layout, captions: slice):
+    """The layout argument of one fold: 5 / 1 as it is, image rows renumbered from the fold's first image."""
+    if isinstance(layout, (int, np.integer)):
+        return layout
+    rows = np.asarray(layout)[captions]
+    return rows - rows[0]
 
 
 def average_folds(folds: list[dict]) -> dict:
@@ -158,6 +199,9 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
                    score_all=schedule.similarities) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
+    caps_per_image: 5 or 1 (the SCAN layout), or None: another layout, ranked with
+    ``dataset.image_of_caption``.
+
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
     within-fold blocks are scored unless ``return_sims`` (then the whole (n_img, n_cap) matrix is
     scored and returned under "sims", float32). ``score_all(model, region_embs, word_embs, lengths,
@@ -165,6 +209,7 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     distributed form (imram_min.distributed.similarities) under torchrun.
     """
     cpi = dataset.caps_per_image
+    layout = cpi if cpi is not None else dataset.image_of_caption  # 5 / 1, or each caption's image row
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress)
     n_img, n_cap = region_embs.shape[0], word_embs.shape[0]
     sims = None
@@ -172,17 +217,25 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
         sims = score_all(model, region_embs, word_embs, lengths, device=device, progress=progress)
     if fold5:
         folds = []
-        for im, ca in fold_slices(n_img, cpi):
+        for im, ca in fold_slices(n_img, layout):
             block = sims[im, ca] if sims is not None else score_all(
                 model, region_embs[im], word_embs[ca], lengths[ca], device=device, progress=progress)
-            folds.append(metrics_from_sims(block, cpi))
+            folds.append(metrics_from_sims(block, fold_layout(layout, ca)))
         result = average_folds(folds)
     else:
-        result = metrics_from_sims(sims, cpi)
+        result = metrics_from_sims(sims, layout)
     result.update(n_images=n_img, n_captions=n_cap, caps_per_image=cpi, fold5=fold5)
     if return_sims:
         result["sims"] = sims
     return result
+
+
+def per_image(dataset: PrecompDataset) -> str:
+    """"5" or "1" (the SCAN layout), or "1 to 4" (another layout, from the sidecar)."""
+    if dataset.caps_per_image is not None:
+        return str(dataset.caps_per_image)
+    counts = np.bincount(dataset.image_of_caption)
+    return f"{counts.min()} to {counts.max()}"
 
 
 def format_table(result: dict, title: str = "") -> str:
@@ -235,8 +288,7 @@ def _main(argv: list[str] | None) -> dict:
     checks.data_folder(args.data)
     split = checks.split(args.data, args.split)
     checks.max_captions(args.max_captions, split, "--max-captions")
-    n_img = split.n_images if args.max_captions is None else \
-        min(args.max_captions, split.n_captions) // split.caps_per_image
+    n_img = split.kept_images(args.max_captions)
     if args.fold5 and n_img % 5:
         raise cli.UserError(f"--fold5: {n_img} images of split {args.split!r} cannot be cut into 5 equal folds")
     inputs = [args.checkpoint, split.features, split.captions]
@@ -250,7 +302,8 @@ def _main(argv: list[str] | None) -> dict:
             raise cli.UserError("--shortlist reports the two-stage metrics of the whole split: without --fold5 "
                                 "and --save-sims")
         try:
-            shortlist.parse_shortlists(args.shortlist, n_img, n_img * split.caps_per_image)
+            n_cap = whole_images_captions(split.image_of_caption, args.max_captions or split.n_captions)
+            shortlist.parse_shortlists(args.shortlist, n_img, n_cap)
         except ValueError as e:
             raise cli.UserError(str(e)) from None
     if args.global_head is not None and not args.shortlist:
@@ -271,7 +324,7 @@ def _main(argv: list[str] | None) -> dict:
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     if ctx.is_main:
         print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "
-              f"{len(dataset)} captions ({dataset.caps_per_image} per image), device {device}, "
+              f"{len(dataset)} captions ({per_image(dataset)} per image), device {device}, "
               f"processes {ctx.world}", file=sys.stderr)
     if args.shortlist:
         if ctx.world > 1:

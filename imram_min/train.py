@@ -7,8 +7,10 @@ line says which values came from it) > the paper's defaults (``IMRAMConfig`` and
 vocab_size and img_dim always come from the data (DIR/vocab.json, DIR/train_*.npy).
 
 One epoch: shuffled batches of (image, caption) pairs, one item per caption as the original
-(so a batch may hold the same image twice; the loss treats the copy as a negative, as the
-original does), scores of all pairs of the batch, the hinge ranking loss (hardest negatives
+(so a batch may hold the same image twice; in the SCAN layout, 5 or 1 captions per image, the
+loss treats the copy as a negative, as the original does; in another layout, any number of
+captions per image given by DIR/train_cap2img.txt, pairs of one picture are no negatives:
+see imram_min.distributed), scores of all pairs of the batch, the hinge ranking loss (hardest negatives
 by default), Adam, gradient-norm clipping. lr = lr0 * 0.1 ** (epoch // lr_update), epochs
 counted from 0. After each epoch: dev rsum (first ``max_dev_captions`` captions), RUN/best.pt
 if it is the best so far, RUN/last.pt with the whole training state, a line of RUN/log.jsonl.
@@ -21,8 +23,10 @@ Outputs, all written atomically:
                       i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr, t2i_..., rsum, seconds
 
 Checks and the run folder: every setting (flag, train_defaults.json value, resumed setting: type
-and range), the device, the vocabulary and every split read (features shape and dtype, caption
-count, train and dev of one img_dim), the model's memory and the run folder are checked before
+and range), the device, the vocabulary and every split read (features shape and dtype, every
+feature finite (read in chunks; a NaN or Inf names the file and image row), caption count or the
+DIR/{split}_cap2img.txt sidecar, train and dev of one img_dim), the model's memory and the run
+folder are checked before
 anything is trained or written; bad input is one ``error: ...`` line, exit status 2, and leaves
 every file as it was. A run folder holds one run: --out must be new or empty, or the folder of
 the --resume checkpoint, else --overwrite must be given, and then the old run's config.json,
@@ -38,10 +42,12 @@ settings (e.g. --num-epochs to train longer) but not the model.
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import asdict
 
@@ -50,8 +56,8 @@ import torch
 from tqdm import tqdm
 
 from imram_min import checks, distributed, evaluate, schedule
-from imram_min.checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint,
-                                  upgrade_state_dict)
+from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint, remove_stale_temps,
+                                  save_checkpoint, upgrade_state_dict)
 from imram_min.data import PrecompDataset, collate
 from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
@@ -96,8 +102,11 @@ def learning_rate(lr0: float, epoch: int, lr_update: int) -> float:
 
 
 def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConfig, device: torch.device,
-                epoch: int, ctx: distributed.Context) -> float:
+                epoch: int, ctx: distributed.Context, same_image_negatives: bool = True) -> float:
     """One pass over the loader; returns the mean batch loss of the global batches.
+
+    same_image_negatives: True (the SCAN layout, the original) a repeat of an image in a batch is
+    a negative; False (another layout) the batch's image ids go to the loss, which skips such pairs.
 
     step: ``distributed.BatchLoss`` (in DistributedDataParallel on N processes): this process's
     slice of a global batch -> its loss term. The autocast of ``cfg.precision`` covers the forward
@@ -109,10 +118,10 @@ def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConf
                disable=not ctx.is_main)
     dtype, weights_dtype = PRECISIONS[cfg.precision], next(model.parameters()).dtype
     max_violation = model.cfg.max_violation and epoch >= cfg.warmup_epochs
-    for region_feats, tokens, lengths, _cap_ids, _img_ids in bar:
+    for region_feats, tokens, lengths, _cap_ids, img_ids in bar:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = step(region_feats.to(device, weights_dtype, non_blocking=True), tokens.to(device, non_blocking=True),
-                        lengths, max_violation)  # lengths stay on the CPU
+                        lengths, max_violation, None if same_image_negatives else img_ids)  # lengths stay on the CPU
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -144,13 +153,32 @@ def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device:
     return flat
 
 
-def rewrite_log(src: str, dst: str, keep_epochs: int) -> None:
-    """Copy log lines of epochs <= keep_epochs from src to dst (a resumed run drops later lines)."""
-    lines = []
-    if os.path.exists(src):
-        with open(src, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= keep_epochs]
+def rewrite_log(src: str, dst: str, keep_epochs: int) -> str | None:
+    """Copy log lines of epochs <= keep_epochs from src to dst (a resumed run drops later lines).
+
+    A torn last line (the run was killed while appending it) is dropped: returns a note saying so
+    (else None). Any other line that is not a JSON object with an "epoch" is a UserError naming it."""
+    lines, note = [], None
+    if keep_epochs > 0 and os.path.exists(src):
+        with open(src, encoding="utf-8", errors="replace") as f:
+            raw = f.read().split("\n")
+        numbered = [(k + 1, ln) for k, ln in enumerate(raw) if ln.strip()]
+        for position, (line_no, ln) in enumerate(numbered):
+            try:
+                epoch = json.loads(ln)["epoch"]
+                if not isinstance(epoch, int):
+                    raise TypeError(epoch)
+            except (ValueError, KeyError, TypeError, IndexError):
+                if position == len(numbered) - 1:  # the last line: torn by a kill while it was written
+                    note = (f"note: {src}: dropped its last line {line_no} (torn, not a complete JSON log entry: "
+                            f"{ln[:60]!r})")
+                    break
+                raise UserError(f"{src}: line {line_no} is not a JSON log entry with an epoch ({ln[:60]!r}); "
+                                "repair or remove the line to resume") from None
+            if epoch <= keep_epochs:
+                lines.append(ln + "\n")
     atomic.write_text(dst, "".join(lines))
+    return note
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,6 +237,8 @@ def _main(argv: list[str] | None) -> dict:
     checks.same_features(train_split, dev_split)
     max_dev = tcfg.max_dev_captions or None  # more than the split holds = all of it
     checks.max_captions(max_dev, dev_split, _FLAGS["max_dev_captions"])
+    for split in (train_split, dev_split):  # NaN / Inf in a feature file: found now, naming its row
+        checks.finite_features(split)
     if state is not None:
         try:
             model, vocab = model_from_checkpoint(ckpt, "cpu")
@@ -241,6 +271,9 @@ def _main(argv: list[str] | None) -> dict:
                 os.remove(os.path.join(tcfg.out, name))
     if ctx.is_main:
         os.makedirs(tcfg.out, exist_ok=True)
+        for name in RUN_FILES:  # temporary files of a run killed in a rename window
+            for tmp in remove_stale_temps(os.path.join(tcfg.out, name)):
+                say(f"note: removed {tmp}, the temporary file of a killed save", file=sys.stderr)
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
@@ -277,7 +310,9 @@ def _main(argv: list[str] | None) -> dict:
         src_dir = os.path.dirname(os.path.abspath(resume_path))
         src_best, dst_best = os.path.join(src_dir, "best.pt"), os.path.join(tcfg.out, "best.pt")
         if ctx.is_main:
-            rewrite_log(os.path.join(src_dir, "log.jsonl"), log_path, start_epoch)
+            note = rewrite_log(os.path.join(src_dir, "log.jsonl"), log_path, start_epoch)
+            if note:
+                say(note, file=sys.stderr)
             if os.path.exists(src_best) and os.path.abspath(src_best) != os.path.abspath(dst_best):
                 with open(src_best, "rb") as f:  # a new run folder starts with the best so far
                     atomic.write_bytes(dst_best, f.read())
@@ -297,7 +332,8 @@ def _main(argv: list[str] | None) -> dict:
         lr = learning_rate(tcfg.lr, epoch, tcfg.lr_update)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss = train_epoch(step, loader, optimizer, scaler, tcfg, device, epoch, ctx)
+        train_loss = train_epoch(step, loader, optimizer, scaler, tcfg, device, epoch, ctx,
+                                 same_image_negatives=train_set.caps_per_image is not None)
         dev = dev_metrics(model, dev_set, tcfg, device, ctx)
         entry = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **dev,
                  "seconds": round(time.perf_counter() - t0, 3)}
@@ -306,14 +342,22 @@ def _main(argv: list[str] | None) -> dict:
         meta = {"epoch": epoch + 1, "dev": dev, "best_rsum": best_rsum}
         if not ctx.is_main:
             continue
-        if is_best:
-            save_checkpoint(os.path.join(tcfg.out, "best.pt"), model, vocab, meta)
         train_state = {"epoch": epoch + 1, "best_rsum": best_rsum, "optimizer": optimizer.state_dict(),
                        "rng": rng_state(loader_generator), "train_config": asdict(tcfg),
                        "from_defaults_file": from_file}
-        with open(log_path, "a", encoding="utf-8") as f:  # before last.pt: a resume drops lines past its epoch
-            f.write(json.dumps(entry) + "\n")
-        save_checkpoint(os.path.join(tcfg.out, "last.pt"), model, vocab, meta, train_state)
+        try:
+            if is_best:
+                save_checkpoint(os.path.join(tcfg.out, "best.pt"), model, vocab, meta)
+            with open(log_path, "a", encoding="utf-8") as f:  # before last.pt: a resume drops lines past its epoch
+                f.write(json.dumps(entry) + "\n")
+            save_checkpoint(os.path.join(tcfg.out, "last.pt"), model, vocab, meta, train_state)
+        except (DiskFullError, OSError) as e:  # a full disk: one line naming the device (checkpoint.device_of)
+            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            last = os.path.join(tcfg.out, "last.pt")
+            resume = f"; free space, then resume with --resume {last}" if os.path.exists(last) else ""
+            why = e if isinstance(e, DiskFullError) else f"{log_path}: no space left on device {device_of(log_path)}"
+            raise UserError(f"epoch {epoch + 1} was not saved: {why}{resume}") from None
         say(f"epoch {epoch + 1}/{tcfg.num_epochs} lr {lr:.2e} loss {train_loss:.4f} dev rsum {dev['rsum']:.2f} "
               f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if is_best else ''} "
               f"{entry['seconds']:.1f}s")
