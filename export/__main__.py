@@ -23,6 +23,7 @@ import time
 
 from runtime import cli
 
+from .conformance import FILES as CONFORMANCE_FILES
 from .global_head import GLOBAL_FILES, add_global_head
 from .onnx_export import (DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
                           FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
@@ -74,7 +75,7 @@ def _main(argv: list[str] | None) -> int:
     if not os.path.isfile(args.checkpoint):
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
-               *GLOBAL_FILES.values()]
+               *GLOBAL_FILES.values(), *CONFORMANCE_FILES]
     cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
                                [args.checkpoint] + ([args.global_head] if args.global_head else []))

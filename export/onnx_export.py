@@ -46,6 +46,7 @@ from runtime.scorer import sha256_file
 from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
 from runtime.text import PAD, Vocabulary
 
+from .conformance import manifest_entry, onnxruntime_version, verify_conformance, write_conformance
 from .graphs import (DEFAULT_MATCHER, MATCHER_FORMS, ImageEncoderGraph, ProjectionGraph, TextEncoderGraph,  # noqa: F401
                      build_matcher, projection_size)
 
@@ -311,9 +312,10 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
         if verify and extractor is not None:
             diffs[FEATURE_EXTRACTOR] = verify_feature_extractor(extractor, os.path.join(tmp, FEATURE_EXTRACTOR_FILE))
         vocab.save(os.path.join(tmp, VOCAB_FILE))
+        conformance_files = write_conformance(model, vocab, tmp, signatures)  # export.conformance
 
         files = {f: {"sha256": sha256_file(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
-                 for f in [*files_written.values(), VOCAB_FILE]}
+                 for f in [*files_written.values(), VOCAB_FILE, *conformance_files]}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -323,18 +325,27 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
             "vocab": {"file": VOCAB_FILE, "size": len(vocab)},
             "opset": opset,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                         "python": platform.python_version()},
+                         "python": platform.python_version(), "onnxruntime": onnxruntime_version()},
             "exporter": "torch.onnx.export(dynamo=False)",
             "verification": {"max_abs_diff": diffs, "provider": "CPUExecutionProvider"} if verify else None,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": _jsonable(source or {}),
             "files": files,
+            "conformance": manifest_entry(),  # "verified" filled in below
         }
         if extractor is not None:  # how pictures become the extractor's input; runtime.images implements it
             manifest["preprocessing"] = feature_spec(feature_size, grid)
         with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
+        if verify:  # the runtime itself (runtime.check, ONNX Runtime CPU) against the vectors just written
+            try:
+                manifest["conformance"]["verified"] = verify_conformance(tmp)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+            with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+                f.write("\n")
         for file in [*files, MANIFEST_FILE]:
             os.chmod(os.path.join(tmp, file), 0o666 & ~_UMASK)  # mkdtemp made a private folder
         os.chmod(tmp, 0o777 & ~_UMASK)

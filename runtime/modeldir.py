@@ -27,6 +27,7 @@ PROJECTIONS = ("region_projection", "word_projection")  # when the matcher takes
 FEATURE_EXTRACTOR = "feature_extractor"  # optional: pictures -> region features
 GLOBAL_GRAPHS = ("image_global", "text_global")  # optional, both or neither: the first stage's global head
 MODES = ("full", "text", "image", "mean")
+CONFORMANCE = "conformance"  # manifest key of the conformance vectors' files (export.conformance, runtime.check)
 MAX_DIM = 1 << 16  # img_dim / embed_size / size of a graph's static axis in a manifest, at most
 
 
@@ -116,6 +117,10 @@ def check_manifest_fields(manifest) -> None:
         if len(sizes) != 1 or not all(_is_int(v) for v in sizes) or \
                 any(graphs[g]["inputs"][0]["shape"][-1] != cfg["embed_size"] for g in GLOBAL_GRAPHS):
             raise ValueError("image_global and text_global must take embed_size vectors and make vectors of one size")
+    conformance = manifest.get(CONFORMANCE)
+    if conformance is not None and (not isinstance(conformance, dict) or
+                                    not all(isinstance(conformance.get(k), str) for k in ("file", "data"))):
+        raise TypeError(f"{CONFORMANCE} must name its file and data (runtime.check)")
     if not isinstance(manifest.get("vocab"), dict) or not isinstance(manifest["vocab"].get("file"), str):
         raise TypeError("vocab.file must be a file name")
     files = manifest.get("files")
@@ -141,6 +146,8 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
     needed = [graphs[g]["file"] for g in GRAPHS + (PROJECTIONS if takes_projections(manifest) else ())]
     needed.append(manifest["vocab"]["file"])
     needed += [graphs[g]["file"] for g in GLOBAL_GRAPHS if has_global_head(manifest)]
+    if manifest.get(CONFORMANCE) is not None:  # the conformance vectors (runtime.check)
+        needed += [manifest[CONFORMANCE]["file"], manifest[CONFORMANCE]["data"]]
     extractor = graphs.get(FEATURE_EXTRACTOR)
     if extractor is not None:
         needed.append(extractor["file"])

@@ -1,0 +1,211 @@
+"""Conformance vectors (export/conformance.py) and their check (python -m runtime.check)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fixtures import assert_error_line, run_cli, tiny_checkpoint, tiny_data, tiny_model, tiny_model_dir  # noqa: F401
+
+from export import conformance
+from runtime import check
+from runtime.modeldir import sha256_file
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rehash(model_dir, name):
+    """Put the SHA-256 of MODEL_DIR/name back into the manifest (as an edit made on purpose would)."""
+    path = os.path.join(model_dir, "manifest.json")
+    manifest = read_json(path)
+    manifest["files"][name]["sha256"] = sha256_file(os.path.join(model_dir, name))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """A copy of the tiny model folder that a test may alter."""
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def alter_array(model_dir, name, change):
+    """Apply ``change`` to array ``name`` of conformance.bin in place and re-hash the file."""
+    doc = read_json(os.path.join(model_dir, "conformance.json"))
+    spec = doc["arrays"][name]
+    path = os.path.join(model_dir, "conformance.bin")
+    blob = bytearray(open(path, "rb").read())
+    array = np.frombuffer(bytes(blob), check.DTYPES[spec["dtype"]], int(np.prod(spec["shape"])), spec["offset"]).copy()
+    change(array)
+    blob[spec["offset"]:spec["offset"] + array.nbytes] = array.tobytes()
+    open(path, "wb").write(bytes(blob))
+    rehash(model_dir, "conformance.bin")
+
+
+def alter_document(model_dir, change):
+    path = os.path.join(model_dir, "conformance.json")
+    doc = read_json(path)
+    change(doc)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    rehash(model_dir, "conformance.json")
+
+
+# --------------------------------------------------------------------------- what export writes
+def test_export_writes_vectors_listed_in_the_manifest(tiny_model_dir):
+    manifest = read_json(tiny_model_dir / "manifest.json")
+    for name in ("conformance.json", "conformance.bin"):
+        assert manifest["files"][name]["sha256"] == sha256_file(tiny_model_dir / name)
+    entry = manifest["conformance"]
+    assert (entry["file"], entry["data"], entry["format_version"]) == ("conformance.json", "conformance.bin", 1)
+    assert entry["verified"]["onnxruntime"] == ort.__version__ == manifest["versions"]["onnxruntime"]
+    assert entry["verified"]["provider"] == "CPUExecutionProvider"
+    assert set(entry["verified"]["max_abs_diff"]) == {"region_embs", "word_embs", "region_proj", "word_proj",
+                                                      "sims", "pipeline"}
+
+
+def test_vectors_hold_every_awkward_caption_and_at_least_1000_captions(tiny_model_dir):
+    doc = read_json(tiny_model_dir / "conformance.json")
+    captions = [c["caption"] for c in doc["captions"]]
+    assert len(captions) >= 1000 and len(set(captions)) == len(captions)
+    awkward = read_json(conformance.AWKWARD_FILE)
+    assert awkward and set(awkward) <= set(captions)
+    assert {c["source"] for c in doc["captions"]} == {"awkward", "synthetic", "emoji", "vocab", "fuzz"}
+    vocab = read_json(tiny_model_dir / "vocab.json")["word2idx"]
+    for c in doc["captions"]:  # ids are the tokens through the folder's vocabulary, between <start> and <end>
+        assert c["ids"] == [1] + [vocab.get(t, 3) for t in c["tokens"]] + [2]
+
+
+def test_stages_tolerances_and_array_shapes(tiny_model_dir):
+    doc = read_json(tiny_model_dir / "conformance.json")
+    assert [s["name"] for s in doc["stages"]] == ["tokens", "ids", "region_embs", "word_embs", "region_proj",
+                                                  "word_proj", "sims", "pipeline"]
+    shapes = {name: spec["shape"] for name, spec in doc["arrays"].items()}
+    n_cap, n_word = shapes["tokens"]
+    assert shapes["region_feats"] == [conformance.N_IMG, conformance.N_REGION, 24]
+    assert shapes["word_embs"] == [n_cap, n_word, 32] and shapes["word_proj"] == [n_cap, n_word, 128]
+    assert shapes["sims"] == [conformance.N_IMG, n_cap]
+    assert shapes["pipeline_sims"] == [conformance.N_IMG, len(doc["score_captions"])]
+    _, arrays = check.load_vectors(os.fspath(tiny_model_dir), read_json(tiny_model_dir / "manifest.json"))
+    for stage in doc["stages"][2:]:
+        rel = conformance.REL_TOL[stage["name"]]
+        scale = max(1.0, float(np.abs(arrays[stage["output"]]).max()))
+        assert rel * scale <= stage["tolerance"] <= 1.1 * rel * scale
+    assert sorted(arrays["lengths"].tolist()) == sorted(conformance.EMBEDDING_LENGTHS)
+
+
+def test_captions_with_control_characters_are_exact_and_the_file_shows_none(tmp_path):
+    doc = {"captions": [{"caption": "a\nb\r\x00\x1b[31m\u2028\x85\ufeff\U000e0001 é 👍", "tokens": [], "ids": []}]}
+    text = conformance.dumps_document(doc)
+    assert json.loads(text) == doc
+    assert all(c.isprintable() or c in " \n" for c in text)
+    assert len(text.splitlines()) == 5  # {, "captions":[, the caption, ], }: nothing else breaks a line
+
+
+def test_vectors_are_reproducible(tiny_model_dir, tmp_path):
+    from export.graphs import projection_size
+    from export.onnx_export import graph_signatures
+    from imram_min.checkpoint import load_checkpoint, model_from_checkpoint
+    ckpt_manifest = read_json(tiny_model_dir / "manifest.json")
+    signatures = {g: {k: v for k, v in spec.items() if k != "file"} for g, spec in ckpt_manifest["graphs"].items()}
+    from runtime.text import Vocabulary
+    vocab = Vocabulary.load(tiny_model_dir / "vocab.json")
+    model = tiny_model(seed=1, vocab_size=len(vocab))
+    assert projection_size(model) == 128 and "region_projection" in graph_signatures(24, 32, 128)
+    conformance.write_conformance(model, vocab, os.fspath(tmp_path), signatures)
+    for name in ("conformance.json", "conformance.bin"):
+        assert (tmp_path / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- python -m runtime.check
+def test_check_passes_on_a_fresh_export(tiny_model_dir, capsys):
+    code, out, err = run_cli(check.main, [tiny_model_dir, "--device", "cpu"], capsys)
+    assert code == 0 and err == "", err
+    lines = out.splitlines()
+    labels = ["tokens", "ids", "region embeddings", "word embeddings", "region projections", "word projections",
+              "scores", "pipeline scores"]
+    assert [line[:check.LABEL_WIDTH].strip() for line in lines[:-1]] == labels
+    assert all(line[check.LABEL_WIDTH:].startswith("ok ") for line in lines[:-1])
+    assert "max |diff|" in lines[2] and "<=" in lines[2]
+    assert lines[-1].startswith("ok: ") and ort.__version__ in lines[-1]
+
+
+@pytest.mark.parametrize("array, labels", [
+    ("sims", ["scores"]), ("pipeline_sims", ["pipeline scores"]),
+    # an expected array that later stages are fed fails them too (the altered value is their input)
+    ("region_embs", ["region embeddings", "region projections", "scores"]),
+])
+def test_a_changed_expected_value_fails_its_stage_with_exit_2(model_copy, capsys, array, labels):
+    alter_array(model_copy, array, lambda a: a.__setitem__(1, a[1] + 1e-3))
+    code, out, err = run_cli(check.main, [model_copy, "--device", "cpu"], capsys)
+    assert code == 2
+    failed = [line for line in out.splitlines() if line[check.LABEL_WIDTH:].startswith("FAIL")]
+    assert [line[:check.LABEL_WIDTH].strip() for line in failed] == labels, out
+    assert all("max |diff|" in line and " > " in line for line in failed)
+    assert err.startswith(f"error: {len(labels)} of 8 stages failed ({', '.join(labels)})"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_changed_token_fails_the_tokens_stage_naming_the_caption(model_copy, capsys):
+    def change(doc):
+        doc["captions"][5]["tokens"][0] = "xyz"
+    alter_document(model_copy, change)
+    code, out, err = run_cli(check.main, [model_copy, "--device", "cpu"], capsys)
+    assert code == 2 and "tokens" in err
+    line = next(line for line in out.splitlines() if line.startswith("tokens "))
+    assert "FAIL" in line and "1/" in line and "caption 5" in line and '"xyz"' in line
+    assert next(line for line in out.splitlines() if line.startswith("ids ")).split()[1] == "ok"
+
+
+def test_a_runtime_that_computes_otherwise_fails(tiny_model_dir, monkeypatch):
+    from runtime.scorer import Scorer
+    monkeypatch.setattr(Scorer, "project", lambda self, side, embs: None if not self.projected else
+                        self._run(f"{side}_projection", **{f"{side}_embs": self.float32(embs) * 1.001}))
+    _, results = check.check_model_dir(os.fspath(tiny_model_dir), "cpu")
+    assert {r.name for r in results if not r.ok} == {"region_proj", "word_proj", "pipeline"}
+
+
+# --------------------------------------------------------------------------- bad input: one error line, exit 2
+def test_missing_folder(tmp_path, capsys):
+    code, out, err = run_cli(check.main, [tmp_path / "nope"], capsys)
+    assert_error_line(code, out, err, ["nope", "no such model folder"])
+
+
+def test_folder_exported_before_the_vectors(model_copy, capsys):
+    path = model_copy / "manifest.json"
+    manifest = read_json(path)
+    del manifest["conformance"], manifest["files"]["conformance.json"], manifest["files"]["conformance.bin"]
+    path.write_text(json.dumps(manifest))
+    code, out, err = run_cli(check.main, [model_copy], capsys)
+    assert_error_line(code, out, err, ["no conformance vectors", "re-export", "python -m export"])
+
+
+def test_vectors_changed_without_the_manifest(model_copy, capsys):
+    with open(model_copy / "conformance.bin", "r+b") as f:
+        f.write(b"\1")
+    code, out, err = run_cli(check.main, [model_copy], capsys)
+    assert_error_line(code, out, err, ["conformance.bin", "SHA-256"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda doc: doc.update(format_version=99), ["conformance.json", "format version 99"]),
+    (lambda doc: doc["arrays"]["sims"].update(offset=10 ** 9), ["conformance.bin", "array sims ends at byte"]),
+    (lambda doc: doc["stages"][2].update(tolerance=-1), ["conformance.json", "tolerance"]),
+    (lambda doc: doc["captions"][0].update(ids="1 2"), ["conformance.json", "captions[0]"]),
+])
+def test_malformed_vectors(model_copy, capsys, change, words):
+    alter_document(model_copy, change)
+    code, out, err = run_cli(check.main, [model_copy], capsys)
+    assert_error_line(code, out, err, words)
+
+
+def test_bad_flag(tiny_model_dir, capsys):
+    code, out, err = run_cli(check.main, [tiny_model_dir, "--device", "tpu"], capsys)
+    assert_error_line(code, out, err, ["--device", "tpu"])
