@@ -56,3 +56,18 @@ def save_npy(path: str | os.PathLike, array) -> None:
     """np.save(array) to ``path`` as given (no .npy appended), never pickling."""
     with atomic_open(path, "wb") as f:
         np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """fsync a folder, so that the renames and new names in it survive a crash (where the file
+    system allows opening a folder; elsewhere nothing)."""
+    try:
+        fd = os.open(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,12 +1,16 @@
 """Encode a gallery once into an index folder, for ``python -m runtime.search`` / ``runtime.Index``.
 
-    python -m runtime.index IMAGES --model MODEL_DIR --out INDEX_DIR [--dtype float32|float16] [--append]
+    python -m runtime.index IMAGES --model MODEL_DIR --out INDEX_DIR [--dtype float32|float16]
+                            [--overwrite | --append [--skip-existing]] [--wait SECONDS]
                             [--store-projections] [--faiss FACTORY [--faiss-params PARAMS]]
     python -m runtime.index CAPTIONS.txt --model MODEL_DIR --out INDEX_DIR --captions [--append]
+    python -m runtime.index --verify INDEX_DIR       # every file's size and SHA-256, shapes, ids
+    python -m runtime.index --upgrade INDEX_DIR      # a format 1 index: record its files' hashes
 
     from runtime.index import build
     build("gallery_index", region_feats, model_dir="runs/default/model")         # an image index
     build("gallery_index", more_feats, append=True)                              # the index's model
+    runtime.Index("gallery_index").append(more_feats)                            # the same, then reloaded
 
 IMAGES: region features (.npy (n, n_region, img_dim), memory-mapped, read a batch at a time) or
 pictures (a folder, a .txt list of paths, one picture; needs a model exported with
@@ -15,17 +19,23 @@ pictures (a folder, a .txt list of paths, one picture; needs a model exported wi
 What is stored per item (runtime.indexdir): its region (word) embeddings, in --dtype, and its
 first-stage vector (float32: the model dir's global head's (export.global_head) when it has one,
 else the mean of those embeddings, l2-normalised); its id: the picture's
-file name, "FEATURES.npy:ROW", or the caption. With --store-projections also the per-item
+path relative to the folder or list given (a folder's photos/a.png and more/a.png stay apart;
+one picture: its file name), "FEATURES.npy:ROW", or the caption. With --store-projections also the per-item
 projections the matcher takes (P = 4d values per region or word for mode full, in --dtype: the
 index 5x larger); without, a search recomputes them for the shortlist. Measured
 (benchmarks/README.md): at d = 1024 recomputing them is the largest share of a query, at d = 64
 a few ms. --faiss FACTORY also builds an approximate first stage (runtime.faiss_stage).
 
 --append adds items without re-encoding the old ones (a new part + a manifest swap); the model
-is then the index's own unless --model names the same one. Without --append an existing index
-at --out is replaced (the old one stays searchable until the new manifest is in place); a
-folder that is not an index is refused. A failed or interrupted build or append leaves the
-previous index complete and usable. Bad input: one "error: ..." line, exit status 2.
+is then the index's own unless --model names the same one. Items whose id the index already
+holds are refused (one line), or with --skip-existing left out (a note says how many). An
+existing index at --out is replaced only with --overwrite (the old one stays searchable until
+the new manifest is in place, and open readers keep theirs); a folder that is not an index is
+refused. One writer at a time (runtime.indexdir: the write protocol): a second one is refused
+in one line naming the holder, or with --wait SECONDS waits that long for it (default 0: the
+caller decides whether to wait; a note says it waits). A failed or interrupted build or append
+leaves the previous index complete and usable, and nothing of its own (a killed one's files are
+removed by the next writer). Bad input: one "error: ..." line, exit status 2.
 """
 from __future__ import annotations
 
@@ -39,9 +49,9 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST_FILE, IndexDirError, PartWriter, commit,
-                       model_dir_of, move_into_place, new_folder_beside, part_file, read_manifest, relative_model_dir,
-                       remove_folder)
+from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, IndexDirError, PartWriter, commit,
+                       hash_file, model_dir_of, open_part, owned_name, part_file, part_suffixes, read_ids,
+                       read_manifest, relative_model_dir, remove_strays, verify_faiss, writer_lock)
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
 from .scorer import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError, InputError, Scorer
@@ -63,7 +73,8 @@ def _projections(writer: PartWriter, scorer: Scorer, side: str, embs: np.ndarray
     return scorer.project(side, embs.astype(writer.dtype, copy=False)) if writer.proj else None
 
 
-def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick) -> None:
+def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick, rows=None) -> None:
+    """rows: the rows of region features ``items`` to write (None: all)."""
     n_region = scorer.feature_grid ** 2 if paths is not None else items.shape[1]
     per_value = scorer.img_dim + scorer.embed_size + (scorer.projection_size if writer.proj else 0)
     size = scorer.image_batch if paths is not None else max(1, BATCH_BYTES // (4 * n_region * per_value))
@@ -71,7 +82,7 @@ def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick) -
         if paths is not None:
             embs = scorer.encode_image_files(paths[i:j])
         else:
-            embs = scorer.encode_images(items[i:j], check=False)
+            embs = scorer.encode_images(items[i:j] if rows is None else items[rows[i:j]], check=False)
         proj = _projections(writer, scorer, "region", embs)
         writer.add(embs.reshape(-1, embs.shape[2]), np.full(j - i, n_region), scorer.global_vectors(embs), ids[i:j],
                    None if proj is None else proj.reshape(-1, proj.shape[2]))
@@ -93,25 +104,51 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
           store_projections: bool | None = None, faiss: str | None = None, faiss_params: str | None = None,
           device: str = "auto",
           threads: int | None = None, image_batch: int = IMAGE_BATCH,
-          progress: Callable[[int, int], None] | None = None) -> dict:
-    """Encode ``items`` into INDEX_DIR (a new index, a replacement, or with ``append`` more items);
-    returns the new manifest.
+          progress: Callable[[int, int], None] | None = None, overwrite: bool = False, skip_existing: bool = False,
+          wait: float = 0.0, note: Callable[[str], None] | None = None, scorer: Scorer | None = None,
+          report: dict | None = None) -> dict:
+    """Encode ``items`` into INDEX_DIR (a new index, with ``overwrite`` a replacement, or with
+    ``append`` more items); returns the new manifest.
 
     items: captions (a list of str) with ``captions``, else region features (n, n_region,
     img_dim) or a list of picture paths. model_dir: None for DEFAULT_MODEL_DIR, or with
     ``append`` the index's own. dtype: "float32" or "float16" for the embeddings (None: float32, or
-    the index's). ids: one str per item (default: the caption, the picture path, "row I").
+    the index's). ids: one str per item (default: the caption, the picture path, "row I", I the item's
+row in the index).
     name: what error messages call the items. store_projections: also store each region's (word's)
     projections, the matcher's per-item inputs (None: False, or with ``append`` the index's choice);
     the model's matcher must take them. faiss: a FAISS index_factory string (runtime.faiss_stage):
     also build an approximate first stage (None: none, or with ``append`` the index's, extended);
     faiss_params: its default search parameters ("nprobe=64"; None: "" or the index's).
+    overwrite: replace an existing index (else refused: cli.UserError). skip_existing: with
+    ``append``, leave out items whose id the index already holds (else refused: IndexDirError).
+    wait: seconds to wait for another writer's lock (runtime.indexdir.writer_lock; 0: refused at
+    once, IndexBusy). note(text): told when waiting and when items are skipped. scorer: a Scorer of
+    the model to encode with (None: made here). report: filled with {"added", "skipped"}.
     progress(done, total) after each batch. IndexDirError, InputError, ModelDirError, FaissError, ValueError.
     """
     index_dir = os.fspath(index_dir)
-    old = _existing(index_dir, append)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if append and overwrite:
+        raise ValueError("overwrite replaces an index, append adds to it: give one of them")
+    _check_target(index_dir, append)  # before the lock creates anything
+    with writer_lock(index_dir, wait, note):
+        try:
+            return _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, name, store_projections,
+                                 faiss, faiss_params, device, threads, image_batch, progress, overwrite, skip_existing,
+                                 note or (lambda text: None), scorer, {} if report is None else report)
+        except BaseException:
+            if not os.path.lexists(os.path.join(index_dir, MANIFEST_FILE)):
+                _remove_unfinished(index_dir)  # a failed new build leaves nothing
+            raise
+
+
+def _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, name, store_projections, faiss,
+                  faiss_params, device, threads, image_batch, progress, overwrite, skip_existing, note, scorer,
+                  report) -> dict:
+    """``build`` holding the writer lock."""
+    old = _existing(index_dir, append, overwrite)
     kind = "captions" if captions else "images"
     if old is not None and append:
         if old["kind"] != kind:
@@ -127,18 +164,22 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
         store_projections = stored
         model_dir = model_dir_of(index_dir, old) if model_dir is None else os.fspath(model_dir)
         check_model(model_dir, old, index_dir)
+    if old is BROKEN:  # replaced with overwrite; its files are removed at the commit
+        old = None
+    else:
+        remove_strays(index_dir, old)  # what killed writers left (only the lock holder writes)
     model_dir = os.fspath(DEFAULT_MODEL_DIR if model_dir is None else model_dir)
     dtype = dtype or "float32"
-    scorer = Scorer(model_dir, device=device, threads=threads, image_batch=image_batch)
+    if scorer is None:
+        scorer = Scorer(model_dir, device=device, threads=threads, image_batch=image_batch)
     if store_projections and not scorer.projected:
         raise ModelDirError(f"{model_dir}: its matcher takes no projections (exported with --matcher plain, or "
                             f"K = 1); build the index without --store-projections")
     proj_size = scorer.projection_size if store_projections else 0
     faiss_entry = _faiss_setting(old if append else None, faiss, faiss_params, scorer.global_size, index_dir)
-    paths = None
+    paths = rows = None
     if captions:
         items = check_captions(items, name)
-        n_vectors = int(scorer.tokenize(items, name)[1].sum())
         n_region = None
     else:
         paths = image_paths_or_none(items)
@@ -148,23 +189,44 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
         else:
             scorer.require_feature_extractor()
             n_region = scorer.feature_grid ** 2
-        n_vectors = n_region * len(items)
     n = len(items)
-    ids = list(ids) if ids is not None else (list(items) if captions else paths or [f"row {i}" for i in range(n)])
+    first = old["n_items"] if old is not None and append else 0  # default ids of features: their rows in the index
+    ids = list(ids) if ids is not None else (list(items) if captions else paths or [f"row {first + i}" for i in range(n)])
     if len(ids) != n or not all(isinstance(i, str) for i in ids):
         raise InputError(f"ids: expected {n} strings, one per item")
     if old is not None and append and old.get("n_region") != n_region:
         raise InputError(f"{index_dir}: its images have {old['n_region']} regions, these {n_region}")
+    report.update(added=0, skipped=0)
+    if old is not None and append:
+        held = set(read_ids(index_dir, old))
+        there = [k for k, i in enumerate(ids) if i in held]
+        if there and not skip_existing:
+            raise IndexDirError(f"{name}: {len(there)} of the {n} items are already in {index_dir} (id "
+                                f"{cli.printable(ids[there[0]][:80])!r}{' and more' if len(there) > 1 else ''}); "
+                                f"leave them out, or add --skip-existing to append only the others")
+        if there:
+            rows = np.setdiff1d(np.arange(n), there)
+            note(f"skipped {len(there)} of the {n} items: their ids are already in {index_dir}")
+            report["skipped"] = len(there)
+            if not len(rows):
+                note(f"nothing to append to {index_dir}")
+                return old
+            ids = [ids[k] for k in rows]
+            if captions or paths is not None:
+                items = [items[k] for k in rows]
+                paths = items if paths is not None else None
+                rows = None
+            n = len(ids)
+    n_vectors = int(scorer.tokenize(items, name)[1].sum()) if captions else n_region * n
 
-    target = index_dir if old is not None else new_folder_beside(index_dir)
     writer = faiss_file = None
     try:
-        writer = PartWriter(target, n, n_vectors, scorer.embed_size, dtype, scorer.global_size, proj_size)
+        writer = PartWriter(index_dir, n, n_vectors, scorer.embed_size, dtype, scorer.global_size, proj_size)
         tick = (lambda done: progress(done, n)) if progress else (lambda done: None)
         if captions:
             _write_captions(writer, scorer, items, ids, tick)
         else:
-            _write_images(writer, scorer, items, paths, ids, tick)
+            _write_images(writer, scorer, items, paths, ids, tick, rows)
         part = writer.close()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "dtype": dtype,
                     "n_region": n_region, "first_stage": first_stage_name(scorer), "projection_size": proj_size,
@@ -174,19 +236,17 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
                     "parts": (old["parts"] if append else []) + [part]}
         manifest["n_items"] = sum(p["n_items"] for p in manifest["parts"])
         if faiss_entry is not None:
-            faiss_file = _write_faiss(target, faiss_entry, old if append else None, part, scorer.global_size)
-            manifest["faiss"] = {**faiss_entry, "file": faiss_file}
-        commit(target, manifest)
-        if old is None:
-            move_into_place(target, index_dir)
+            faiss_file = _write_faiss(index_dir, faiss_entry, old if append else None, part, scorer.global_size)
+            manifest["faiss"] = {**faiss_entry, "file": faiss_file,
+                                 **hash_file(os.path.join(index_dir, faiss_file))}
+        commit(index_dir, manifest)
+        report["added"] = n
         return manifest
     except BaseException:
-        if writer is not None and old is not None:
+        if writer is not None and not _listed(index_dir, writer.name):  # not interrupted after the commit
             writer.remove()
-            if faiss_file is not None and os.path.exists(os.path.join(target, faiss_file)):
-                os.remove(os.path.join(target, faiss_file))
-        if old is None:
-            remove_folder(target)
+        if faiss_file is not None and os.path.exists(os.path.join(index_dir, faiss_file)):
+            os.remove(os.path.join(index_dir, faiss_file))
         raise
 
 
@@ -218,30 +278,130 @@ def _write_faiss(target: str, entry: dict, old: dict | None, part: dict, d: int)
     return faiss_stage.write(index, target)
 
 
-def _existing(index_dir: str, append: bool) -> dict | None:
-    """The manifest of the index at INDEX_DIR, None where there is none yet (absent or an empty
-    folder); IndexDirError for a folder that is not an index, or no index to append to."""
-    if os.path.isdir(index_dir) and os.path.exists(os.path.join(index_dir, MANIFEST_FILE)):
-        return read_manifest(index_dir)
-    if os.path.exists(index_dir) and (not os.path.isdir(index_dir) or os.listdir(index_dir)):
+BROKEN = {"parts": []}  # _existing: an index whose manifest cannot be read (replaced with overwrite only)
+
+
+def _listed(index_dir: str, part_name: str) -> bool:
+    """Does the manifest now in INDEX_DIR list the part (was it committed)?"""
+    try:
+        return any(p["name"] == part_name for p in read_manifest(index_dir)["parts"])
+    except (IndexDirError, OSError):
+        return False
+
+
+def _foreign(index_dir: str) -> list[str]:
+    """Names in INDEX_DIR that no index writer makes."""
+    return [f for f in os.listdir(index_dir) if f != MANIFEST_FILE and not owned_name(f)]
+
+
+def _check_target(index_dir: str, append: bool) -> None:
+    """Before taking the lock (which creates INDEX_DIR): refuse a file, a folder that is not an
+    index, and an append to no index, touching nothing."""
+    if os.path.lexists(index_dir) and not os.path.isdir(index_dir):
         raise IndexDirError(f"{index_dir}: exists and is not an index folder; refusing to write into it")
-    if append:
+    if os.path.isdir(index_dir) and not os.path.lexists(os.path.join(index_dir, MANIFEST_FILE)) and \
+            _foreign(index_dir):
+        raise IndexDirError(f"{index_dir}: exists and is not an index folder; refusing to write into it")
+    if append and not os.path.lexists(os.path.join(index_dir, MANIFEST_FILE)):
         raise IndexDirError(f"{index_dir}: no index to append to (build one first, without --append)")
-    return None
+
+
+def _existing(index_dir: str, append: bool, overwrite: bool) -> dict | None:
+    """Holding the lock: the manifest of the index at INDEX_DIR; None where there is none yet (a new,
+    empty or unfinished folder); BROKEN for an unreadable one being replaced. Refuses (cli.UserError)
+    to replace an index without ``overwrite``; IndexDirError for a folder that is not an index, or
+    no index to append to."""
+    if not os.path.lexists(os.path.join(index_dir, MANIFEST_FILE)):
+        if _foreign(index_dir):
+            raise IndexDirError(f"{index_dir}: exists and is not an index folder; refusing to write into it")
+        if append:
+            raise IndexDirError(f"{index_dir}: no index to append to (build one first, without --append)")
+        return None
+    if not append and not overwrite:
+        cli.refuse_replacing("--out", index_dir)
+    try:
+        return read_manifest(index_dir)
+    except IndexDirError:
+        if append:
+            raise
+        return BROKEN
+
+
+def _remove_unfinished(index_dir: str) -> None:
+    """Holding the lock, after a failed new build: remove its files, the lock file and the folder
+    if nothing else is in it (a waiting writer then takes the lock anew: writer_lock)."""
+    remove_strays(index_dir, None)
+    try:
+        os.remove(os.path.join(index_dir, LOCK_FILE))
+        os.rmdir(index_dir)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- verify, upgrade
+def verify(index_dir: str | os.PathLike) -> str:
+    """Check every file of the index as a reader would and more: each part file's size and SHA-256
+    (hashed again, whatever this process checked before), .npy headers, shapes, offsets, ids,
+    finite floats, the FAISS file's hash. Returns a one-line summary; IndexDirError naming the
+    first file that is wrong."""
+    index_dir = os.fspath(index_dir)
+    m = read_manifest(index_dir)
+    d, n_region, files = m["model"]["embed_size"], m.get("n_region"), 0
+    for p in m["parts"]:
+        part = open_part(index_dir, p, d, m["dtype"], None, m.get("projection_size", 0), force=True)
+        try:
+            if m["kind"] == "images" and (np.diff(part["offsets"]) != n_region).any():
+                raise IndexDirError(f"{part_file(index_dir, p['name'], 'offsets.npy')}: an image item has not "
+                                    f"{n_region} regions (n_region)")
+            files += len(part["files"])
+        finally:
+            part.close()
+    if m.get("faiss"):
+        verify_faiss(index_dir, m["faiss"], force=True)
+        files += 1
+    return (f"{index_dir}: {m['n_items']} {m['kind']} in {len(m['parts'])} part(s), {files} files: sizes and "
+            f"SHA-256 as the manifest records, headers, shapes, offsets and ids consistent, floats finite")
+
+
+def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, note: Callable[[str], None] | None = None) -> str:
+    """Record the sizes and SHA-256 of a format 1 index's files in its manifest (format 2), holding
+    the writer lock; the files are checked as far as format 1 allows first. Returns a one-line summary."""
+    index_dir = os.fspath(index_dir)
+    read_manifest(index_dir, versions=(1, FORMAT_VERSION))  # an index (nothing created for a typo)
+    with writer_lock(index_dir, wait, note):
+        m = read_manifest(index_dir, versions=(1, FORMAT_VERSION))
+        if m["format_version"] == FORMAT_VERSION:
+            return f"{index_dir}: already format {FORMAT_VERSION}; nothing to do"
+        d = m["model"]["embed_size"]
+        for p in m["parts"]:
+            open_part(index_dir, p, d, m["dtype"], None, m.get("projection_size", 0), verify=False).close()
+            p["files"] = {s: hash_file(part_file(index_dir, p["name"], s)) for s in part_suffixes(m)}
+        if m.get("faiss"):
+            m["faiss"].update(hash_file(os.path.join(index_dir, m["faiss"]["file"])))
+        m["format_version"] = FORMAT_VERSION
+        m["n_items"] = sum(p["n_items"] for p in m["parts"])
+        commit(index_dir, m)
+    return f"{index_dir}: format {FORMAT_VERSION}, the size and SHA-256 of its {len(m['parts'])} part(s)' files recorded"
 
 
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m runtime.index",
                            description="Encode a gallery of images or captions once into an index folder.")
-    p.add_argument("items", metavar="IMAGES|CAPTIONS.txt",
+    p.add_argument("items", metavar="IMAGES|CAPTIONS.txt", nargs="?",
                    help="region features (.npy) or pictures (a folder, a .txt list, one picture); with "
                         "--captions a text file of captions, one a line")
-    p.add_argument("--out", required=True, metavar="INDEX_DIR")
+    p.add_argument("--out", metavar="INDEX_DIR")
     p.add_argument("--model", metavar="MODEL_DIR",
                    help=f"folder written by python -m export (default: {DEFAULT_MODEL_DIR}; with --append the index's)")
     p.add_argument("--captions", action="store_true", help="a caption gallery, searched with images")
-    p.add_argument("--append", action="store_true", help="add the items to the index at --out")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--append", action="store_true", help="add the items to the index at --out")
+    how.add_argument("--overwrite", action="store_true", help="replace the index at --out (else refused)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="with --append: leave out items whose id the index already holds (else refused)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another process writing the index (default: 0, refused at once)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored embeddings (default: float32)")
     p.add_argument("--store-projections", action="store_true", default=None,
                    help="also store each region's (word's) projections, the matcher's per-item inputs: "
@@ -253,7 +413,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, metavar="T", help=f"1..{MAX_THREADS}")
     p.add_argument("--image-batch", type=int, default=IMAGE_BATCH, metavar="N", help=f"1..{MAX_IMAGE_BATCH}")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--verify", metavar="INDEX_DIR", help="check every file of an index against its manifest "
+                       "(sizes, SHA-256, shapes, ids) and say so in one line; nothing is written")
+    check.add_argument("--upgrade", metavar="INDEX_DIR", help="record the sizes and SHA-256 of a format 1 index's "
+                       "files in its manifest (format 2), as they are now")
     args = p.parse_args(argv)
+    if args.verify or args.upgrade:
+        flag = "--verify" if args.verify else "--upgrade"
+        if args.items is not None or args.out is not None:
+            p.error(f"{flag} INDEX_DIR takes no items and no --out")
+    elif args.items is None or args.out is None:
+        p.error("give the items (IMAGES or CAPTIONS.txt) and --out INDEX_DIR (or --verify / --upgrade INDEX_DIR)")
+    if args.skip_existing and not args.append:
+        p.error("--skip-existing leaves out items already in the index: give --append too")
+    if not args.wait >= 0 or args.wait > 1e9:
+        p.error(f"--wait must be a number of seconds >= 0, got {args.wait}")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         p.error(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
     if not 1 <= args.image_batch <= MAX_IMAGE_BATCH:
@@ -261,9 +436,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _note(text: str) -> None:
+    print(f"note: {cli.one_line(text)}", file=sys.stderr, flush=True)
+
+
 def _main(argv: Sequence[str] | None) -> None:
     from .score import Progress, open_images, read_captions
     args = parse_args(argv)
+    if args.verify or args.upgrade:
+        print(verify(args.verify) if args.verify else upgrade(args.upgrade, args.wait, _note))
+        return
+    if not args.append and not args.overwrite and os.path.lexists(os.path.join(args.out, MANIFEST_FILE)):
+        cli.refuse_replacing("--out", args.out)  # before reading the items (build checks again, locked)
     if args.captions:
         items = ids = read_captions(args.items)
     else:  # a .txt is a list of pictures, as runtime.score's IMAGES; captions need --captions
@@ -273,7 +457,8 @@ def _main(argv: Sequence[str] | None) -> None:
     manifest = build(args.out, items, args.model, captions=args.captions, append=args.append, dtype=args.dtype,
                      ids=ids, name=args.items, store_projections=args.store_projections, faiss=args.faiss,
                      faiss_params=args.faiss_params, device=args.device, threads=args.threads, image_batch=args.image_batch,
-                     progress=lambda done, total: progress(done, total))
+                     progress=lambda done, total: progress(done, total), overwrite=args.overwrite,
+                     skip_existing=args.skip_existing, wait=args.wait, note=_note)
     progress.close()
     if not args.quiet:
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))

@@ -40,6 +40,7 @@ index folder, queries of the wrong kind): one "error: ..." line on stderr, exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import mmap
 import os
@@ -51,7 +52,7 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import IndexDirError, model_dir_of, open_part, read_manifest
+from .indexdir import IndexDirError, PartMissing, model_dir_of, open_part, read_manifest, verify_faiss
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
@@ -98,16 +99,18 @@ def best_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray,
     return rows[order], scores[order]
 
 
-def read_rows(matrix: np.memmap, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def read_rows(matrix: np.memmap, starts: np.ndarray, counts: np.ndarray, file=None) -> np.ndarray:
     """Rows starts[i] .. starts[i] + counts[i] - 1 of a memory-mapped .npy, one after another, read
     with preadv (runs of adjacent rows in one read), not through the map: pages a map touches count in
-    the process's RSS, and faults on scattered rows brought in ~1 MB each (136 MB for 100 images)."""
+    the process's RSS, and faults on scattered rows brought in ~1 MB each (136 MB for 100 images).
+    file: the .npy's open file (an Index's part keeps its files open: a writer deleting the file
+    later changes nothing); None: opened by the map's file name."""
     row_bytes = matrix.shape[1] * matrix.itemsize
     out = np.empty((int(counts.sum()), matrix.shape[1]), dtype=matrix.dtype)
     view, pos = memoryview(out).cast("B"), 0
     ends = starts + counts
     breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # runs of adjacent items
-    with open(matrix.filename, "rb") as f:
+    with (open(matrix.filename, "rb") if file is None else contextlib.nullcontext(file)) as f:
         for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(starts)]):
             size = int(ends[b - 1] - starts[a]) * row_bytes
             if os.preadv(f.fileno(), [view[pos:pos + size]], matrix.offset + int(starts[a]) * row_bytes) != size:
@@ -141,7 +144,7 @@ class TopK:
 
 
 def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndarray, n: int,
-              matmul=np.matmul) -> tuple[np.ndarray, np.ndarray]:
+              matmul=np.matmul, files: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The n rows of highest inner product per query over memory-mapped (n_k, G) float32 .npy
     matrices whose first rows are rows starts[k]: (rows, scores), each (Q, n), exact.
 
@@ -150,12 +153,14 @@ def exact_top(matrices: list[np.memmap], starts: Sequence[int], queries: np.ndar
     the process's RSS grows by one chunk, not by the matrix (100 MB at 100K x 256). Reading the
     chunks into a buffer instead took 4x as long (26.6 against 6.4 ms at 100K x 256, 226 against
     61 ms at 1M x 256: benchmarks/README.md). matmul(a, b): the product a @ b (``Index`` passes
-    ``Engine.matmul``, whose threads do not spin once done)."""
+    ``Engine.matmul``, whose threads do not spin once done). files: each matrix's open file (None:
+    opened by the map's file name)."""
     top, queries_t = TopK(len(queries), n), np.ascontiguousarray(queries.T, dtype=np.float32)
     d = queries_t.shape[0]
     rows, page = max(1, CHUNK_BYTES // (4 * d)), mmap.PAGESIZE
-    for start, matrix in zip(starts, matrices):
-        with open(matrix.filename, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    for k, (start, matrix) in enumerate(zip(starts, matrices)):
+        with (open(matrix.filename, "rb") if files is None else contextlib.nullcontext(files[k])) as f, \
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             if len(m) < matrix.offset + matrix.nbytes:
                 raise IndexDirError(f"{matrix.filename}: shorter than its header says")
             for i in range(0, len(matrix), rows):
@@ -178,48 +183,113 @@ class Index:
     for the ones recorded at build). Attributes: kind ("images": captions are the queries;
     "captions": images are), dtype, ids (one str per row), scorer (runtime.Scorer), manifest,
     n_region (images per item, image index), projection_size (P of the stored projections, 0:
-    none), faiss (the FAISS index in use, or None).
+    none), faiss (the FAISS index in use, or None), model_dir.
+
+    A snapshot: the Index keeps every part file it uses open (runtime.indexdir), so it answers
+    from the index as it was when opened (or last ``reload``ed), whatever writers do meanwhile:
+    a rebuild or an append elsewhere changes nothing here until ``reload()``. ``append(items)``
+    adds items to the index folder (``runtime.index.build``) and reloads. Neither is to be called
+    while another thread searches this Index.
     """
+    OPEN_ATTEMPTS = 4  # a part deleted between reading the manifest and opening it: read the new one
 
     def __init__(self, index_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "auto", threads: int | None = None, image_batch: int | None = None,
                  first_stage: str = "exact", faiss_params: str | None = None):
-        self.index_dir = os.fspath(index_dir)
-        self.manifest = m = read_manifest(self.index_dir)
-        self.kind, self.dtype, self.n_region = m["kind"], m["dtype"], m.get("n_region")
-        model_dir = model_dir_of(self.index_dir, m) if model_dir is None else os.fspath(model_dir)
-        check_model(model_dir, m, self.index_dir)
-        self.scorer = Scorer(model_dir, device=device, threads=threads,
-                             **({} if image_batch is None else {"image_batch": image_batch}))
-        d, self.projection_size = self.scorer.embed_size, m.get("projection_size", 0)
-        if self.projection_size and self.projection_size != self.scorer.projection_size:
-            raise IndexDirError(f"{self.index_dir}: stores projections of {self.projection_size} values, the model's "
-                                f"matcher takes {self.scorer.projection_size}")
-        self.parts = [open_part(self.index_dir, p, d, self.dtype, self.scorer.global_size, self.projection_size)
-                      for p in m["parts"]]
-        if self.kind == "images" and any((np.diff(p["offsets"]) != self.n_region).any() for p in self.parts):
-            raise IndexDirError(f"{self.index_dir}: an image item has not {self.n_region} regions (n_region)")
-        self.starts = np.cumsum([0] + [len(p["ids"]) for p in self.parts])
-        self.ids = [i for p in self.parts for i in p["ids"]]
-        self.faiss = self._open_faiss(first_stage, faiss_params, threads)
-
-    def _open_faiss(self, first_stage: str, params: str | None, threads: int | None):
-        """The FAISS index of an index built with --faiss, for first_stage "faiss"; None for "exact"."""
         if first_stage not in FIRST_STAGES:
             raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
-        entry = self.manifest.get("faiss")
-        if first_stage == "exact":
-            if params is not None:
-                raise FaissError("--faiss-params needs --first-stage faiss")
+        if first_stage == "exact" and faiss_params is not None:
+            raise FaissError("--faiss-params needs --first-stage faiss")
+        self.index_dir = os.fspath(index_dir)
+        self._first_stage, self._faiss_params, self._threads = first_stage, faiss_params, threads
+        manifest = read_manifest(self.index_dir)
+        self.model_dir = model_dir_of(self.index_dir, manifest) if model_dir is None else os.fspath(model_dir)
+        check_model(self.model_dir, manifest, self.index_dir)
+        self.scorer = Scorer(self.model_dir, device=device, threads=threads,
+                             **({} if image_batch is None else {"image_batch": image_batch}))
+        self.parts = []
+        self._load(manifest)
+
+    # ------------------------------------------------------------------ the snapshot
+    def _load(self, manifest: dict) -> None:
+        """Open what ``manifest`` lists and make it this Index's snapshot; a file gone meanwhile (a
+        writer committed and deleted it): the manifest read again, OPEN_ATTEMPTS times at most. On
+        an error the Index keeps its previous snapshot."""
+        for attempt in range(self.OPEN_ATTEMPTS):
+            try:
+                state = self._open(manifest)
+                break
+            except PartMissing:
+                newer = read_manifest(self.index_dir)
+                if newer == manifest or attempt == self.OPEN_ATTEMPTS - 1:
+                    raise
+                manifest = newer
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def _open(self, m: dict) -> dict:
+        """The attributes of the snapshot manifest ``m`` lists (parts already open are reused: part files
+        are never changed, only added and deleted)."""
+        check_model(self.model_dir, m, self.index_dir)
+        d, projection_size = self.scorer.embed_size, m.get("projection_size", 0)
+        if projection_size and projection_size != self.scorer.projection_size:
+            raise IndexDirError(f"{self.index_dir}: stores projections of {projection_size} values, the model's "
+                                f"matcher takes {self.scorer.projection_size}")
+        held = {p["name"]: p for p in self.parts} if getattr(self, "manifest", None) and \
+            (self.manifest["dtype"], self.manifest.get("projection_size", 0)) == (m["dtype"], projection_size) else {}
+        known = {p["name"]: p for p in getattr(self, "manifest", {}).get("parts", [])}
+        parts = [held[p["name"]] if p["name"] in held and known.get(p["name"]) == p else
+                 open_part(self.index_dir, p, d, m["dtype"], self.scorer.global_size, projection_size)
+                 for p in m["parts"]]
+        n_region = m.get("n_region")
+        if m["kind"] == "images" and any((np.diff(p["offsets"]) != n_region).any() for p in parts):
+            raise IndexDirError(f"{self.index_dir}: an image item has not {n_region} regions (n_region)")
+        starts = np.cumsum([0] + [len(p["ids"]) for p in parts])
+        return {"manifest": m, "kind": m["kind"], "dtype": m["dtype"], "n_region": n_region,
+                "projection_size": projection_size, "parts": parts, "starts": starts,
+                "ids": [i for p in parts for i in p["ids"]],
+                "faiss": self._open_faiss(m, int(starts[-1]))}
+
+    def _open_faiss(self, manifest: dict, n_items: int):
+        """The FAISS index of an index built with --faiss, for first_stage "faiss"; None for "exact"."""
+        if self._first_stage == "exact":
             return None
+        entry = manifest.get("faiss")
         if entry is None:
             raise IndexDirError(f"{self.index_dir}: has no FAISS index (build it with python -m runtime.index "
                                 f"... --faiss FACTORY)")
-        index = faiss_stage.read(self.index_dir, entry, len(self), self.scorer.global_size)
-        faiss_stage.set_params(index, entry["params"] if params is None else params)
-        if threads:
-            faiss_stage.import_faiss().omp_set_num_threads(int(threads))
+        verify_faiss(self.index_dir, entry)
+        index = faiss_stage.read(self.index_dir, entry, n_items, self.scorer.global_size)
+        faiss_stage.set_params(index, entry["params"] if self._faiss_params is None else self._faiss_params)
+        if self._threads:
+            faiss_stage.import_faiss().omp_set_num_threads(int(self._threads))
         return index
+
+    def reload(self) -> bool:
+        """Answer from the index folder as it is now (after a rebuild or appends by any process);
+        False when nothing changed. Parts still listed stay open (not read or hashed again); on an
+        error (IndexDirError) the previous snapshot stays."""
+        manifest = read_manifest(self.index_dir)
+        if manifest == self.manifest:
+            return False
+        self._load(manifest)
+        return True
+
+    def append(self, items, ids: Sequence[str] | None = None, skip_existing: bool = False, wait: float = 0.0,
+               name: str = "items", progress=None, note=None) -> int:
+        """Add ``items`` to the index folder (as ``python -m runtime.index ... --append``: a new part,
+        encoded with this Index's scorer) and reload; returns how many were added. items: region
+        features (n, n_region, img_dim) or picture paths for an image index, captions for a caption
+        index; ids: one str per item (default: the picture path, "row I", the caption). An id already
+        in the index: IndexDirError, or with ``skip_existing`` the item is left out (note(text) says
+        how many). wait: seconds to wait for another writer (runtime.indexdir.writer_lock)."""
+        from .index import build
+        report = {}
+        build(self.index_dir, items, self.model_dir, captions=self.kind == "captions", append=True, ids=ids,
+              name=name, skip_existing=skip_existing, wait=wait, progress=progress, note=note, scorer=self.scorer,
+              report=report)
+        self.reload()
+        return report["added"]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -240,7 +310,7 @@ class Index:
             if len(local):
                 n = np.diff(part["offsets"])[local]
                 for a in arrays:
-                    flat[a].append(read_rows(part[a], part["offsets"][local], n))
+                    flat[a].append(read_rows(part[a], part["offsets"][local], n, part["files"][f"{a}.npy"]))
                 counts.append(n)
         counts = np.concatenate(counts)
         out = [_padded(flat[a][0] if len(flat[a]) == 1 else np.concatenate(flat[a]), counts) for a in arrays]
@@ -286,7 +356,8 @@ class Index:
     def first_stage(self, global_: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n rows of highest cosine per query: (rows, cosines), each (Q, n), exact (``exact_top``
         over every part's first-stage vectors)."""
-        return exact_top([p["global"] for p in self.parts], self.starts, global_, n, self.scorer.matmul)
+        return exact_top([p["global"] for p in self.parts], self.starts, global_, n, self.scorer.matmul,
+                         [p["files"]["global.npy"] for p in self.parts])
 
     def search(self, queries, top_k: int = DEFAULT_TOP_K, shortlist: int = DEFAULT_SHORTLIST,
                exhaustive: bool = False, name: str = "queries") -> tuple[np.ndarray, np.ndarray]:

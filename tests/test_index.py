@@ -237,9 +237,10 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_model_dir, split, monkeypatc
 
 def test_rebuild_replaces_the_old_parts(tmp_path, tiny_model_dir, split):  # noqa: F811
     build(tmp_path / "idx", split[2], tiny_model_dir, device="cpu", threads=1)
-    build(tmp_path / "idx", split[2][:3], tiny_model_dir, device="cpu", threads=1)
+    build(tmp_path / "idx", split[2][:3], tiny_model_dir, device="cpu", threads=1, overwrite=True)
     assert len(Index(tmp_path / "idx", device="cpu", threads=1)) == 3
-    assert len(os.listdir(tmp_path / "idx")) == 1 + len(indexdir.SUFFIXES)
+    assert sorted(os.listdir(tmp_path / "idx"))[:2] == [".lock", "manifest.json"]
+    assert len(os.listdir(tmp_path / "idx")) == 2 + len(indexdir.SUFFIXES)  # the lock, the manifest, one part
 
 
 # --------------------------------------------------------------------------- CLIs
@@ -269,8 +270,8 @@ def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
                                   "top_k_negative", "truncated_embeddings", "altered_embeddings_header",
                                   "wrong_feature_size_query", "wrong_feature_size_build",
                                   "append_another_region_count", "append_another_feature_size"])
-def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir, tiny_checkpoint,  # noqa: F811
-                                    split, capsys, monkeypatch):
+def test_bad_inputs_one_line_exit_2(case, image_index, proj_index, tmp_path, tiny_model_dir,  # noqa: F811
+                                    tiny_checkpoint, split, capsys, monkeypatch):  # noqa: F811
     ims, caps = split[0], split[1]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
@@ -278,10 +279,11 @@ def test_bad_inputs_one_line_exit_2(case, image_index, tmp_path, tiny_model_dir,
     if case in ("bad_manifest", "altered_projection_size", "append_with_projections", "truncated_embeddings",
                 "altered_embeddings_header"):
         import shutil
-        shutil.copytree(image_index, broken)
+        shutil.copytree(proj_index if case == "altered_projection_size" else image_index, broken)
         m = json.loads((broken / "manifest.json").read_text())
-        if case == "bad_manifest":
+        if case == "bad_manifest":  # a part said to hold one item more than its files do
             m["parts"][0]["n_items"] += 1
+            m["n_items"] += 1
         elif case == "altered_projection_size":
             m["projection_size"] = 7
         (broken / "manifest.json").write_text(json.dumps(m))
