@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from imram_min import schedule
-from imram_min.evaluate import encode_split, metrics_from_sims, rank_metrics
+from imram_min.evaluate import encode_split, image_of_caption, metrics_from_sims, rank_metrics
 from imram_min.model import IMRAM
 
 
@@ -113,7 +113,7 @@ def two_stage_ranks(rerank, first: np.ndarray, gt: list[np.ndarray], k: int) -> 
 
 @torch.no_grad()
 def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                        caps_per_image: int, shortlists: list[tuple[str, int, int]],
+                        caps_per_image: int | np.ndarray, shortlists: list[tuple[str, int, int]],
                         device: str | torch.device = "cpu", head=None) -> dict:
     """{"first_stage": metrics, "shortlists": [{"shortlist", "k_images", "k_captions", "i2t", "t2i",
     "rsum", "hit_i2t", "hit_t2i", "seconds"}]} of the two-stage protocol on encoded embeddings;
@@ -140,8 +140,10 @@ def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
         words = word_embs[idx, :int(lens.max())].to(device)
         return schedule.score_pairs(model, regions[i:i + 1], words, lens)[0].cpu().numpy()
 
-    gt_t2i = [np.array([j // caps_per_image]) for j in range(n_cap)]
-    gt_i2t = [np.arange(caps_per_image * i, caps_per_image * (i + 1)) for i in range(n_img)]
+    rows = image_of_caption(caps_per_image, n_cap)  # caps_per_image: 5 / 1, or each caption's image row
+    gt_t2i = [rows[j:j + 1] for j in range(n_cap)]
+    starts = np.searchsorted(rows, np.arange(n_img + 1))
+    gt_i2t = [np.arange(starts[i], starts[i + 1]) for i in range(n_img)]
     for label, k_img, k_cap in shortlists:
         t0 = time.perf_counter()
         first = (img_g @ cap_g.T).numpy()
@@ -160,13 +162,14 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=No
     """The --shortlist path of ``python -m imram_min.evaluate``: encode once, the exhaustive protocol
     (timed), then the two-stage protocol at every shortlist of ``spec`` (first stage: ``head``, or the
     mean embeddings); prints the table."""
-    cpi = dataset.caps_per_image
+    cpi = dataset.caps_per_image  # None: a layout of DIR/{split}_cap2img.txt, ranked by its rows
+    layout = cpi if cpi is not None else dataset.image_of_caption
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress=True)
     shortlists = parse_shortlists(spec, len(region_embs), len(word_embs))
     t0 = time.perf_counter()
     sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress=True)
-    exhaustive = {**metrics_from_sims(sims, cpi), "seconds": time.perf_counter() - t0}
-    result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, cpi,
+    exhaustive = {**metrics_from_sims(sims, layout), "seconds": time.perf_counter() - t0}
+    result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, layout,
                                                               shortlists, device, head),
               "first_stage_vectors": "global head" if head is not None else "mean embeddings",
               "n_images": len(region_embs), "n_captions": len(word_embs), "caps_per_image": cpi}

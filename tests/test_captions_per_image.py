@@ -241,3 +241,13 @@ def test_training_on_a_sidecar_layout_passes_the_pictures_to_the_loss(tmp_path, 
     entry = train.main(["--data", data, "--out", str(tmp_path / "run"), "--num-epochs", "1", *TINY])
     assert len(seen) == 2 and sorted(torch.cat(seen).tolist()) == sorted(rows.tolist())  # 18 captions, batches of 10
     assert np.isfinite(entry["train_loss"]) and entry["rsum"] >= 0
+
+
+def test_a_full_shortlist_of_a_sidecar_layout_gives_the_exhaustive_metrics(tmp_path):
+    make_variable_split(tmp_path, "test", [2, 1, 3, 5, 1, 4])
+    ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
+    result = evaluate.main([ckpt, "--data", str(tmp_path), "--device", "cpu", "--shortlist", "100%"])
+    (full,) = result["shortlists"]
+    assert result["n_captions"] == 16 and full["hit_i2t"] == full["hit_t2i"] == 100.0
+    assert full["i2t"] == pytest.approx(result["exhaustive"]["i2t"]) and full["rsum"] > 0
+    assert full["t2i"] == pytest.approx(result["exhaustive"]["t2i"])

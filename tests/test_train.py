@@ -1,4 +1,7 @@
 """imram_min.train: outputs, exact resumption, settings precedence, the mean baseline."""
+import contextlib
+import errno
+import io
 import json
 import os
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min import train
+from imram_min import checkpoint, train
 from imram_min.checkpoint import load_checkpoint, load_model
 from runtime.text import Vocabulary
 
@@ -123,3 +126,106 @@ def test_a_checkpoint_from_before_precision_resumes_in_fp32(tmp_path):
     assert entry["epoch"] == 2
     with open(os.path.join(run, "config.json")) as f:
         assert json.load(f)["train"]["precision"] == "fp32"
+
+
+# --------------------------------------------------------------------------- bad input found early, saves that fail
+def one_error_line(capsys) -> str:
+    """The one error line, last on stderr (after the progress bar of the epoch, if one ran), no traceback."""
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and "Traceback" not in "".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("split, row, value", [("train", 5, np.nan), ("dev", 2, np.inf)])
+def test_non_finite_features_are_refused_before_epoch_1_naming_file_and_row(tmp_path, capsys, split, row, value):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    path = os.path.join(data, f"{split}_ims.npy")
+    feats = np.load(path)
+    feats[row, 1, 7] = value
+    np.save(path, feats)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
+    assert e.value.code == 2 and not os.path.exists(run)
+    assert f"{split}_ims.npy: image {row} has NaN or Inf features" in one_error_line(capsys)
+
+
+class FullDisk(io.RawIOBase):
+    """A file whose writes fail with ENOSPC once ``budget`` bytes are written (a disk that fills up)."""
+
+    def __init__(self, file, budget: int):
+        self.file, self.budget = file, budget
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= n
+        return self.file.write(data)
+
+
+def fill_disk_after(monkeypatch, budget: int) -> None:
+    """Checkpoint saves write through a FullDisk (into the real temporary file of runtime.atomic)."""
+    real = checkpoint.atomic_open
+
+    @contextlib.contextmanager
+    def full_open(path, mode="wb"):
+        with real(path, mode) as f:
+            yield FullDisk(f, budget)
+    monkeypatch.setattr(checkpoint, "atomic_open", full_open)
+
+
+# budget 0: the first write's OSError reaches torch.save's caller; 4096: torch's writer is past its
+# first record, and its __exit__ raises RuntimeError("... unexpected pos ...") over the OSError
+@pytest.mark.parametrize("budget", [0, 4096])
+def test_a_full_disk_during_a_save_names_the_device_and_keeps_the_old_file(tmp_path, monkeypatch, budget):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the previous checkpoint")
+    fill_disk_after(monkeypatch, budget)
+    with pytest.raises(checkpoint.DiskFullError) as e:
+        checkpoint.atomic_torch_save({"weights": torch.zeros(10000)}, path)
+    assert str(e.value).startswith(f"{path}: no space left on device ")
+    assert "(mounted at /" in str(e.value) and "the previous file is kept" in str(e.value)
+    assert os.listdir(tmp_path) == ["last.pt"] and path.read_bytes() == b"the previous checkpoint"
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    fill_disk_after(monkeypatch, 4096)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
+    line = one_error_line(capsys)
+    assert e.value.code == 2 and f"epoch 1 was not saved: {os.path.join(run, 'best.pt')}: no space left on device" in line
+    assert sorted(os.listdir(run)) == ["config.json", "log.jsonl"]
+
+
+def test_resume_after_a_torn_last_log_line_drops_it_with_a_note(tmp_path, capsys):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 2, "lr": 0.000')  # killed while appending epoch 2's line
+    capsys.readouterr()
+    entry = train.main(["--resume", os.path.join(run, "last.pt"), "--num-epochs", "2"])
+    assert "dropped its last line 2 (torn" in capsys.readouterr().err
+    assert [e["epoch"] for e in read_log(run)] == [1, 2] and read_log(run)[1] == entry
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    data, run = make_data(tmp_path / "data"), str(tmp_path / "run")
+    train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
+    stale = [".best.pt.k2j4_x9a.tmp", ".last.pt.0a1b2c3d.tmp"]  # mkstemp's names, as runtime.atomic makes them
+    kept = [".best.pt.mine.tmp", "notes.tmp"]
+    for name in stale + kept:
+        with open(os.path.join(run, name), "w") as f:
+            f.write("x")
+    train.main(["--resume", os.path.join(run, "last.pt"), "--num-epochs", "1"])  # nothing left to train
+    assert sorted(os.listdir(run)) == sorted(["best.pt", "config.json", "last.pt", "log.jsonl", *kept])
+
+
+def test_a_save_removes_its_files_stale_temporary_files(tmp_path):
+    (tmp_path / ".last.pt.abcd1234.tmp").write_bytes(b"x")
+    (tmp_path / ".best.pt.abcd1234.tmp").write_bytes(b"x")  # another file's: not this save's to remove
+    checkpoint.atomic_torch_save({"a": 1}, tmp_path / "last.pt")
+    assert sorted(os.listdir(tmp_path)) == [".best.pt.abcd1234.tmp", "last.pt"]
