@@ -288,6 +288,7 @@ def _main(argv: list[str] | None) -> dict:
     checks.data_folder(args.data)
     split = checks.split(args.data, args.split)
     checks.max_captions(args.max_captions, split, "--max-captions")
+    checks.finite_features(split)  # NaN / Inf: one line naming the file and image row, before any encoding
     n_img = split.kept_images(args.max_captions)
     if args.fold5 and n_img % 5:
         raise cli.UserError(f"--fold5: {n_img} images of split {args.split!r} cannot be cut into 5 equal folds")

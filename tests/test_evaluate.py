@@ -131,3 +131,15 @@ def test_one_caption_per_image_is_evaluated_as_such(tmp_path):
     make_checkpoint(tmp_path / "m.pt", vocab, mode="text")
     result = evaluate.main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
     assert result["n_images"] == result["n_captions"] == 6 and result["caps_per_image"] == 1
+
+
+def test_non_finite_features_are_refused_naming_file_and_row(tmp_path, capsys):
+    data, vocab = make_data(tmp_path / "data", n_img=5)
+    make_checkpoint(tmp_path / "m.pt", vocab)
+    feats = np.load(os.path.join(data, "test_ims.npy"))
+    feats[3, 0, 0] = np.nan
+    np.save(os.path.join(data, "test_ims.npy"), feats)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "test_ims.npy: image 3 has NaN or Inf features" in err[0]
