@@ -1,5 +1,5 @@
 """python -m export CKPT --out MODEL_DIR [--opset N] [--matcher plain|fast] [--no-verify]
-                 [--feature-extractor [--feature-size PX] [--grid N]] [--global-head HEAD.pt]
+                 [--feature-extractor [--feature-size PX] [--grid N]] [--global-head HEAD.pt | --no-global-head]
 
 Writes image_encoder.onnx, text_encoder.onnx, matcher.onnx, vocab.json and manifest.json, and
 for the fast matcher of a model that updates its memory region_projection.onnx and
@@ -9,8 +9,12 @@ feature_extractor.onnx (EfficientNet-Lite0 grid features, for models with img_di
 checkpoint's training data (features.json of the data folder), or --feature-size and --grid:
 with neither, export refuses (an extractor at guessed settings would be wrong). A --out that
 already holds a model dir's files is not replaced without --overwrite.
---global-head adds image_global.onnx and text_global.onnx, the first-stage head of
-``python -m imram_min.global_head`` (export.global_head), used by runtime.index / runtime.search.
+The first-stage global head of ``python -m imram_min.global_head`` (export.global_head) is
+included as image_global.onnx and text_global.onnx, which runtime.index / runtime.search use: by
+default the one beside the checkpoint (CKPT's folder/global_head.pt, where that command and
+scripts/run.sh write it) when it was distilled from this checkpoint; --global-head names another,
+--no-global-head leaves it out (the first stage is then the mean embeddings). The last line says
+which.
 
 A bad checkpoint or argument: one "error: ..." line, exit status 2; graphs that fail their check
 (invalid ONNX, or ONNX Runtime != PyTorch): exit status 1.
@@ -24,7 +28,7 @@ import time
 from runtime import cli
 
 from .conformance import FILES as CONFORMANCE_FILES
-from .global_head import GLOBAL_FILES, add_global_head
+from .global_head import GLOBAL_FILES, add_global_head, choose_global_head
 from .onnx_export import (DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
                           FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
                           PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
@@ -59,8 +63,11 @@ def _main(argv: list[str] | None) -> int:
                    help="N x N regions per picture (default: as recorded with the training data; needed when none "
                         "is recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace the model dir's files already in --out")
-    p.add_argument("--global-head", metavar="HEAD.pt", help="also export this first-stage head "
-                   "(python -m imram_min.global_head) as image_global.onnx and text_global.onnx")
+    p.add_argument("--global-head", metavar="HEAD.pt", help="the first-stage head to include as image_global.onnx "
+                   "and text_global.onnx (python -m imram_min.global_head; default: global_head.pt beside the "
+                   "checkpoint, when it was distilled from it)")
+    p.add_argument("--no-global-head", action="store_true", help="include no global head: runtime.index's first "
+                   "stage is then the mean embeddings")
     args = p.parse_args(argv)
     opset, matcher = args.opset, args.matcher
     cli.check_count(opset, "--opset", MIN_OPSET, MAX_OPSET)
@@ -72,30 +79,35 @@ def _main(argv: list[str] | None) -> int:
         cli.check_count(args.feature_size, "--feature-size", 32, MAX_FEATURE_SIZE)
     if args.grid is not None:
         cli.check_count(args.grid, "--grid", 1, MAX_GRID)
+    if args.global_head is not None and args.no_global_head:
+        raise cli.UserError("--global-head and --no-global-head: give one of them")
     if not os.path.isfile(args.checkpoint):
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
                *GLOBAL_FILES.values(), *CONFORMANCE_FILES]
     cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)
+    from imram_min.global_head import default_head_path
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
-                               [args.checkpoint] + ([args.global_head] if args.global_head else []))
+                               [args.checkpoint, args.global_head, default_head_path(args.checkpoint)])
 
     from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from imram_min.global_head import load_head
     try:  # the checkpoint's weights fit its config: checked before any graph is made
         model, _ = model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
     except CheckpointError as e:
         message = str(e)
         raise CheckpointError(message if message.startswith(args.checkpoint) else f"{args.checkpoint}: {message}") \
             from None
-    head = load_head(args.global_head, model.cfg.embed_size) if args.global_head else None
+    head, head_path, head_said, head_warnings = choose_global_head(args.checkpoint, args.global_head,
+                                                                   args.no_global_head, model.cfg.embed_size)
+    for warning in head_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opset=opset, matcher=matcher,
                                      verify=not args.no_verify, feature_extractor=args.feature_extractor,
                                      feature_size=args.feature_size, grid=args.grid)
         if head is not None:
-            manifest = add_global_head(args.out, head, args.global_head, opset, check=not args.no_verify)
+            manifest = add_global_head(args.out, head, head_path, opset, check=not args.no_verify)
     except ExportError as e:  # the graphs came out wrong: a bug, not bad input
         print(f"error: export check failed: {cli.one_line(e)}", file=sys.stderr)
         return 1
@@ -114,8 +126,10 @@ def _main(argv: list[str] | None) -> int:
                   f"which this model was not trained on", file=sys.stderr)
     if head is not None:
         diffs = manifest["global_head"]["max_abs_diff"]
-        extractor += f", global head {head.config['out_size']} values" + \
+        extractor += f", {head_said}, {head.config['out_size']} values" + \
             ("" if diffs is None else " (" + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ")")
+    else:
+        extractor += f", {head_said}"
     print(f"wrote {args.out}: mode={cfg['mode']}, K={cfg['n_steps']}, d={cfg['embed_size']}, opset {opset}, "
           f"matcher {matcher}{extractor}{note} ({time.perf_counter() - t0:.1f}s)")
     return 0

@@ -1,12 +1,15 @@
 """A first-stage head distilled from a trained IMRAM model: one global vector per image and caption.
 
-    python -m imram_min.global_head RUN/best.pt --data DIR [--out RUN/global_head.pt] [--epochs N]
+    python -m imram_min.global_head RUN/best.pt --data DIR [--out RUN/global_head.pt] [--epochs N] [--overwrite]
 
 The two-stage search (imram_min.shortlist, runtime.index / runtime.search) ranks the whole gallery
 by one cosine per item, then re-ranks a shortlist with IMRAM exactly. The mean of the model's own
 region (word) embeddings keeps too few of IMRAM's top matches in a small shortlist; this head is
 trained after the model, with the IMRAM weights frozen (the matcher and its training objective
-are untouched; the head is opt-in and saved separately):
+are untouched: the head changes which items are shortlisted, never their scores). It is saved
+beside the checkpoint (HEAD_FILE, RUN/global_head.pt) by default; scripts/run.sh makes it, and
+``python -m export`` includes a head found there when it was distilled from that checkpoint
+(export.global_head.choose_global_head), so runtime.index uses it with no other step:
 
     image: region_embs (n, n_region, d) -> per region MLP d -> hidden -> out -> max over the regions -> l2norm
     text:  word_embs (n, n_word, d), lengths (n,) -> the same (own weights) over the valid words -> l2norm
@@ -39,6 +42,7 @@ from tqdm import tqdm
 from runtime.modeldir import sha256_file
 
 FORMAT = "imram-min-global-head/1"
+HEAD_FILE = "global_head.pt"  # the default --out, beside the checkpoint (where python -m export looks for it)
 DEFAULTS = {"hidden": 256, "out_size": 256}
 TAU = 0.05  # the head's softmax temperature (cosines / TAU)
 TEACHER_TAU = 0.05  # IMRAM scores / TEACHER_TAU: soft targets of the distillation
@@ -88,9 +92,15 @@ def save_head(head: GlobalHead, path: str | os.PathLike, meta: dict | None = Non
                        "meta": meta or {}}, path)
 
 
+def default_head_path(checkpoint: str | os.PathLike) -> str:
+    """HEAD_FILE in the checkpoint's folder: where the command writes a head and export looks for one."""
+    return os.path.join(os.path.dirname(os.fspath(checkpoint)), HEAD_FILE)
+
+
 def load_head(path: str | os.PathLike, embed_size: int | None = None) -> GlobalHead:
-    """A saved head, in eval mode (weights_only=True); GlobalHeadError for a file that is not one, or
-    one made for another embed_size."""
+    """A saved head, in eval mode (weights_only=True), with ``head.meta`` the file's meta dict (the
+    command records "checkpoint_sha256", the checkpoint it was distilled from); GlobalHeadError for
+    a file that is not one, or one made for another embed_size."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GlobalHeadError(f"{path}: no such global head file (make one with python -m imram_min.global_head)")
@@ -111,6 +121,7 @@ def load_head(path: str | os.PathLike, embed_size: int | None = None) -> GlobalH
         head.load_state_dict(obj["state"])
     except (KeyError, RuntimeError, TypeError) as e:
         raise GlobalHeadError(f"{path}: weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
+    head.meta = dict(obj["meta"]) if isinstance(obj.get("meta"), dict) else {}
     return head.eval()
 
 
@@ -236,7 +247,9 @@ def _main(argv) -> dict:
                                        "(IMRAM frozen), for the two-stage search.")
     p.add_argument("checkpoint", help="RUN/best.pt")
     p.add_argument("--data", required=True, metavar="DIR", help="the data folder (its train split)")
-    p.add_argument("--out", metavar="FILE", help="default: global_head.pt beside the checkpoint")
+    p.add_argument("--out", metavar="FILE", help=f"default: {HEAD_FILE} beside the checkpoint (where python -m "
+                   "export looks for it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128, help="images per step (with all their captions)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -252,8 +265,8 @@ def _main(argv) -> dict:
         raise cli.UserError("--lr must be > 0 and --distill >= 0")
     checks.data_folder(args.data)
     split = checks.split(args.data, "train")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "global_head.pt")
-    cli.check_output_file(out, [args.checkpoint, split.features, split.captions], "--out")
+    out = args.out or default_head_path(args.checkpoint)
+    cli.check_output_file(out, [args.checkpoint, split.features, split.captions], "--out", overwrite=args.overwrite)
     model, vocab, _ = load_model(args.checkpoint)
     if model.cfg.img_dim != split.img_dim:
         raise cli.UserError(f"{split.features}: region features of size {split.img_dim}, but {args.checkpoint} "

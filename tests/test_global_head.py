@@ -145,3 +145,94 @@ def test_manifest_with_one_global_graph_is_refused(tmp_path, head_model_dir):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match="text_global"):
         load_manifest(out)
+
+
+# --------------------------------------------------------------------------- the default path: run.sh's order
+@pytest.fixture(scope="module")
+def run_with_head(tmp_path_factory, tiny_checkpoint, tiny_data):  # noqa: F811
+    """A run folder holding a copy of the tiny checkpoint and the head the command wrote beside it
+    (no --out: RUN/global_head.pt)."""
+    from imram_min.global_head import main as head_main
+    run = tmp_path_factory.mktemp("run_with_head")
+    shutil.copy(tiny_checkpoint, run / "best.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = head_main([os.fspath(run / "best.pt"), "--data", os.fspath(tiny_data), "--epochs", "1",
+                            "--hidden", "16", "--out-size", "8"])
+    assert result["out"] == os.fspath(run / "global_head.pt")
+    return run
+
+
+def export_cli(args, capsys):
+    from export.__main__ import main as export_main
+    return run_cli(export_main, args, capsys)
+
+
+def test_export_includes_the_head_beside_the_checkpoint_and_index_uses_it(tmp_path, run_with_head, tiny_data,
+                                                                         capsys):  # noqa: F811
+    from runtime.index import build
+    code, out, err = export_cli([run_with_head / "best.pt", "--out", tmp_path / "m"], capsys)
+    assert code == 0 and err == ""
+    assert f"global head {run_with_head / 'global_head.pt'}, 8 values" in out
+    manifest = json_file(tmp_path / "m" / "manifest.json")
+    assert manifest["global_head"]["file"] == "global_head.pt" and manifest["global_head"]["out_size"] == 8
+    assert {"image_global", "text_global"} <= set(manifest["graphs"])
+    index = build(tmp_path / "idx", np.load(tiny_data / "test_ims.npy"), tmp_path / "m", device="cpu", threads=1)
+    assert index["first_stage"] == "the model's global head (image_global / text_global), 8 values"
+
+
+def test_no_global_head_leaves_it_out(tmp_path, run_with_head, tiny_data, capsys):  # noqa: F811
+    from runtime.index import build
+    code, out, err = export_cli([run_with_head / "best.pt", "--out", tmp_path / "m", "--no-global-head"], capsys)
+    assert code == 0 and err == "" and "no global head (--no-global-head)" in out
+    manifest = json_file(tmp_path / "m" / "manifest.json")
+    assert "global_head" not in manifest and "image_global" not in manifest["graphs"]
+    assert not (tmp_path / "m" / "image_global.onnx").exists()
+    index = build(tmp_path / "idx", np.load(tiny_data / "test_ims.npy"), tmp_path / "m", device="cpu", threads=1)
+    assert index["first_stage"] == "mean of the item's embeddings, l2-normalised"
+
+
+def test_export_without_a_head_beside_the_checkpoint_says_so(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
+    shutil.copy(tiny_checkpoint, tmp_path / "best.pt")
+    code, out, err = export_cli([tmp_path / "best.pt", "--out", tmp_path / "m"], capsys)
+    assert code == 0 and err == ""
+    assert f"no global head (no {tmp_path / 'global_head.pt'} beside the checkpoint)" in out
+    assert "global_head" not in json_file(tmp_path / "m" / "manifest.json")
+
+
+def test_a_head_of_another_checkpoint_beside_it_is_left_out_with_a_warning(tmp_path, run_with_head,
+                                                                          head, capsys):  # noqa: F811
+    from imram_min.global_head import save_head
+    shutil.copy(run_with_head / "best.pt", tmp_path / "best.pt")
+    save_head(head[0], tmp_path / "global_head.pt", {"checkpoint_sha256": "0" * 64})
+    code, out, err = export_cli([tmp_path / "best.pt", "--out", tmp_path / "m"], capsys)
+    assert code == 0 and "no global head" in out
+    assert err.startswith("warning: ") and err.count("\n") == 1
+    assert f"{tmp_path / 'global_head.pt'} was distilled from a checkpoint other than" in err
+    assert "global_head" not in json_file(tmp_path / "m" / "manifest.json")
+
+
+def test_global_head_and_no_global_head_together_is_one_error_line(tmp_path, run_with_head, capsys):
+    code, out, err = export_cli([run_with_head / "best.pt", "--out", tmp_path / "m", "--no-global-head",
+                                 "--global-head", run_with_head / "global_head.pt"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--no-global-head" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_command_does_not_replace_a_head_without_overwrite(run_with_head, tiny_data, capsys):  # noqa: F811
+    from imram_min.global_head import main as head_main
+    path = run_with_head / "global_head.pt"
+    before = path.read_bytes()
+    args = [run_with_head / "best.pt", "--data", tiny_data, "--epochs", "1", "--hidden", "16", "--out-size", "8",
+            "--seed", "1"]
+    code, out, err = run_cli(head_main, args, capsys)
+    assert code == 2 and err.startswith(f"error: --out {path} already exists") and err.count("\n") == 1
+    assert "--overwrite" in err
+    assert path.read_bytes() == before
+    result, out, err = run_cli(head_main, args + ["--overwrite"], capsys)
+    assert result["out"] == os.fspath(path) and "error" not in err and path.read_bytes() != before
+
+
+def json_file(path):
+    import json
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
