@@ -218,20 +218,27 @@ class GridFeatureExtractor(nn.Module):
 @torch.no_grad()
 def extract_features(paths: Sequence[str | os.PathLike], grid: int = DEFAULT_GRID, size: int = DEFAULT_SIZE,
                      device: str | torch.device = "cpu", batch_size: int = 32, progress: bool = False,
-                     model: EfficientNetLite0 | None = None) -> np.ndarray:
-    """Image files -> float32 (n_img, grid*grid, 1280) grid features, in the order of ``paths``."""
+                     model: EfficientNetLite0 | None = None, out: np.ndarray | None = None,
+                     bar: tqdm | None = None) -> np.ndarray:
+    """Image files -> float32 (n_img, grid*grid, 1280) grid features, in the order of ``paths``.
+
+    ``out``: an array (a .npy memmap) of that shape to fill instead of a new one; ``bar``: a tqdm
+    bar to advance (one bar over several calls) instead of this call's own (``progress``)."""
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     paths = list(paths)
     model = (model or EfficientNetLite0.pretrained()).to(device).eval()
-    out = np.zeros((len(paths), grid * grid, FEATURE_DIM), np.float32)
+    if out is None:
+        out = np.zeros((len(paths), grid * grid, FEATURE_DIM), np.float32)
+    elif out.shape != (len(paths), grid * grid, FEATURE_DIM):
+        raise ValueError(f"out has shape {out.shape}, expected {(len(paths), grid * grid, FEATURE_DIM)}")
     with tqdm(total=len(paths), unit="img", desc=f"features {size}px grid {grid}", file=sys.stderr,
-              disable=not progress) as bar:
+              disable=not progress or bar is not None) as own_bar:
         for start in range(0, len(paths), batch_size):
             batch = paths[start:start + batch_size]
             pixels = torch.from_numpy(load_and_preprocess(batch, size)).to(device)
             out[start:start + len(batch)] = grid_pool(model.features(pixels), grid).float().cpu().numpy()
-            bar.update(len(batch))
+            (bar or own_bar).update(len(batch))
     return out
 
 

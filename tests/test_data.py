@@ -215,12 +215,25 @@ def test_vocab_command_equals_the_vocabulary_build_of_the_train_captions(tmp_pat
     assert load_vocab(tmp_path) == Vocabulary.build(captions, threshold=4)
 
 
-def test_vocab_command_replaces_a_vocabulary_leaving_no_temporary_file(tmp_path):
+def test_vocab_command_replaces_a_vocabulary_only_with_overwrite_leaving_no_temporary_file(tmp_path, capsys):
     (tmp_path / "train_caps.txt").write_text("\n".join(CAPTIONS) + "\n")
     (tmp_path / "vocab.json").write_text("old")
-    main(["vocab", str(tmp_path)])
+    assert main(["vocab", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: the vocabulary {tmp_path / 'vocab.json'} already exists: add "
+                                       "--overwrite to replace it\n")
+    assert (tmp_path / "vocab.json").read_text() == "old"
+    assert main(["vocab", str(tmp_path), "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["train_caps.txt", "vocab.json"]
     assert len(load_vocab(tmp_path)) == 6
+
+
+def test_vocab_command_min_count_sets_the_threshold(tmp_path, capsys):
+    (tmp_path / "train_caps.txt").write_text("\n".join(CAPTIONS) + "\n")
+    assert main(["vocab", str(tmp_path), "--min-count", "2"]) == 0
+    assert list(load_vocab(tmp_path).word2idx) == [*SPECIAL_TOKENS, "a", "dog", "cat"]
+    assert "seen >= 2 times" in capsys.readouterr().out
+    assert main(["vocab", str(tmp_path), "--min-count", "0", "--overwrite"]) == 2
+    assert capsys.readouterr().err == "error: --min-count must be >= 1, got 0\n"
 
 
 @pytest.mark.parametrize("caps, message", [
