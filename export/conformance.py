@@ -46,8 +46,8 @@ FILES = (JSON_FILE, DATA_FILE)
 TOKENIZER_FILE = "tokenizer.json"
 AWKWARD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "awkward_captions.json")
 SEED = 2020
-N_IMG, N_REGION = 4, 3  # the feature array: small, and no two axes of one size next to each other
-EMBEDDING_LENGTHS = (5, 4, 6)  # ids lengths (with <start>, <end>) of the captions whose embeddings are kept
+N_IMG, N_REGION = 3, 2  # the feature array: small (projections of 4d floats per region at d = 1,024)
+EMBEDDING_LENGTHS = (6, 4)  # ids lengths (with <start>, <end>) of the captions whose embeddings are kept
 N_SCORE_CAPTIONS = 10  # captions (strings) of the pipeline stage
 N_SYNTHETIC_SCENES = 60  # x 5 captions
 N_VOCAB_CAPTIONS = 100

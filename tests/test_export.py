@@ -12,6 +12,7 @@ import torch
 
 from fixtures import (IMG_DIM, lengths_1_to_40, random_feats, random_tokens, tiny_checkpoint, tiny_data,  # noqa: F401
                       tiny_model, tiny_model_dir, tiny_vocab)
+from export.conformance import FILES as CONFORMANCE_FILES
 from export.graphs import OnnxFastMatcher, TextEncoderGraph, onnx_query_weights, onnx_update
 from export.onnx_export import DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, check_graph, export_model, sha256_file
 from imram_min import fast
@@ -92,7 +93,8 @@ def test_text_encoder_graph_module_equals_packed_text_encoder(overrides):
 
 # --------------------------------------------------------------------------- the model dir
 def test_export_writes_five_graphs_the_vocabulary_and_the_manifest(tiny_model_dir):  # noqa: F811
-    assert sorted(os.listdir(tiny_model_dir)) == sorted([*ALL_FILES.values(), "vocab.json", MANIFEST_FILE])
+    assert sorted(os.listdir(tiny_model_dir)) == sorted([*ALL_FILES.values(), "vocab.json", MANIFEST_FILE,
+                                                         *CONFORMANCE_FILES])
 
 
 @pytest.mark.parametrize("form,mode,n_steps", [("plain", "full", 3), ("fast", "full", 1), ("fast", "mean", 1)])
@@ -121,7 +123,7 @@ def test_graph_passes_onnx_full_check(tiny_model_dir, graph):  # noqa: F811
 
 def test_manifest_sha256_matches_every_file(tiny_model_dir):  # noqa: F811
     manifest = json.loads((tiny_model_dir / MANIFEST_FILE).read_text())
-    assert sorted(manifest["files"]) == sorted([*ALL_FILES.values(), "vocab.json"])
+    assert sorted(manifest["files"]) == sorted([*ALL_FILES.values(), "vocab.json", *CONFORMANCE_FILES])
     for name, info in manifest["files"].items():
         assert info["sha256"] == sha256_file(tiny_model_dir / name)
         assert info["bytes"] == os.path.getsize(tiny_model_dir / name)
