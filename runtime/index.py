@@ -112,7 +112,7 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
 
     items: captions (a list of str) with ``captions``, else region features (n, n_region,
     img_dim) or a list of picture paths. model_dir: None for DEFAULT_MODEL_DIR, or with
-    ``append`` the index's own. dtype: "float32" or "float16" for the embeddings (None: float32, or
+    ``append`` or ``overwrite`` the index's own. dtype: "float32" or "float16" for the embeddings (None: float32, or
     the index's). ids: one str per item (default: the caption, the picture path, "row I", I the item's
 row in the index).
     name: what error messages call the items. store_projections: also store each region's (word's)
@@ -167,6 +167,8 @@ def _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, nam
     if old is BROKEN:  # replaced with overwrite; its files are removed at the commit
         old = None
     else:
+        if old is not None and model_dir is None:  # a rebuild: the index's own model
+            model_dir = model_dir_of(index_dir, old)
         remove_strays(index_dir, old)  # what killed writers left (only the lock holder writes)
     model_dir = os.fspath(DEFAULT_MODEL_DIR if model_dir is None else model_dir)
     dtype = dtype or "float32"
@@ -393,7 +395,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "--captions a text file of captions, one a line")
     p.add_argument("--out", metavar="INDEX_DIR")
     p.add_argument("--model", metavar="MODEL_DIR",
-                   help=f"folder written by python -m export (default: {DEFAULT_MODEL_DIR}; with --append the index's)")
+                   help=f"folder written by python -m export (default: {DEFAULT_MODEL_DIR}; with --append or "
+                        f"--overwrite the index's)")
     p.add_argument("--captions", action="store_true", help="a caption gallery, searched with images")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--append", action="store_true", help="add the items to the index at --out")

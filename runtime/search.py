@@ -235,10 +235,10 @@ class Index:
         if projection_size and projection_size != self.scorer.projection_size:
             raise IndexDirError(f"{self.index_dir}: stores projections of {projection_size} values, the model's "
                                 f"matcher takes {self.scorer.projection_size}")
-        held = {p["name"]: p for p in self.parts} if getattr(self, "manifest", None) and \
-            (self.manifest["dtype"], self.manifest.get("projection_size", 0)) == (m["dtype"], projection_size) else {}
-        known = {p["name"]: p for p in getattr(self, "manifest", {}).get("parts", [])}
-        parts = [held[p["name"]] if p["name"] in held and known.get(p["name"]) == p else
+        held = {}  # part name -> (its manifest entry, its open files)
+        if self.parts and (self.manifest["dtype"], self.projection_size) == (m["dtype"], projection_size):
+            held = {entry["name"]: (entry, part) for entry, part in zip(self.manifest["parts"], self.parts)}
+        parts = [held[p["name"]][1] if held.get(p["name"], (None,))[0] == p else
                  open_part(self.index_dir, p, d, m["dtype"], self.scorer.global_size, projection_size)
                  for p in m["parts"]]
         n_region = m.get("n_region")
