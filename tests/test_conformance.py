@@ -126,6 +126,29 @@ def test_vectors_are_reproducible(tiny_model_dir, tmp_path):
         assert (tmp_path / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("form, mode, n_steps", [("plain", "full", 2), ("fast", "mean", 1)])
+def test_a_matcher_without_projections_has_no_projection_stages(tmp_path, form, mode, n_steps):
+    from export.onnx_export import export_model
+    from fixtures import tiny_vocab
+    manifest = export_model(tiny_model(vocab_size=40, mode=mode, n_steps=n_steps), tiny_vocab(), tmp_path / "m",
+                            matcher=form)  # verify=True: export ran runtime.check on the folder
+    assert set(manifest["conformance"]["verified"]["max_abs_diff"]) == {"region_embs", "word_embs", "sims",
+                                                                        "pipeline"}
+    doc = read_json(tmp_path / "m" / "conformance.json")
+    assert "region_proj" not in doc["arrays"] and [s["name"] for s in doc["stages"]] == [
+        "tokens", "ids", "region_embs", "word_embs", "sims", "pipeline"]
+
+
+def test_no_verify_still_writes_the_vectors_unverified(tmp_path):
+    from export.onnx_export import export_model
+    from fixtures import tiny_vocab
+    manifest = export_model(tiny_model(vocab_size=40), tiny_vocab(), tmp_path / "m", verify=False)
+    assert manifest["conformance"]["verified"] is None
+    assert {"conformance.json", "conformance.bin"} <= set(manifest["files"])
+    _, results = check.check_model_dir(os.fspath(tmp_path / "m"), "cpu")
+    assert [r.ok for r in results] == [True] * 8
+
+
 # --------------------------------------------------------------------------- python -m runtime.check
 def test_check_passes_on_a_fresh_export(tiny_model_dir, capsys):
     code, out, err = run_cli(check.main, [tiny_model_dir, "--device", "cpu"], capsys)
