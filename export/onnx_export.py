@@ -15,6 +15,8 @@ MODEL_DIR/
                             image / caption and fed to the matcher, which then does per pair only
                             what is per pair
     vocab.json          SCAN vocabulary JSON (runtime.text.Vocabulary)
+    tokenizer.json      the tokeniser's rules (a copy of runtime/tokenizer.json; docs/tokenizer.md);
+                        manifest "tokenizer": {"file", "rules_version"}
     manifest.json       format version, model config, graph inputs/outputs, opset, versions, SHA-256 of each file
   with feature_extractor=True (models with img_dim 1280, trained on imram_min.features grid features):
     feature_extractor.onnx  images (n_img, 3, size, size) f32, preprocessed by runtime.images
@@ -44,14 +46,14 @@ import torch.nn as nn
 from imram_min.model import IMRAM
 from runtime.scorer import sha256_file
 from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
-from runtime.text import PAD, Vocabulary
+from runtime.text import PAD, RULES_FILE, TOKENIZER_FILE, Tokenizer, Vocabulary
 
 from .conformance import manifest_entry, onnxruntime_version, verify_conformance, write_conformance
 from .graphs import (DEFAULT_MATCHER, MATCHER_FORMS, ImageEncoderGraph, ProjectionGraph, TextEncoderGraph,  # noqa: F401
                      build_matcher, projection_size)
 
 FORMAT = "imram-min-onnx"
-FORMAT_VERSION = 2  # 2: the fast matcher takes per-item projections from two more graphs
+FORMAT_VERSION = 3  # 2: the fast matcher takes per-item projections from two more graphs; 3: tokenizer.json
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # GRU with linear_before_reset, Trilu-free; 14 is the oldest we test
 MAX_OPSET = 20  # the newest the TorchScript exporter writes
@@ -312,10 +314,11 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
         if verify and extractor is not None:
             diffs[FEATURE_EXTRACTOR] = verify_feature_extractor(extractor, os.path.join(tmp, FEATURE_EXTRACTOR_FILE))
         vocab.save(os.path.join(tmp, VOCAB_FILE))
+        shutil.copyfile(RULES_FILE, os.path.join(tmp, TOKENIZER_FILE))  # before the conformance vectors use it
         conformance_files = write_conformance(model, vocab, tmp, signatures)  # export.conformance
 
         files = {f: {"sha256": sha256_file(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
-                 for f in [*files_written.values(), VOCAB_FILE, *conformance_files]}
+                 for f in [*files_written.values(), VOCAB_FILE, TOKENIZER_FILE, *conformance_files]}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -323,6 +326,7 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
             "matcher": {"mode": cfg.mode, "n_steps": cfg.n_steps, "form": matcher},
             "graphs": {name: {"file": file, **signatures[name]} for name, file in files_written.items()},
             "vocab": {"file": VOCAB_FILE, "size": len(vocab)},
+            "tokenizer": {"file": TOKENIZER_FILE, "rules_version": Tokenizer.builtin().rules_version},
             "opset": opset,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
                          "python": platform.python_version(), "onnxruntime": onnxruntime_version()},
@@ -424,6 +428,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     from imram_min.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
+    rules = (ckpt.get("tokenizer") or {}).get("rules_version", Tokenizer.builtin().rules_version)  # older: none
+    if rules != Tokenizer.builtin().rules_version:  # the model folder gets the built-in rules
+        raise ExportSettingsError(f"{os.fspath(checkpoint)}: trained with tokeniser rules version {rules!r}, this "
+                                  f"exporter writes version {Tokenizer.builtin().rules_version}: export it with "
+                                  f"the imram-min it was trained with")
     model, vocab = model_from_checkpoint(ckpt, "cpu")
     meta = {**(ckpt.get("meta") or {}), "format": ckpt["format"]}  # as load_model's meta, less the config
     source = {"checkpoint": os.path.basename(os.fspath(checkpoint)), "checkpoint_sha256": sha256_file(checkpoint),

@@ -8,6 +8,7 @@ it loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling)::
       "config": IMRAMConfig.to_dict(),          # everything needed to rebuild the model
       "model":  model.state_dict(),
       "vocab":  Vocabulary.to_json_dict(),      # the SCAN JSON layout, no file path
+      "tokenizer": {"rules_version": 1},        # the tokeniser rules training used (runtime.text)
       "meta":   {...},                          # small JSON-able facts: epoch, dev scores, source
       "train_state": {...},                     # last.pt only: optimiser, epoch, RNG states, args
     }
@@ -29,7 +30,7 @@ import torch
 
 from imram_min.model import IMRAM, IMRAMConfig
 from runtime.atomic import atomic_open
-from runtime.text import SPECIAL_TOKENS, Vocabulary
+from runtime.text import SPECIAL_TOKENS, Tokenizer, Vocabulary
 
 FORMAT = "imram-min/1"
 
@@ -167,6 +168,7 @@ def make_checkpoint(model: IMRAM, vocab: Vocabulary, meta: dict | None = None,
         "config": model.cfg.to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vocab": vocab_to_dict(vocab),
+        "tokenizer": {"rules_version": Tokenizer.builtin().rules_version},  # training's: the built-in rules
         "meta": dict(meta or {}),
     }
     if train_state is not None:

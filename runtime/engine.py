@@ -32,7 +32,7 @@ from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_capt
                      check_image_paths, check_region_feats, image_paths_or_none, list_some, too_long)
 from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GLOBAL_GRAPHS, GRAPHS, MANIFEST_FILE,  # noqa: F401
                        PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, has_global_head, load_manifest,
-                       sha256_file, takes_projections)
+                       load_tokenizer, sha256_file, takes_projections)
 from .text import Vocabulary, VocabularyError
 from .tiles import block_sizes, caption_blocks
 
@@ -144,7 +144,8 @@ class Engine:
     may use). image_batch: pictures decoded and run through the feature extractor at a time
     (1..MAX_IMAGE_BATCH). tf32: let CUDA's matrix products use TF32 (faster on recent GPUs,
     scores move by ~1e-4).
-    Attributes: manifest, config (the model config dict), vocab, img_dim, embed_size, mode,
+    Attributes: manifest, config (the model config dict), vocab, tokenizer (runtime.text.Tokenizer:
+    the model folder's rules, modeldir.load_tokenizer), img_dim, embed_size, mode,
     n_steps, device ("cpu"/"cuda"), provider (the provider in use), workers (matcher calls run
     side by side: 1 on CUDA), has_feature_extractor and, when it has one, preprocessing (the
     manifest's feature spec), feature_size, feature_grid. The feature extractor's session is
@@ -176,6 +177,7 @@ class Engine:
             raise ModelDirError(str(e)) from None
         if len(self.vocab) != self.config["vocab_size"]:
             raise ModelDirError(f"{vocab_path}: {len(self.vocab)} words, the model has {self.config['vocab_size']}")
+        self.tokenizer = load_tokenizer(self.model_dir, self.manifest)  # the folder's rules (format <= 2: built-in)
 
         providers = resolve_providers(device, tf32)
         self._threads = threads
@@ -315,7 +317,7 @@ class Engine:
         """Captions -> tokens (n_cap, n_word) int64 padded with <pad>=0, lengths (n_cap,) int64,
         exactly as training encodes them ([<start>] + ids + [<end>]). InputError for a caption of
         more than MAX_WORDS tokens."""
-        padded, lengths = self.vocab.encode_batch(captions)
+        padded, lengths = self.vocab.encode_batch(captions, self.tokenizer.tokenize)
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) and lengths.max() > MAX_WORDS + 2:
             i = int(np.argmax(lengths))

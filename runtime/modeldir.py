@@ -17,10 +17,11 @@ import os
 import re
 
 from .images import check_feature_spec
+from .text import KNOWN_RULES_VERSIONS, Tokenizer, TokenizerError
 
 DEFAULT_MODEL_DIR = os.path.join("runs", "default", "model")  # where the README's main command puts it
 FORMAT = "imram-min-onnx"
-SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 2 adds the projection graphs of the fast matcher
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)  # 2 adds the projection graphs of the fast matcher, 3 tokenizer.json
 MANIFEST_FILE = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "matcher")
 PROJECTIONS = ("region_projection", "word_projection")  # when the matcher takes region_proj, word_proj
@@ -123,6 +124,15 @@ def check_manifest_fields(manifest) -> None:
         raise TypeError(f"{CONFORMANCE} must name its file and data (runtime.check)")
     if not isinstance(manifest.get("vocab"), dict) or not isinstance(manifest["vocab"].get("file"), str):
         raise TypeError("vocab.file must be a file name")
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None or version >= 3:  # the tokeniser's rules (runtime.text, docs/tokenizer.md)
+        if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("file"), str) or \
+                not _is_int(tokenizer.get("rules_version"), 0):
+            raise TypeError('tokenizer must be {"file": file name, "rules_version": integer}')
+        if tokenizer["rules_version"] not in KNOWN_RULES_VERSIONS:
+            raise ValueError(f"tokeniser rules version {tokenizer['rules_version']} is not known to this runtime "
+                             f"(it knows {', '.join(map(str, KNOWN_RULES_VERSIONS))}): use an imram-min that "
+                             f"knows it, or re-export the model with this one")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise TypeError("files must be an object of file name: {sha256: ...}")
@@ -145,6 +155,8 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
     files, graphs, cfg = manifest["files"], manifest["graphs"], manifest["model_config"]
     needed = [graphs[g]["file"] for g in GRAPHS + (PROJECTIONS if takes_projections(manifest) else ())]
     needed.append(manifest["vocab"]["file"])
+    if manifest.get("tokenizer") is not None:
+        needed.append(manifest["tokenizer"]["file"])
     needed += [graphs[g]["file"] for g in GLOBAL_GRAPHS if has_global_head(manifest)]
     if manifest.get(CONFORMANCE) is not None:  # the conformance vectors (runtime.check)
         needed += [manifest[CONFORMANCE]["file"], manifest[CONFORMANCE]["data"]]
@@ -175,6 +187,24 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> dict:
                 raise ModelDirError(f"{file}: SHA-256 {digest[:12]}... does not match the manifest "
                                     f"({info['sha256'][:12]}...); the file was changed or damaged")
     return manifest
+
+
+def load_tokenizer(model_dir: str | os.PathLike, manifest: dict) -> Tokenizer:
+    """The model folder's tokeniser: the rules of its tokenizer.json (format 3), whose version must be
+    the manifest's; a folder of format 1 or 2 has none and is read with the built-in rules (version 1,
+    what the exporter of those folders used: docs/tokenizer.md). ModelDirError naming the file."""
+    entry = manifest.get("tokenizer")
+    if entry is None:
+        return Tokenizer.builtin()
+    path = os.path.join(os.fspath(model_dir), entry["file"])
+    try:
+        tokenizer = Tokenizer.load(path)
+    except TokenizerError as e:
+        raise ModelDirError(str(e)) from None
+    if tokenizer.rules_version != entry["rules_version"]:
+        raise ModelDirError(f"{path}: rules version {tokenizer.rules_version}, the manifest says "
+                            f"{entry['rules_version']}")
+    return tokenizer
 
 
 def takes_projections(manifest: dict) -> bool:

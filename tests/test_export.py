@@ -93,8 +93,8 @@ def test_text_encoder_graph_module_equals_packed_text_encoder(overrides):
 
 # --------------------------------------------------------------------------- the model dir
 def test_export_writes_five_graphs_the_vocabulary_and_the_manifest(tiny_model_dir):  # noqa: F811
-    assert sorted(os.listdir(tiny_model_dir)) == sorted([*ALL_FILES.values(), "vocab.json", MANIFEST_FILE,
-                                                         *CONFORMANCE_FILES])
+    assert sorted(os.listdir(tiny_model_dir)) == sorted([*ALL_FILES.values(), "vocab.json", "tokenizer.json",
+                                                         MANIFEST_FILE, *CONFORMANCE_FILES])
 
 
 @pytest.mark.parametrize("form,mode,n_steps", [("plain", "full", 3), ("fast", "full", 1), ("fast", "mean", 1)])
@@ -123,7 +123,7 @@ def test_graph_passes_onnx_full_check(tiny_model_dir, graph):  # noqa: F811
 
 def test_manifest_sha256_matches_every_file(tiny_model_dir):  # noqa: F811
     manifest = json.loads((tiny_model_dir / MANIFEST_FILE).read_text())
-    assert sorted(manifest["files"]) == sorted([*ALL_FILES.values(), "vocab.json", *CONFORMANCE_FILES])
+    assert sorted(manifest["files"]) == sorted([*ALL_FILES.values(), "vocab.json", "tokenizer.json", *CONFORMANCE_FILES])
     for name, info in manifest["files"].items():
         assert info["sha256"] == sha256_file(tiny_model_dir / name)
         assert info["bytes"] == os.path.getsize(tiny_model_dir / name)
@@ -131,7 +131,7 @@ def test_manifest_sha256_matches_every_file(tiny_model_dir):  # noqa: F811
 
 def test_manifest_describes_graphs_config_and_versions(tiny_model_dir, tiny):  # noqa: F811
     manifest = json.loads((tiny_model_dir / MANIFEST_FILE).read_text())
-    assert manifest["format"] == "imram-min-onnx" and manifest["format_version"] == 2
+    assert manifest["format"] == "imram-min-onnx" and manifest["format_version"] == 3
     assert manifest["model_config"] == tiny.cfg.to_dict()
     assert manifest["opset"] == DEFAULT_OPSET
     assert set(manifest["versions"]) >= {"torch", "onnx"}

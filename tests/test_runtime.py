@@ -272,10 +272,10 @@ def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, 
 
 def test_runtime_imports_only_numpy_onnxruntime_its_helpers_and_the_standard_library():
     """Non-negotiable 3, read from the source: every import in runtime/ is of the standard library,
-    numpy, onnxruntime, nltk (the tokenizer), PIL (pictures) or runtime itself; faiss (the optional
+    numpy, onnxruntime, PIL (pictures) or runtime itself (no nltk: runtime.text owns the tokeniser); faiss (the optional
     first stage) only inside runtime/faiss_stage.py's import_faiss."""
     import ast
-    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "nltk", "PIL", "runtime"}
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "PIL", "runtime"}
     found = {}
     for path in sorted((ROOT / "runtime").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
