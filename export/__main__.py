@@ -115,6 +115,9 @@ def _main(argv: list[str] | None) -> int:
     check = manifest["verification"]
     note = "" if check is None else ", ONNX Runtime vs PyTorch max abs diff " + \
         ", ".join(f"{k} {v:.1e}" for k, v in check["max_abs_diff"].items())
+    verified = (manifest.get("conformance") or {}).get("verified")
+    if verified:  # export.conformance: the runtime passed the folder's conformance vectors
+        note += f"; conformance vectors pass ({len(verified['max_abs_diff']) + 2} stages, runtime.check)"
     extractor = ""
     if FEATURE_EXTRACTOR in manifest["graphs"]:
         settings = manifest["source"]["feature_settings"]
