@@ -251,3 +251,40 @@ def test_a_full_shortlist_of_a_sidecar_layout_gives_the_exhaustive_metrics(tmp_p
     assert result["n_captions"] == 16 and full["hit_i2t"] == full["hit_t2i"] == 100.0
     assert full["i2t"] == pytest.approx(result["exhaustive"]["i2t"]) and full["rsum"] > 0
     assert full["t2i"] == pytest.approx(result["exhaustive"]["t2i"])
+
+
+def _masked_worker(rank: int, world: int, folder: str) -> None:
+    from test_distributed import batch, double_model
+    torch.set_num_threads(1)
+    ctx = D.join(rank, world, f"file://{folder}/rendezvous")
+    try:
+        feats, tokens, lengths = batch(6)
+        own = D.rank_slice(6, world, rank)
+        model = double_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(D.BatchLoss(model, schedule.score_pairs, ctx))
+        loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], True, PICTURES[own])
+        loss.backward()
+        total = D.all_reduce_sum(float(loss) / world, ctx)
+        torch.save({"loss": total, "grads": {n: p.grad.detach() for n, p in model.named_parameters()}},
+                   os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        D.teardown(ctx)
+
+
+PICTURES = torch.tensor([0, 1, 1, 2, 0, 3])  # pictures 0 and 1 each in both processes' slices
+
+
+def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
+    from test_distributed import batch, double_model
+    import torch.multiprocessing as mp
+    mp.start_processes(_masked_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    feats, tokens, lengths = batch(6)
+    model = double_model()
+    loss = D.BatchLoss(model, schedule.score_pairs, support=False)(feats, tokens, lengths, True, PICTURES)
+    loss.backward()
+    assert all(abs(r["loss"] - float(loss.detach())) <= 1e-12 * float(loss.detach()) for r in ranks)
+    original = D.BatchLoss(double_model(), schedule.score_pairs, support=False)(feats, tokens, lengths, True)
+    assert float(original.detach()) > float(loss.detach())  # the pictures matter in this batch
+    for name, p in model.named_parameters():
+        assert all(float((r["grads"][name] - p.grad).abs().max()) <= 1e-10 for r in ranks), name
