@@ -1,7 +1,8 @@
 """Score every image against every caption with an exported model, and show the best matches.
 
-    python -m runtime.score IMAGES CAPTIONS.txt [--model MODEL_DIR] [--output SIMS.npy]
-                            [--top-k K] [--json] [--device auto|cpu|cuda] [--shard N] [--image-batch N]
+    python -m runtime.score IMAGES CAPTIONS.txt|- [--model MODEL_DIR] [--output SIMS.npy]
+                            [--top-k K] [--json] [--html PAGE.html [--overwrite]]
+                            [--device auto|cpu|cuda] [--shard N] [--image-batch N]
 
 IMAGES, always the first argument, is one of:
   * FEATURES.npy: region features (n_img, n_region, img_dim), any float dtype, memory-mapped (a
@@ -14,7 +15,10 @@ Pictures need a model dir exported with ``--feature-extractor``: they are decode
 preprocessed with numpy (runtime.images) exactly as ``imram_min.features`` did for training, a
 batch (--image-batch) at a time, and turned into region features by feature_extractor.onnx.
 CAPTIONS.txt: UTF-8, one caption a line, no blank lines, at most MAX_WORDS (256) words (tokens) a
-line. MODEL_DIR: written by ``python -m export`` (default DEFAULT_MODEL_DIR).
+line ("-": read from standard input). Words the model's vocabulary lacks are read as <unk>, exactly
+as in training, and named once scored: one "note: caption J (...): the model's vocabulary lacks
+..." line on stderr per such caption ("unknown_words" in its JSON line). MODEL_DIR: written by
+``python -m export`` (default DEFAULT_MODEL_DIR).
 
 Writes the (n_img, n_cap) float32 similarity matrix to --output (a .npy, written to a temporary
 file next to it and renamed into place, so a reader never sees half of it; the temporary file is
@@ -24,6 +28,9 @@ image its top-K captions, then for each caption its top-K images: text, or one J
 line with --json ({"image": i, "top": [{"caption": j, "score": s, "text": ...}, ...]} then
 {"caption": j, "text": ..., "top": [{"image": i, "score": s}, ...]}). For pictures each image
 is also shown by its file name (path relative to the folder or list file; "file" in JSON).
+--html PAGE.html writes the same top-K as one self-contained web page (runtime.html): each
+caption with its best pictures (thumbnails inlined), then each picture with its best captions;
+atomically, and over an existing page only with --overwrite.
 Rank order: score descending, ties by index ascending. Control characters of captions and file
 names are printed escaped (a caption cannot drive the terminal); JSON lines are exact JSON. The
 device and a progress bar go to stderr.
@@ -124,40 +131,88 @@ def open_images(path: str):
     return paths, names
 
 
-def read_captions(path: str) -> list[str]:
-    """CAPTIONS.txt: UTF-8 (a BOM is allowed), one caption a line, whitespace stripped, no blank lines,
-    at most MAX_WORDS words a line (the scorer checks the tokens too)."""
+STDIN = "-"  # CAPTIONS (runtime.score) or QUERIES (runtime.search) read from standard input
+
+
+def caption_lines(f, name: str):
+    """Yield (line number from 1, caption) of a binary file of captions, one a line: UTF-8 (a BOM
+    is allowed), whitespace stripped, at most MAX_WORDS words (tokens) a line (UsageError naming
+    the line otherwise). Blank lines are yielded as "" (``read_captions`` refuses them)."""
+    for number, raw in enumerate(f, 1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            caption = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{name}: line {number} is not UTF-8 text (byte {e.start + 1}: "
+                             f"{raw[e.start:e.start + 1]!r})") from None
+        words = len(raw.split(maxsplit=MAX_WORDS))  # <= tokens: a cheap bound before tokenising
+        # a token is at least one character: a caption of at most MAX_WORDS characters needs no tokenising
+        if words > MAX_WORDS or (len(caption) > MAX_WORDS and len(tokenize(caption)) > MAX_WORDS):
+            n = f"{len(raw.split())} words" if words > MAX_WORDS else f"{len(tokenize(caption))} words (tokens)"
+            raise UsageError(f"{name}: line {number} has {n}; captions may have at most {MAX_WORDS} (MAX_WORDS)")
+        yield number, caption
+
+
+def check_caption_lines(lines, name: str) -> int:
+    """The number of captions of ``caption_lines`` (consumed); UsageError for a file with none or
+    with blank lines (all of them named)."""
+    n, blank = 0, []
+    for n, caption in lines:
+        if not caption:
+            blank.append(n)
+    if n == 0:
+        raise UsageError(f"{name}: no captions (the {'input' if name == STDIN_NAME else 'file'} is empty)")
+    if blank:
+        raise UsageError(f"{name}: blank line{'s' if len(blank) > 1 else ''} {list_some(blank)} "
+                         f"(one caption a line, no blank lines)")
+    return n
+
+
+STDIN_NAME = "standard input"
+
+
+def open_caption_file(path: str):
+    """CAPTIONS (a path, or "-": standard input, copied to a temporary file first, so that it can
+    be checked whole and then read again) -> (binary file at its start, its name for messages)."""
+    if path == STDIN:
+        import tempfile
+        spool = tempfile.TemporaryFile()
+        try:
+            while True:
+                block = sys.stdin.buffer.read(1 << 20)
+                if not block:
+                    break
+                spool.write(block)
+        except (OSError, ValueError) as e:  # stdin closed or unreadable
+            spool.close()
+            raise UsageError(f"{STDIN_NAME}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        spool.seek(0)
+        return spool, STDIN_NAME
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return open(path, "rb"), path
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a folder, expected a text file of captions") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the final newline ends the last line, it does not start a blank one
-    if not lines:
-        raise UsageError(f"{path}: no captions (the file is empty)")
-    captions = []
-    for number, raw in enumerate(lines, 1):
+
+
+def read_captions(path: str) -> list[str]:
+    """CAPTIONS.txt ("-": standard input): UTF-8 (a BOM is allowed), one caption a line, whitespace
+    stripped, no blank lines, at most MAX_WORDS words a line (the scorer checks the tokens too)."""
+    f, name = open_caption_file(path)
+    with f:
         try:
-            captions.append(raw.decode("utf-8").strip())
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: line {number} is not UTF-8 text (byte {e.start + 1}: "
-                             f"{raw[e.start:e.start + 1]!r})") from None
-        words = len(raw.split(maxsplit=MAX_WORDS))  # <= tokens: a cheap bound before tokenising
-        if words > MAX_WORDS or len(tokenize(captions[-1])) > MAX_WORDS:
-            n = f"{len(raw.split())} words" if words > MAX_WORDS else f"{len(tokenize(captions[-1]))} words (tokens)"
-            raise UsageError(f"{path}: line {number} has {n}; captions may have at most {MAX_WORDS} (MAX_WORDS)")
-    blank = [n for n, c in enumerate(captions, 1) if not c]
-    if blank:
-        raise UsageError(f"{path}: blank line{'s' if len(blank) > 1 else ''} {list_some(blank)} "
-                         f"(one caption a line, no blank lines)")
+            captions = [caption for _, caption in caption_lines(f, name)]
+        except IsADirectoryError:
+            raise UsageError(f"{path}: is a folder, expected a text file of captions") from None
+        except OSError as e:
+            raise UsageError(f"{name}: cannot read ({e.strerror})") from None
+    check_caption_lines(enumerate(captions, 1), name)
     return captions
 
 
@@ -284,10 +339,12 @@ def json_line(obj) -> str:
 
 
 def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool, out=None,
-                   names: list[str] | None = None) -> None:
+                   names: list[str] | None = None, unknown: dict[int, list[str]] | None = None) -> None:
     """Top-k captions of each image, then top-k images of each caption, to ``out`` (stdout).
-    ``names``: a file name per image, shown beside its index ("file" in JSON)."""
+    ``names``: a file name per image, shown beside its index ("file" in JSON). ``unknown``: {caption:
+    its words the vocabulary lacks} ("unknown_words" in that caption's JSON line, when it has any)."""
     out = out or sys.stdout
+    unknown = unknown or {}
     if k <= 0:
         return
 
@@ -309,7 +366,8 @@ def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool,
     for j, (idx, scores) in enumerate(zip(img_idx, img_scores)):
         if as_json:
             top = [{"image": int(i), **file(i), "score": float(s)} for i, s in zip(idx, scores)]
-            out.write(json_line({"caption": j, "text": captions[j], "top": top}))
+            extra = {"unknown_words": unknown[j]} if j in unknown else {}
+            out.write(json_line({"caption": j, "text": captions[j], "top": top, **extra}))
         else:
             out.write(f"caption {j}: {printable(captions[j])}\n")
             out.writelines(f"  {r}. {label(i)} ({s:.6f})\n" for r, (i, s) in enumerate(zip(idx, scores), 1))
@@ -324,13 +382,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="region features (.npy, (n_img, n_region, img_dim) float), or pictures: a folder, a .txt "
                         "file of picture paths (one a line), or one picture file; pictures need a model exported "
                         "with --feature-extractor")
-    p.add_argument("captions", metavar="CAPTIONS.txt", help="UTF-8 text, one caption a line")
+    p.add_argument("captions", metavar="CAPTIONS.txt", help="UTF-8 text, one caption a line; - reads them from "
+                                                            "standard input")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="folder written by python -m export (default: %(default)s)")
     p.add_argument("--output", metavar="SIMS.npy", help="write the (n_img, n_cap) float32 similarities here")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
                    help="matches to print per image and per caption; 0 prints none (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print rankings as JSON lines")
+    p.add_argument("--html", metavar="PAGE.html",
+                   help="also write the top-K as one self-contained web page: each caption with its best "
+                        "pictures (thumbnails inlined), each picture with its best captions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --html page")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: CUDA when onnxruntime offers it, else CPU (default: %(default)s)")
     p.add_argument("--shard", type=int, default=None, metavar="N",
@@ -345,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.html is not None and args.top_k == 0:
+        p.error("--html shows the top-K: give --top-k 1 or more")
     for flag, value, high in (("--shard", args.shard, MAX_SHARD), ("--threads", args.threads, MAX_THREADS),
                               ("--image-batch", args.image_batch, MAX_IMAGE_BATCH)):
         if value is not None and not 1 <= value <= high:
@@ -363,10 +428,15 @@ def model_files(model_dir: str) -> list[str]:
 def run(args: argparse.Namespace) -> np.ndarray:
     """Check everything, then score, write and print. Raises UserError (and its kin) on bad input."""
     feats, names = open_images(args.images)  # names: None for a .npy of features
-    captions = read_captions(args.captions)
+    inputs = [args.images, *(feats if names is not None else ()), *model_files(args.model),
+              *([args.captions] if args.captions != STDIN else [])]
     if args.output:
-        check_output(args.output, [args.images, args.captions, *(feats if names is not None else ()),
-                                   *model_files(args.model)])
+        check_output(args.output, inputs)
+    if args.html:
+        cli.check_output_file(args.html, inputs, flag="--html", overwrite=args.overwrite)
+        if args.output:
+            cli.check_outputs_distinct([("--output", args.output), ("--html", args.html)])
+    captions = read_captions(args.captions)
     scorer = Scorer(args.model, device=args.device, shard=args.shard, threads=args.threads,
                     image_batch=args.image_batch)
     if names is None:
@@ -383,6 +453,7 @@ def run(args: argparse.Namespace) -> np.ndarray:
         else:
             sims = np.empty((n_img, n_cap), dtype=np.float32)
         show_device(args, scorer, what, len(captions))
+        unknown = scorer.unknown_words(captions)  # said once scored (a failed run prints its error line only)
         progress = Progress("scoring", enabled=not args.quiet)
         scorer.score(feats, captions, out=sims, progress=progress, check=False, captions_name=args.captions)
         progress.close()
@@ -396,8 +467,51 @@ def run(args: argparse.Namespace) -> np.ndarray:
     finally:  # on every exit path: an error, Ctrl-C, SIGTERM (runtime.cli makes it unwind)
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-    print_rankings(sims, captions, args.top_k, args.json, names=names)
+    note_unknown_words(unknown, captions, "caption")
+    if args.html:
+        write_html(args, sims, captions, feats if names is not None else None, names, unknown)
+    print_rankings(sims, captions, args.top_k, args.json, names=names, unknown=unknown)
     return sims
+
+
+def note_unknown_words(unknown: dict[int, list[str]], texts: list[str], what: str, first: int = 0) -> None:
+    """One "note:" line on stderr per caption with words the vocabulary lacks (it is still scored:
+    such words are read as <unk>, as in training). unknown: {index in texts: words}; first: the
+    number of texts[0] in the messages."""
+    for i, words in unknown.items():
+        text = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
+        print(printable(f"note: {what} {first + i} ({text!r}): the model's vocabulary lacks "
+                        f"{', '.join(words)}; read as <unk>"), file=sys.stderr)
+
+
+def write_html(args: argparse.Namespace, sims: np.ndarray, captions: list[str], paths: list[str] | None,
+               names: list[str] | None, unknown: dict[int, list[str]]) -> None:
+    """--html: each caption with its top-K images, then each image with its top-K captions
+    (runtime.html), written atomically."""
+    from .atomic import atomic_open
+    from .html import Match, ResultsPage
+
+    def label(i: int) -> str:
+        return names[i] if names is not None else f"image {i}"
+
+    def picture(i: int) -> str | None:
+        return paths[i] if paths is not None else None
+
+    with atomic_open(args.html, "w") as f:
+        page = ResultsPage(f, f"runtime.score: {args.images} x {args.captions}",
+                           [f"model {args.model}; {sims.shape[0]} images x {sims.shape[1]} captions; top {args.top_k}"],
+                           None if paths is not None else "The images are region features, not pictures: "
+                                                          "shown by row and score only.")
+        page.heading("Captions, each with its best images")
+        img_idx, img_scores = top_k_images(sims, args.top_k)
+        for j, (idx, scores) in enumerate(zip(img_idx, img_scores)):
+            notes = [f"the model's vocabulary lacks {', '.join(unknown[j])} (read as <unk>)"] if j in unknown else []
+            page.caption_query(j, captions[j], [Match(label(i), float(s), picture(i)) for i, s in zip(idx, scores)],
+                               notes)
+        page.heading("Images, each with its best captions")
+        for i, idx, scores in top_k_captions(sims, args.top_k):
+            page.picture_query(i, label(i), picture(i), [Match(captions[j], float(s)) for j, s in zip(idx, scores)])
+        page.close()
 
 
 def show_device(args: argparse.Namespace, scorer: Scorer, what: str, n_cap: int) -> None:

@@ -5,6 +5,8 @@
     sims = scorer.score(region_feats, ["a dog on a sofa", ...])   # (n_img, n_cap) float32
 
     sims = scorer.score(["cat.jpg", "cup.png"], captions)        # image files: needs feature_extractor.onnx
+    sims = scorer.score("cat.jpg", captions)                     # one picture: (1, n_cap)
+    scorer.unknown_words(["a zebra on a sofa"])                  # {0: ["zebra"]}: words read as <unk>
 
 ``Scorer`` is the all-pairs scorer on top of ``runtime.engine.Engine`` (model dir, sessions,
 tokenisation, encoders, projections, one matcher call); every name this module had before the
@@ -26,6 +28,7 @@ not depend on the shard size beyond float rounding. A score that is NaN or Inf i
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -40,6 +43,7 @@ from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_capt
 from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GRAPHS, MANIFEST_FILE,  # noqa: F401
                        PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, load_manifest, sha256_file,
                        takes_projections)
+from .text import UNK, tokenize
 from .tiles import caption_blocks
 
 GROUP_BYTES = 256 << 20  # an image group's features + embeddings + projections, at most (float32)
@@ -160,6 +164,21 @@ class Scorer(Engine):
                               None if region_proj is None else region_proj[i:i + group])
         return out
 
+    # ------------------------------------------------------------------ words
+    def unknown_words(self, captions: Sequence[str], tokens: np.ndarray | None = None) -> dict[int, list[str]]:
+        """{caption index: its words the model's vocabulary lacks, in order, each once} for the
+        captions that have any. Such a word is encoded as <unk>, exactly as the model saw unknown
+        words in training: the caption is still scored (one of only unknown words too, as
+        <start> <unk> ... <end>). tokens: ``tokenize(captions)``'s ids, if already made (n_cap, n_word)."""
+        if tokens is None:
+            tokens = self.tokenize(captions)[0]
+        split = getattr(getattr(self, "tokenizer", None), "tokenize", tokenize)  # the engine's tokenisation
+        out = {}
+        for i in np.flatnonzero((np.asarray(tokens) == UNK).any(1)):
+            words = [w for w in split(captions[i]) if self.vocab(w) == UNK]
+            out[int(i)] = list(dict.fromkeys(words))
+        return out
+
     # ------------------------------------------------------------------ all pairs
     def score(self, region_feats, captions: Sequence[str], out: np.ndarray | None = None,
               progress: Callable[[int, int], None] | None = None, check: bool = True,
@@ -168,12 +187,15 @@ class Scorer(Engine):
 
         region_feats: (n_img, n_region, img_dim) float array or memmap (read a group at a time),
         or a list of image file paths (decoded a batch at a time while scoring; needs a model dir
-        exported with --feature-extractor). captions: list of strings, at most MAX_WORDS tokens
+        exported with --feature-extractor), or one image file path (str or os.PathLike: n_img = 1).
+        captions: list of strings, at most MAX_WORDS tokens
         each. out: an (n_img, n_cap) float32 array to fill (e.g. a memmap), else a new array.
         progress(done, total) is called after each block of work (a caption shard, a batch of
         pictures, an image x caption shard). captions_name: what error messages call the captions.
         InputError for bad input, and for a score that comes out NaN or Inf.
         """
+        if isinstance(region_feats, (str, os.PathLike)):  # one picture
+            region_feats = [region_feats]
         paths = image_paths_or_none(region_feats)
         if paths is not None:
             paths = check_image_paths(paths)

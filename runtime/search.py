@@ -1,6 +1,7 @@
 """Search an index folder: a fast first stage over the whole gallery, exact IMRAM re-ranking of a shortlist.
 
-    python -m runtime.search INDEX_DIR QUERIES [--top-k 10] [--shortlist N | --exhaustive] [--json]
+    python -m runtime.search INDEX_DIR QUERIES|-|--query TEXT... [--top-k 10] [--shortlist N | --exhaustive]
+                             [--json] [--html PAGE.html [--pictures DIR] [--overwrite]] [--batch 256]
                              [--first-stage exact|faiss [--faiss-params P]]
                              [--model MODEL_DIR] [--device auto|cpu|cuda] [--threads T] [--quiet]
 
@@ -13,9 +14,17 @@
 A serving process calls ``runtime.memory.retain_freed_memory()`` once (as this command does): glibc
 then keeps freed blocks for reuse (a d = 1024 query: 445 against 481 ms).
 
-QUERIES: for an image index a text file of captions (one a line, as runtime.score reads them);
-for a caption index region features (.npy) or pictures (a folder, a .txt list, one file), as
+QUERIES: for an image index a text file of captions (one a line, as runtime.score reads them),
+"-" for the same on standard input, or instead captions given as --query TEXT (repeatable); for a
+caption index region features (.npy) or pictures (a folder, a .txt list, one file), as
 runtime.score's IMAGES. Each query is encoded with the model's own encoders (runtime.engine).
+Unknown words: every query is answered; a caption's words the model's vocabulary lacks are read
+as <unk>, exactly as in training (a caption of only such words too: <start> <unk> ... <end>), and
+each such query gets one "note: query Q (...): the model's vocabulary lacks ..." line on stderr.
+The command reads, encodes, searches and prints the queries a batch (--batch) at a time, so its
+memory does not grow with their number and the first results come at once; the whole input is
+checked first (a bad line anywhere is one error line before any result; standard input is copied
+to a temporary file for that).
 
 Two stages. 1. First stage: every item of the gallery has one global vector, the mean of its
 own region (word) embeddings, l2-normalised, or, when the model dir has a global head
@@ -33,7 +42,13 @@ runtime.score does (``Scorer.score_embeddings``).
 runtime.score. Order: score descending, ties by row ascending. The shortlist is at least top_k.
 
 Output: per query its top_k rows (row in the index), ids and scores, best first: text, or with
---json one JSON object a line: {"query": LINE_FROM_0, "matches": [{"row": R, "id": ID, "score": S}, ...]}.
+--json one JSON object a line: {"query": Q_FROM_0, "text": CAPTION, "matches": [{"row": R, "id": ID,
+"score": S}, ...]} ("file" instead of "text" for picture or features queries; "unknown_words": [...]
+added for a caption with words the vocabulary lacks). --html PAGE.html also writes one
+self-contained page (runtime.html): each query with its top_k pictures (thumbnails inlined; an
+image index's pictures are found under --pictures DIR, the folder it was built from, by default
+the current folder) or, for a caption index, the query picture and its captions. The page is
+written atomically, and an existing one is replaced only with --overwrite.
 Bad input (see runtime.score; also an index built with another model, a missing or altered
 index folder, queries of the wrong kind): one "error: ..." line on stderr, exit status 2.
 """
@@ -42,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import mmap
 import os
 import sys
@@ -57,7 +73,6 @@ from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
 from .scorer import DEVICES, MAX_THREADS, DeviceError, InputError, Scorer
-from .text import UNK
 
 CHUNK_BYTES = 32 << 20  # first stage: global vectors scored per chunk
 EXHAUSTIVE_ITEMS = 1024  # exhaustive: items scored per call of Scorer.score_embeddings
@@ -320,18 +335,14 @@ class Index:
     def encode_queries(self, queries, name: str = "queries") -> dict:
         """Queries -> {"embs": (Q, n_vec, d), "lengths": (Q,) or None, "global": (Q, d)}. Captions (a list
         of str) for an image index; region features (Q, n_region, img_dim) or picture paths for a
-        caption index. InputError for queries of the other kind, for a caption with no word the
-        model knows (its query would be the same for every such caption: nothing to search with)
-        and for features of another size. name: what error messages call the queries."""
+        caption index. InputError for queries of the other kind and for features of another
+        size. A caption's words the vocabulary lacks are read as <unk>, as in training (one of only
+        such words too: ``Scorer.unknown_words`` names them). name: what error messages call the queries."""
         if self.kind == "images":
             if isinstance(queries, np.ndarray):
                 raise InputError(f"{name}: an image index is searched with captions (a list of strings)")
             queries = check_captions(queries, name)
-            tokens, lengths = self.scorer.tokenize(queries, name)
-            for q, (ids, n) in enumerate(zip(tokens, lengths)):
-                if (ids[1:n - 1] == UNK).all():  # between <start> and <end>
-                    raise InputError(f"{name}: query {q} ({queries[q][:60]!r}) has no word the "
-                                     f"model's vocabulary knows; nothing to search with")
+            tokens, lengths = self.scorer.tokenize(queries, name)  # unknown words are <unk>, as in training
             embs, lengths = self.scorer.encode_token_batch(tokens, lengths)
             return {"embs": embs, "lengths": lengths, "global": self.scorer.global_vectors(embs, lengths)}
         paths = None if isinstance(queries, np.ndarray) else image_paths_or_none(queries)
@@ -413,14 +424,20 @@ def check_model(model_dir: str, manifest: dict, index_dir: str) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
+QUERY_BATCH = 256  # queries read, encoded, searched and printed at a time (memory flat in their number)
+MAX_QUERY_BATCH = 65536
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m runtime.search",
                            description="Search an index folder (python -m runtime.index): a first stage over "
                                        "the whole gallery, exact IMRAM re-ranking of a shortlist.")
     p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("queries", metavar="QUERIES",
-                   help="image index: a text file of captions, one a line; caption index: region features "
-                        "(.npy) or pictures (a folder, a .txt list, one picture)")
+    p.add_argument("queries", metavar="QUERIES", nargs="?",
+                   help="image index: a text file of captions, one a line, or - to read them from standard input; "
+                        "caption index: region features (.npy) or pictures (a folder, a .txt list, one picture)")
+    p.add_argument("--query", action="append", metavar="TEXT",
+                   help="a caption to search an image index with, instead of QUERIES (repeatable)")
     p.add_argument("--top-k", type=int, metavar="K", help=f"matches per query (default: {DEFAULT_TOP_K})")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--shortlist", type=int, metavar="N",
@@ -431,12 +448,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "index was built with (--faiss; needs the optional faiss package)")
     p.add_argument("--faiss-params", metavar="PARAMS", help="FAISS search parameters, e.g. nprobe=64 "
                    "(default: the ones the index was built with)")
-    p.add_argument("--json", action="store_true", help='one JSON object a query: {"query", "matches"}')
+    p.add_argument("--json", action="store_true", help='one JSON object a query: {"query", "text" (or "file"), '
+                                                       '"matches"[, "unknown_words"]}')
+    p.add_argument("--html", metavar="PAGE.html",
+                   help="also write the results as one self-contained web page (pictures inlined as thumbnails)")
+    p.add_argument("--pictures", metavar="DIR",
+                   help="with --html, an image index: the folder its pictures' ids are relative to, the one it "
+                        "was built from (default: the current folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --html page")
+    p.add_argument("--batch", type=int, default=QUERY_BATCH, metavar="N",
+                   help=f"queries read, encoded, searched and printed at a time, 1..{MAX_QUERY_BATCH} "
+                        f"(default: %(default)s)")
     p.add_argument("--model", metavar="MODEL_DIR", help="default: the model the index was built with")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=None, metavar="T", help=f"1..{MAX_THREADS}")
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
     args = p.parse_args(argv)
+    if args.queries is None and not args.query:
+        p.error("no queries: give QUERIES (a file, or - for standard input) or --query TEXT")
+    if args.queries is not None and args.query:
+        p.error("give QUERIES or --query, not both")
     args.given = {flag: value for flag, value in (("--top-k", args.top_k), ("--shortlist", args.shortlist))
                   if value is not None}  # said once when more than the index holds
     for flag, value in args.given.items():
@@ -446,48 +477,194 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.shortlist = DEFAULT_SHORTLIST if args.shortlist is None else args.shortlist
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         p.error(f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
+    if not 1 <= args.batch <= MAX_QUERY_BATCH:
+        p.error(f"--batch must be in 1..{MAX_QUERY_BATCH}, got {args.batch}")
+    if args.pictures is not None and args.html is None:
+        p.error("--pictures is where --html finds the index's pictures: give --html too")
+    if args.overwrite and args.html is None:
+        p.error("--overwrite replaces an existing --html page: give --html too")
     return args
 
 
+class Queries:
+    """The queries of one search, checked whole first, then read a batch at a time.
+
+    kind: "captions" (an image index's queries: --query, a text file, standard input), "features"
+    (a .npy, memory-mapped) or "pictures" (paths). name: what messages call them; count: how many.
+    ``batches(size)`` yields (number of the first, queries, labels, picture paths or None)."""
+
+    def __init__(self, args: argparse.Namespace, kind: str):
+        from .score import STDIN, caption_lines, check_caption_lines, open_caption_file, open_images
+        self.file = None
+        self.texts = self.feats = self.paths = self.names = None
+        if kind == "images":  # captions are the queries
+            self.kind = "captions"
+            if args.query:
+                self.name, self.texts = "--query", []
+                for i, text in enumerate(args.query, 1):  # each checked as a one-line file
+                    lines = list(caption_lines([text.encode("utf-8", "surrogateescape")], f"--query {i}"))
+                    if len(lines) != 1 or not lines[0][1]:
+                        raise cli.UserError(f"--query {i}: blank; give the words of a caption")
+                    self.texts.append(lines[0][1])
+                self.count = len(self.texts)
+                return
+            if args.queries.lower().endswith(".npy"):
+                raise cli.UserError(f"{args.queries}: an image index is searched with captions (a text file, "
+                                    f"one a line, or --query TEXT)")
+            self.file, self.name = open_caption_file(args.queries)
+            try:
+                self.count = check_caption_lines(caption_lines(self.file, self.name), self.name)
+                self.file.seek(0)
+            except OSError as e:
+                self.close()
+                raise cli.UserError(f"{self.name}: cannot read ({e.strerror or e})") from None
+            except BaseException:
+                self.close()
+                raise
+            self._lines = lambda: caption_lines(self.file, self.name)
+            return
+        if args.query or args.queries == STDIN:
+            flag = "--query" if args.query else "- (standard input)"
+            raise cli.UserError(f"{flag}: {args.index} is an index of captions, searched with images (region "
+                                f"features or picture files) given as QUERIES")
+        self.name = args.queries
+        found, names = open_images(args.queries)
+        if names is None:
+            self.kind, self.feats, self.count = "features", found, len(found)
+        else:
+            self.kind, self.paths, self.names, self.count = "pictures", found, names, len(found)
+
+    def batches(self, size: int):
+        if self.texts is not None:
+            for i in range(0, self.count, size):
+                yield i, self.texts[i:i + size], self.texts[i:i + size], None
+        elif self.file is not None:
+            lines, first = self._lines(), 0
+            while True:
+                texts = [caption for _, caption in itertools.islice(lines, size)]
+                if not texts:
+                    return
+                yield first, texts, texts, None
+                first += len(texts)
+        elif self.feats is not None:
+            base = os.path.basename(self.name)
+            for i in range(0, self.count, size):
+                j = min(i + size, self.count)
+                yield i, self.feats[i:j], [f"{base}:{r}" for r in range(i, j)], None
+        else:
+            for i in range(0, self.count, size):
+                yield i, self.paths[i:i + size], self.names[i:i + size], self.paths[i:i + size]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def read_queries(path: str, kind: str):
-    """(queries, their display texts) from QUERIES for an index of ``kind``."""
-    from .score import open_images, read_captions
-    if kind == "images":
-        if path.lower().endswith(".npy"):
-            raise cli.UserError(f"{path}: an image index is searched with captions (a text file, one a line)")
-        captions = read_captions(path)
-        return captions, captions
-    feats, names = open_images(path)
-    if names is None:
-        return feats, [f"{os.path.basename(path)}:{i}" for i in range(len(feats))]
-    return feats, names
+    """(queries, their display texts) from QUERIES for an index of ``kind``, all at once (the
+    command reads them a batch at a time: ``Queries``)."""
+    queries = Queries(argparse.Namespace(queries=path, query=None, index="the index"), kind)
+    try:
+        parts = list(queries.batches(max(1, queries.count)))
+    finally:
+        queries.close()
+    _, items, texts, _ = parts[0]
+    return items, texts
+
+
+def _picture_of(index_id: str, root: str) -> str | None:
+    """The picture file of an image index's item, for --html (None for a features row)."""
+    from .images import IMAGE_EXTENSIONS
+    return os.path.join(root, index_id) if index_id.lower().endswith(IMAGE_EXTENSIONS) else None
+
+
+def _html_page(stream, args: argparse.Namespace, index: "Index", queries: Queries, how: str):
+    """The --html page's head: what was searched, and whether pictures can be shown."""
+    from .html import ResultsPage
+    no_pictures = None
+    if index.kind == "images":
+        first = _picture_of(index.ids[0], args.pictures or "") if len(index) else None
+        if first is None:
+            no_pictures = "The index holds region features, not pictures: matches are shown by id and score only."
+        elif not os.path.isfile(first):
+            where = args.pictures or "the current folder"
+            no_pictures = (f"The index's pictures were not found under {where} (e.g. {first}): give --pictures DIR, "
+                           f"the folder the index was built from.")
+            print(cli.printable(f"note: --html: {no_pictures}"), file=sys.stderr)
+    elif queries.kind == "features":
+        no_pictures = "The queries are region features, not pictures: shown by row only."
+    return ResultsPage(stream, f"runtime.search: {args.index}",
+                       [f"{len(index)} {index.kind} in the index; {queries.count} queries from {queries.name}; "
+                        f"top {min(args.top_k, len(index))}, {how}"], no_pictures)
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .score import json_line
+    from .score import json_line, note_unknown_words
     args = parse_args(argv)
     retain_freed_memory()
     manifest = read_manifest(args.index)
-    queries, texts = read_queries(args.queries, manifest["kind"])
-    index = Index(args.index, args.model, device=args.device, threads=args.threads, first_stage=args.first_stage,
-                  faiss_params=args.faiss_params)
-    if not args.quiet:
-        how = "exhaustive" if args.exhaustive else f"shortlist {max(args.shortlist, args.top_k)}"
-        print(f"{index!r}; {len(texts)} queries, {how}", file=sys.stderr)
-    rows, scores = index.search(queries, args.top_k, args.shortlist, args.exhaustive, name=args.queries)
-    for flag, value in args.given.items():
-        if value > len(index):
-            print(f"note: {flag} {value} is more than the index's {len(index)} items; {len(index)} used",
-                  file=sys.stderr)
-    out = sys.stdout
-    for q, (r, s) in enumerate(zip(rows, scores)):
-        if args.json:
-            out.write(json_line({"query": q, "matches": [{"row": int(i), "id": index.ids[i], "score": float(v)}
-                                                         for i, v in zip(r, s)]}))
-        else:
-            out.write(f"query {q}: {cli.printable(texts[q])}\n")
-            out.writelines(f"  {n}. row {i} ({v:.6f}) {cli.printable(index.ids[i])}\n"
-                           for n, (i, v) in enumerate(zip(r, s), 1))
+    if args.html is not None:
+        inputs = [] if args.queries in (None, "-") else [args.queries]
+        cli.check_output_file(args.html, inputs + [os.path.join(args.index, f) for f in os.listdir(args.index)],
+                              flag="--html", overwrite=args.overwrite)
+        if args.pictures is not None:
+            if manifest["kind"] != "images":
+                raise cli.UserError("--pictures: the index holds captions; its --html page shows the query pictures")
+            if not os.path.isdir(args.pictures):
+                raise cli.UserError(f"--pictures {args.pictures}: no such folder")
+    queries = Queries(args, manifest["kind"])
+    with contextlib.ExitStack() as stack:
+        stack.callback(queries.close)
+        index = Index(args.index, args.model, device=args.device, threads=args.threads, first_stage=args.first_stage,
+                      faiss_params=args.faiss_params)
+        if queries.kind == "features":  # every row checked before the first result is printed
+            check_region_feats(queries.feats, index.scorer.img_dim, queries.name)
+        how = "exhaustive" if args.exhaustive else f"shortlist {min(max(args.shortlist, args.top_k), len(index))}"
+        if not args.quiet:
+            print(f"{index!r}; {queries.count} queries, {how}", file=sys.stderr)
+        for flag, value in args.given.items():
+            if value > len(index):
+                print(f"note: {flag} {value} is more than the index's {len(index)} items; {len(index)} used",
+                      file=sys.stderr)
+        page = None
+        if args.html is not None:
+            from .atomic import atomic_open
+            page = _html_page(stack.enter_context(atomic_open(args.html, "w")), args, index, queries, how)
+        out = sys.stdout
+        for first, batch, labels, pictures in queries.batches(args.batch):
+            unknown = index.scorer.unknown_words(batch) if queries.kind == "captions" else {}
+            note_unknown_words(unknown, labels, "query", first)
+            rows, scores = index.search(batch, args.top_k, args.shortlist, args.exhaustive, name=queries.name)
+            for i, (r, s) in enumerate(zip(rows, scores)):
+                q, label = first + i, labels[i]
+                if args.json:
+                    extra = {"unknown_words": unknown[i]} if i in unknown else {}
+                    out.write(json_line({"query": q, "text" if queries.kind == "captions" else "file": label,
+                                         "matches": [{"row": int(j), "id": index.ids[j], "score": float(v)}
+                                                     for j, v in zip(r, s)], **extra}))
+                else:
+                    out.write(f"query {q}: {cli.printable(label)}\n")
+                    out.writelines(f"  {n}. row {j} ({v:.6f}) {cli.printable(index.ids[j])}\n"
+                                   for n, (j, v) in enumerate(zip(r, s), 1))
+                if page is not None:
+                    _html_query(page, args, index, q, label, None if pictures is None else pictures[i], r, s,
+                                unknown.get(i))
+            out.flush()
+        if page is not None:
+            page.close()
+
+
+def _html_query(page, args, index: "Index", q: int, label: str, picture: str | None, rows, scores,
+                unknown: list[str] | None) -> None:
+    from .html import Match
+    notes = [f"the model's vocabulary lacks {', '.join(unknown)} (read as <unk>)"] if unknown else []
+    if index.kind == "images":
+        page.caption_query(q, label, [Match(index.ids[j], float(v), _picture_of(index.ids[j], args.pictures or ""),
+                                            int(j)) for j, v in zip(rows, scores)], notes)
+    else:
+        page.picture_query(q, label, picture, [Match(index.ids[j], float(v), None, int(j))
+                                               for j, v in zip(rows, scores)], notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -254,8 +254,9 @@ def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [d["query"] for d in lines] == list(range(len(split[3])))
+    assert [d["text"] for d in lines] == split[3]
     for d in lines:
-        assert set(d) == {"query", "matches"} and len(d["matches"]) == 2
+        assert set(d) - {"unknown_words"} == {"query", "text", "matches"} and len(d["matches"]) == 2
         assert all(set(m) == {"row", "id", "score"} for m in d["matches"])
         assert d["matches"][0]["id"] == f"test_ims.npy:{d['matches'][0]['row']}"
         assert d["matches"][0]["score"] >= d["matches"][1]["score"]
@@ -266,7 +267,7 @@ def test_cli_json_format(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
                                   "store_projections_plain_matcher", "append_with_projections",
                                   "altered_projection_size", "faiss_not_installed", "bad_faiss_factory",
                                   "faiss_params_without_faiss", "first_stage_faiss_without_faiss_index",
-                                  "unknown_words_query", "empty_query_file", "shortlist_zero", "shortlist_negative",
+                                  "empty_query_file", "shortlist_zero", "shortlist_negative",
                                   "top_k_negative", "truncated_embeddings", "altered_embeddings_header",
                                   "wrong_feature_size_query", "wrong_feature_size_build",
                                   "append_another_region_count", "append_another_feature_size"])
@@ -293,7 +294,6 @@ def test_bad_inputs_one_line_exit_2(case, image_index, proj_index, tmp_path, tin
         elif case == "altered_embeddings_header":
             embs.write_bytes(embs.read_bytes().replace(b"'<f4'", b"'<f8'", 1))
     feats = split[2]
-    (tmp_path / "unknown.txt").write_text("zzzqx qqqzv\n")
     (tmp_path / "empty.txt").write_text("")
     np.save(tmp_path / "wide.npy", np.zeros((2, feats.shape[1], feats.shape[2] + 1), np.float32))
     np.save(tmp_path / "regions.npy", np.zeros((2, feats.shape[1] + 1, feats.shape[2]), np.float32))
@@ -336,7 +336,6 @@ def test_bad_inputs_one_line_exit_2(case, image_index, proj_index, tmp_path, tin
                                                     "--faiss-params", "nprobe=4"], ["--faiss-params needs --faiss"]),
         "first_stage_faiss_without_faiss_index": (search_main, [image_index, caps, "--first-stage", "faiss"],
                                                   ["has no FAISS index"]),
-        "unknown_words_query": (search_main, [image_index, tmp_path / "unknown.txt"], ["unknown.txt", "query 0", "no word"]),
         "empty_query_file": (search_main, [image_index, tmp_path / "empty.txt"], ["empty.txt", "no captions"]),
         "shortlist_zero": (search_main, [image_index, caps, "--shortlist", "0"], ["--shortlist", ">= 1"]),
         "shortlist_negative": (search_main, [image_index, caps, "--shortlist", "-3"], ["--shortlist", ">= 1"]),
@@ -360,8 +359,9 @@ def test_top_k_and_shortlist_past_the_gallery_are_clamped_and_said_once(image_in
     code, out, err = run_cli(search_main, [image_index, split[1], "--top-k", "50", "--shortlist", "80", "--json",
                                            "--quiet", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert err.splitlines() == [f"note: --top-k 50 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used",
-                                f"note: --shortlist 80 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used"]
+    notes = [line for line in err.splitlines() if not line.startswith("note: query ")]  # not those of unknown words
+    assert notes == [f"note: --top-k 50 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used",
+                     f"note: --shortlist 80 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used"]
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(split[3]) and all(len(d["matches"]) == N_TEST_IMAGES for d in lines)
 
