@@ -44,7 +44,7 @@ that is one of the inputs or cannot be written, a full disk, a flag out of range
 scores that come out NaN or Inf): one "error: ..." line on stderr, exit status 2, no file
 written or changed. The bad-input specification is tests/test_bad_inputs_runtime.py.
 
-numpy, onnxruntime, Pillow, the standard library and nltk only: no torch.
+numpy, onnxruntime, Pillow and the standard library only: no torch, no nltk (runtime.text owns the tokeniser).
 """
 from __future__ import annotations
 
