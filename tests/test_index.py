@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from fixtures import (N_TEST_IMAGES, assert_one_error_line, run_cli, tiny_checkpoint,  # noqa: F401
+from fixtures import (N_TEST_IMAGES, assert_error_line, assert_one_error_line, run_cli, tiny_checkpoint,  # noqa: F401
                       tiny_data, tiny_model_dir)
 from runtime import indexdir
 from runtime.index import build, main as index_main
@@ -38,7 +38,8 @@ def exhaustive_sims(tiny_model_dir, split):  # noqa: F811
 
 
 def index_files(path):
-    return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
+    """Every file of the index folder and its bytes (the writer lock's pid aside)."""
+    return {f: (path / f).read_bytes() for f in sorted(os.listdir(path)) if f != indexdir.LOCK_FILE}
 
 
 # --------------------------------------------------------------------------- round trips
@@ -364,6 +365,283 @@ def test_top_k_and_shortlist_past_the_gallery_are_clamped_and_said_once(image_in
                      f"note: --shortlist 80 is more than the index's {N_TEST_IMAGES} items; {N_TEST_IMAGES} used"]
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(split[3]) and all(len(d["matches"]) == N_TEST_IMAGES for d in lines)
+
+
+# --------------------------------------------------------------------------- one writer, snapshots, tampering
+def copy_of(index_dir, tmp_path, name="copy"):
+    import shutil
+    shutil.copytree(index_dir, tmp_path / name)
+    return tmp_path / name
+
+
+def edit_manifest(index_dir, change) -> None:
+    m = json.loads((index_dir / "manifest.json").read_text())
+    change(m)
+    (index_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def record(index_dir, part: int, suffix: str) -> None:
+    """Make the manifest record the file as it now is (a consistent but altered index)."""
+    def change(m):
+        path = index_dir / f"{m['parts'][part]['name']}.{suffix}"
+        m["parts"][part]["files"][suffix] = indexdir.hash_file(str(path))
+    edit_manifest(index_dir, change)
+
+
+def test_replacing_an_index_needs_overwrite(image_index, tmp_path, split, capsys):
+    copy, few = copy_of(image_index, tmp_path), tmp_path / "few.npy"
+    np.save(few, split[2][:3])
+    before = index_files(copy)
+    code, out, err = run_cli(index_main, [few, "--out", copy, "--quiet", "--device", "cpu"], capsys)
+    assert_error_line(code, out, err, [f"--out {copy} already exists", "--overwrite"])
+    assert index_files(copy) == before
+    code, out, err = run_cli(index_main, [few, "--out", copy, "--overwrite", "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert Index(copy, device="cpu", threads=1).ids == ["few.npy:0", "few.npy:1", "few.npy:2"]
+
+
+def test_append_refuses_or_skips_ids_already_there(tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
+    copy = tmp_path / "idx"
+    assert run_cli(index_main, [split[0], "--model", tiny_model_dir, "--out", copy, "--quiet", "--device", "cpu"],
+                   capsys)[0] == 0  # ids test_ims.npy:0 .. :5
+    before = index_files(copy)
+    np.save(tmp_path / "test_ims.npy", np.concatenate([split[2], split[2][:2]]))  # rows 0-5 indexed, 6-7 new
+    code, out, err = run_cli(index_main, [tmp_path / "test_ims.npy", "--out", copy, "--append", "--quiet"], capsys)
+    assert_error_line(code, out, err, ["6 of the 8 items are already in", "'test_ims.npy:0' and more", "--skip-existing"])
+    assert index_files(copy) == before
+    code, out, err = run_cli(index_main, [tmp_path / "test_ims.npy", "--out", copy, "--append", "--skip-existing",
+                                          "--quiet", "--device", "cpu"], capsys)
+    assert code == 0 and err == f"note: skipped 6 of the 8 items: their ids are already in {copy}\n", err
+    ids = Index(copy, device="cpu", threads=1).ids
+    assert ids == [f"test_ims.npy:{i}" for i in range(8)]
+    code, out, err = run_cli(index_main, [tmp_path / "test_ims.npy", "--out", copy, "--append", "--skip-existing",
+                                          "--quiet", "--device", "cpu"], capsys)
+    assert code == 0 and err.splitlines()[-1] == f"note: nothing to append to {copy}"
+    assert len(Index(copy, device="cpu", threads=1)) == 8
+
+
+def test_index_append_adds_items_and_reloads(image_index, tmp_path, split, exhaustive_sims):
+    index = Index(copy_of(image_index, tmp_path), device="cpu", threads=1)
+    assert index.append(split[2][:2], ids=["new0", "new1"]) == 2
+    assert len(index) == N_TEST_IMAGES + 2 and index.ids[-2:] == ["new0", "new1"]
+    rows, scores = index.search(split[3][:3], top_k=N_TEST_IMAGES + 2, exhaustive=True)
+    got = np.zeros((3, N_TEST_IMAGES + 2), np.float32)
+    np.put_along_axis(got, rows, scores, 1)
+    assert np.abs(got[:, N_TEST_IMAGES:] - exhaustive_sims.T[:3, :2]).max() <= TOL  # the same images, scored alike
+    with pytest.raises(indexdir.IndexDirError, match="already in"):
+        index.append(split[2][:1], ids=["new0"])
+    notes = []
+    assert index.append(split[2][:2], ids=["new0", "new2"], skip_existing=True, note=notes.append) == 1
+    assert notes == [f"skipped 1 of the 2 items: their ids are already in {index.index_dir}"]
+    assert index.ids[-1] == "new2" and len(index.manifest["parts"]) == 3
+
+
+def test_a_second_writer_is_refused_in_one_line_after_its_wait(image_index, tmp_path, split, capsys):
+    copy = copy_of(image_index, tmp_path)
+    before = index_files(copy)
+    with indexdir.writer_lock(str(copy)):  # another writer
+        code, out, err = run_cli(index_main, [split[0], "--out", copy, "--append", "--skip-existing", "--quiet",
+                                              "--wait", "0.2"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"note: waiting up to 0.2 s for the writer of {copy} (pid {os.getpid()})",
+                                f"error: {copy}: being written by another process (pid {os.getpid()}); try again "
+                                f"when it is done, or add --wait SECONDS"]
+    assert index_files(copy) == before
+
+
+def test_an_open_index_keeps_answering_from_its_snapshot_until_reload(tmp_path, tiny_model_dir, split):  # noqa: F811
+    idx = tmp_path / "idx"
+    build(idx, split[2], tiny_model_dir, device="cpu", threads=1)
+    index = Index(idx, device="cpu", threads=1)
+    before = [index.search(split[3], top_k=3, shortlist=4), index.search(split[3], top_k=3, exhaustive=True)]
+    opened = [f.name for p in index.parts for f in p["files"].values()]
+    build(idx, split[2][:3], device="cpu", threads=1, overwrite=True)  # a rebuild deletes every file it opened
+    assert not any(os.path.exists(name) for name in opened)
+    after = [index.search(split[3], top_k=3, shortlist=4), index.search(split[3], top_k=3, exhaustive=True)]
+    for (rows_b, scores_b), (rows_a, scores_a) in zip(before, after):
+        assert (rows_a == rows_b).all() and (scores_a == scores_b).all()
+    assert index.reload() and len(index) == 3 and not index.reload()
+
+
+def test_a_part_deleted_after_the_manifest_was_read_is_read_from_the_new_manifest(tmp_path, tiny_model_dir,  # noqa: F811
+                                                                                   split, monkeypatch):
+    import runtime.search as search
+    idx = tmp_path / "idx"
+    build(idx, split[2], tiny_model_dir, device="cpu", threads=1)
+    stale = indexdir.read_manifest(str(idx))
+    build(idx, split[2][:3], device="cpu", threads=1, overwrite=True)
+    calls = []
+
+    def stale_first(index_dir, *args):  # as if the rebuild committed between reading and opening
+        calls.append(index_dir)
+        return stale if len(calls) == 1 else indexdir.read_manifest(index_dir, *args)
+    monkeypatch.setattr(search, "read_manifest", stale_first)
+    assert len(Index(idx, device="cpu", threads=1)) == 3 and len(calls) == 2
+
+
+def test_a_part_file_is_hashed_once_per_process(tmp_path, tiny_model_dir, split, monkeypatch):  # noqa: F811
+    build(tmp_path / "idx", split[2], tiny_model_dir, device="cpu", threads=1)
+    import hashlib
+    import types
+    hashed = []
+
+    def counting(*args):
+        hashed.append(1)
+        return hashlib.sha256(*args)
+    monkeypatch.setattr(indexdir, "hashlib", types.SimpleNamespace(sha256=counting))
+    Index(tmp_path / "idx", device="cpu", threads=1)
+    assert len(hashed) == len(indexdir.SUFFIXES)  # each part file once
+    Index(tmp_path / "idx", device="cpu", threads=1).reload()
+    assert len(hashed) == len(indexdir.SUFFIXES)  # not again
+
+
+def test_the_next_writer_removes_what_killed_writers_left(image_index, tmp_path, split):
+    copy = copy_of(image_index, tmp_path, "idx")
+    strays = [copy / ".manifest.json.k1l2e3d4.tmp", copy / "part-0123456789ab.embs.npy",
+              copy / "part-0123456789ab.ids.txt", copy / "faiss-0123456789ab.index"]
+    for path in strays:
+        path.write_bytes(b"left by a killed writer")
+    old_protocol = tmp_path / ".idx.a1b2c3d4.tmp"  # a new build's temporary folder, before this protocol
+    old_protocol.mkdir()
+    (old_protocol / "part-0123456789ab.embs.npy").write_bytes(b"x")
+    build(copy, split[2][:1], append=True, ids=["one"], device="cpu", threads=1)
+    assert not any(p.exists() for p in strays + [old_protocol])
+    assert len(Index(copy, device="cpu", threads=1)) == N_TEST_IMAGES + 1
+
+
+def test_a_full_disk_during_an_append_leaves_no_part_file(image_index, tmp_path, split, capsys, monkeypatch):
+    import errno
+    copy = copy_of(image_index, tmp_path)
+    before = index_files(copy)
+
+    class FullDisk:  # buffered bytes that cannot be written: the write fails, and closing fails again
+        def __init__(self, file):
+            self.file, self.writes = file, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:  # the header went through
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_init = indexdir._HashedFile.__init__
+
+    def init(self, path):
+        real_init(self, path)
+        if path.endswith("global.npy"):
+            self.file = FullDisk(self.file)
+    monkeypatch.setattr(indexdir._HashedFile, "__init__", init)
+    np.save(tmp_path / "more.npy", split[2][:2])
+    code, out, err = run_cli(index_main, [tmp_path / "more.npy", "--out", copy, "--append", "--quiet",
+                                          "--device", "cpu"], capsys)
+    assert_error_line(code, out, err, ["no space left on the device"])
+    assert index_files(copy) == before
+
+
+@pytest.mark.parametrize("case", ["part_listed_twice", "embs_swapped", "embs_symlink_out", "manifest_fifo",
+                                  "ids_fifo", "embs_fifo", "ids_dev_zero", "manifest_dev_zero", "manifest_too_big",
+                                  "ids_longer", "not_npy", "huge_header", "nan_global", "pickle_npy", "format_1"])
+def test_a_tampered_index_is_one_error_line(case, tmp_path, tiny_model_dir, split, capsys):  # noqa: F811
+    import signal
+    idx = tmp_path / "idx"
+    build(idx, split[2][:3], tiny_model_dir, device="cpu", threads=1, ids=["a0", "a1", "a2"])
+    build(idx, split[2][3:], append=True, device="cpu", threads=1, ids=["b0", "b1", "b2"])
+    m = json.loads((idx / "manifest.json").read_text())
+    first, second = (idx / p["name"] for p in m["parts"])
+
+    def file(part, suffix):
+        return idx / f"{part.name}.{suffix}"
+    if case == "part_listed_twice":
+        edit_manifest(idx, lambda m: (m["parts"].append(m["parts"][0]), m.update(n_items=9)))
+    elif case == "embs_swapped":  # two parts of one shape: every file's size fits
+        a, b = file(first, "embs.npy"), file(second, "embs.npy")
+        a.rename(tmp_path / "swap")
+        b.rename(a)
+        (tmp_path / "swap").rename(b)
+    elif case == "embs_symlink_out":
+        (tmp_path / "outside.npy").write_bytes(file(first, "embs.npy").read_bytes())
+        file(first, "embs.npy").unlink()
+        file(first, "embs.npy").symlink_to(tmp_path / "outside.npy")
+    elif case.endswith("_fifo"):
+        path = idx / "manifest.json" if case == "manifest_fifo" else file(first, {"ids_fifo": "ids.txt",
+                                                                                    "embs_fifo": "embs.npy"}[case])
+        path.unlink()
+        os.mkfifo(path)
+    elif case.endswith("_dev_zero"):
+        path = idx / "manifest.json" if case == "manifest_dev_zero" else file(first, "ids.txt")
+        path.unlink()
+        path.symlink_to("/dev/zero")
+    elif case == "manifest_too_big":
+        with open(idx / "manifest.json", "r+b") as f:
+            f.truncate(indexdir.MAX_MANIFEST_BYTES + 1)
+    elif case == "ids_longer":
+        with open(file(first, "ids.txt"), "ab") as f:
+            f.write(b'"one more"\n')
+    elif case == "not_npy":
+        path = file(first, "global.npy")
+        path.write_bytes(b"x" * path.stat().st_size)
+    elif case == "huge_header":
+        path = file(first, "global.npy")
+        data = path.read_bytes()
+        header_end = data.index(b"\n") + 1
+        header = data[:header_end].decode("latin1")
+        claimed = header.replace("(3,", "(100000000000,", 1)
+        claimed = claimed.replace(" " * 11 + "\n", "\n", 1)  # the same header length
+        assert len(claimed) == len(header)
+        path.write_bytes(claimed.encode("latin1") + data[header_end:])
+        record(idx, 0, "global.npy")
+    elif case == "nan_global":
+        path = file(first, "global.npy")
+        data = bytearray(path.read_bytes())
+        data[-4:] = np.float32(np.nan).tobytes()
+        path.write_bytes(bytes(data))
+        record(idx, 0, "global.npy")  # the hash fits: the floats are checked too
+    elif case == "pickle_npy":
+        path = file(first, "offsets.npy")
+        path.unlink()
+        np.save(path, np.array([0, 1, 2, 3], dtype=object), allow_pickle=True)
+        record(idx, 0, "offsets.npy")
+    elif case == "format_1":
+        edit_manifest(idx, lambda m: (m.update(format_version=1), [p.pop("files") for p in m["parts"]]))
+    words = {"part_listed_twice": ["manifest.json", "listed 2 times"],
+             "embs_swapped": ["embs.npy", "SHA-256"], "embs_symlink_out": ["embs.npy", "symbolic link"],
+             "manifest_fifo": ["manifest.json", "not a regular file"], "ids_fifo": ["ids.txt", "not a regular file"],
+             "embs_fifo": ["embs.npy", "not a regular file"], "ids_dev_zero": ["ids.txt", "symbolic link"],
+             "manifest_dev_zero": ["manifest.json", "symbolic link"],
+             "manifest_too_big": ["manifest.json", "more than"], "ids_longer": ["ids.txt", "the manifest says"],
+             "not_npy": ["global.npy", "not a .npy file"],
+             "huge_header": ["global.npy", "corrupt .npy header: claims 100000000000 rows"],
+             "nan_global": ["global.npy", "NaN"], "pickle_npy": ["offsets.npy", "Python objects"],
+             "format_1": ["format version 1", "python -m runtime.index --upgrade"]}[case]
+    queries = tmp_path / "q.txt"
+    queries.write_text(split[3][0] + "\n")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("hung"))
+    signal.alarm(60)
+    try:
+        for main, args in ((search_main, [idx, queries, "--quiet", "--device", "cpu"]),
+                           (index_main, ["--verify", idx])):
+            code, out, err = run_cli(main, args, capsys)
+            assert_error_line(code, out, err, words)
+    finally:
+        signal.alarm(0)
+
+
+def test_verify_and_upgrade(image_index, tmp_path, capsys):
+    copy = copy_of(image_index, tmp_path)
+    code, out, err = run_cli(index_main, ["--verify", copy], capsys)
+    assert code == 0 and err == "" and out == (f"{copy}: {N_TEST_IMAGES} images in 1 part(s), 4 files: sizes and "
+                                               f"SHA-256 as the manifest records, headers, shapes, offsets and ids "
+                                               f"consistent, floats finite\n")
+    now = json.loads((copy / "manifest.json").read_text())
+    edit_manifest(copy, lambda m: (m.update(format_version=1), [p.pop("files") for p in m["parts"]]))
+    code, out, err = run_cli(index_main, ["--upgrade", copy], capsys)
+    assert code == 0 and out.startswith(f"{copy}: format 2") and err == ""
+    assert json.loads((copy / "manifest.json").read_text()) == now
+    assert run_cli(index_main, ["--verify", copy], capsys)[0] == 0
 
 
 # --------------------------------------------------------------------------- two-stage evaluation (torch side)
