@@ -221,30 +221,39 @@ def run_graph_stage(engine: Scorer, stage: dict, arrays: dict) -> np.ndarray:
 
 def run_checks(engine: Scorer, document: dict, arrays: dict) -> list[StageResult]:
     """Every stage of ``document`` run by ``engine`` (a Scorer of the model folder), in order."""
-    captions = document["captions"]
-    texts = [c["caption"] for c in captions]
     results = []
     for stage in document["stages"]:
-        kind = stage["kind"]
-        if kind == "tokens":
-            split = caption_tokenizer(engine)
-            results.append(compare_lists(stage, captions, [list(split(t)) for t in texts], "tokens"))
-        elif kind == "ids":
-            tokens, lengths = engine.tokenize(texts)
-            results.append(compare_lists(stage, captions,
-                                         [row[:n].tolist() for row, n in zip(tokens, lengths)], "ids"))
-        elif kind == "graph":
-            if stage["graph"] not in engine.sessions:
-                results.append(StageResult(stage["name"], stage["label"], False,
-                                           f"the model folder has no {stage['graph']} graph", None,
-                                           float(stage["tolerance"])))
-                continue
-            results.append(compare(stage, run_graph_stage(engine, stage, arrays), arrays[stage["output"]]))
-        else:  # pipeline: caption strings and region features, all pairs, through Scorer.score
-            chosen = [texts[i] for i in document[stage["inputs"]["captions"]]]
-            got = engine.score(arrays[stage["inputs"]["region_feats"]], chosen)
-            results.append(compare(stage, got, arrays[stage["output"]]))
+        try:
+            results.append(run_stage(engine, stage, document, arrays))
+        except ConformanceError:
+            raise
+        except Exception as e:  # inconsistent vectors, or a runtime that breaks on them: this stage fails
+            tol = stage.get("tolerance")
+            results.append(StageResult(stage["name"], stage["label"], False,
+                                       f"the runtime raised {type(e).__name__}: {cli.one_line(e)[:200]}",
+                                       None, None if tol is None else float(tol)))
     return results
+
+
+def run_stage(engine: Scorer, stage: dict, document: dict, arrays: dict) -> StageResult:
+    """One stage of ``document`` run by ``engine``."""
+    captions = document["captions"]
+    texts = [c["caption"] for c in captions]
+    kind = stage["kind"]
+    if kind == "tokens":
+        split = caption_tokenizer(engine)
+        return compare_lists(stage, captions, [list(split(t)) for t in texts], "tokens")
+    if kind == "ids":
+        tokens, lengths = engine.tokenize(texts)
+        return compare_lists(stage, captions, [row[:n].tolist() for row, n in zip(tokens, lengths)], "ids")
+    if kind == "graph":
+        if stage["graph"] not in engine.sessions:
+            return StageResult(stage["name"], stage["label"], False,
+                               f"the model folder has no {stage['graph']} graph", None, float(stage["tolerance"]))
+        return compare(stage, run_graph_stage(engine, stage, arrays), arrays[stage["output"]])
+    # pipeline: caption strings and region features, all pairs, through Scorer.score
+    chosen = [texts[i] for i in document[stage["inputs"]["captions"]]]
+    return compare(stage, engine.score(arrays[stage["inputs"]["region_feats"]], chosen), arrays[stage["output"]])
 
 
 def check_model_dir(model_dir: str, device: str = "auto") -> tuple[Scorer, list[StageResult]]:

@@ -234,3 +234,11 @@ def test_malformed_vectors(model_copy, capsys, change, words):
 def test_bad_flag(tiny_model_dir, capsys):
     code, out, err = run_cli(check.main, [tiny_model_dir, "--device", "tpu"], capsys)
     assert_error_line(code, out, err, ["--device", "tpu"])
+
+
+def test_vectors_the_runtime_cannot_run_fail_their_stages_without_a_traceback(model_copy, capsys):
+    alter_array(model_copy, "lengths", lambda a: a.__setitem__(slice(None), 99))  # past n_word
+    code, out, err = run_cli(check.main, [model_copy, "--device", "cpu"], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    line = next(line for line in out.splitlines() if line.startswith("word embeddings "))
+    assert "FAIL" in line and "the runtime raised" in line
