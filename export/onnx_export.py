@@ -18,6 +18,9 @@ MODEL_DIR/
     tokenizer.json      the tokeniser's rules (a copy of runtime/tokenizer.json; docs/tokenizer.md);
                         manifest "tokenizer": {"file", "rules_version"}
     manifest.json       format version, model config, graph inputs/outputs, opset, versions, SHA-256 of each file
+    conformance.json    conformance vectors (export.conformance, docs/deploy.md): captions with tokens and
+    conformance.bin     ids, seeded features with embeddings, projections and scores, a tolerance per stage;
+                        ``python -m runtime.check MODEL_DIR`` checks a runtime against them
   with feature_extractor=True (models with img_dim 1280, trained on imram_min.features grid features):
     feature_extractor.onnx  images (n_img, 3, size, size) f32, preprocessed by runtime.images
                             -> region_feats (n_img, grid*grid, 1280) f32; manifest "preprocessing" holds
@@ -26,7 +29,8 @@ MODEL_DIR/
 How each graph is made: ``export.graphs``. Why the TorchScript exporter: the dynamo exporter took ~30x longer, recorded the example's
 n_word in the output shape, and its optimiser dropped the ``+ 1e-8`` of l2norm (0/0 = NaN on
 zero padding rows). The graphs are checked with ``onnx.checker.check_model(full_check=True)``
-and, unless ``verify=False``, compared with PyTorch under ONNX Runtime on a batch of other sizes.
+and, unless ``verify=False``, compared with PyTorch under ONNX Runtime on a batch of other sizes,
+and the runtime (runtime.check) is run on the conformance vectors of the new folder.
 """
 from __future__ import annotations
 
