@@ -250,7 +250,7 @@ class _HashedFile:
         self.path, self.sha, self.size = path, hashlib.sha256(), 0
         self.file = open(path, "xb")
 
-    def write(self, data: bytes) -> None:
+    def put(self, data: bytes) -> None:
         self.file.write(data)
         self.sha.update(data)
         self.size += len(data)
@@ -282,13 +282,13 @@ class NpyStream(_HashedFile):
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
                                                       "fortran_order": False, "shape": self.shape})
-        self.write(header.getvalue())
+        self.put(header.getvalue())
 
-    def write_rows(self, rows: np.ndarray) -> None:
+    def write(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
             raise ValueError(f"{self.path}: rows {rows.shape} do not fit {self.shape} after {self.rows} rows")
-        self.write(rows.tobytes())
+        self.put(rows.tobytes())
         self.rows += len(rows)
 
     def close(self) -> dict:
@@ -332,14 +332,14 @@ class PartWriter:
             stored = np.asarray(rows, dtype=self.dtype)
             if not np.isfinite(stored).all():
                 raise ValueError(f"{name} overflow {self.dtype}; build the index with --dtype float32")
-            stream.write_rows(stored)
+            stream.write(stored)
         global_ = np.asarray(global_, dtype=np.float32)
         if not np.isfinite(global_).all():
             raise ValueError("the model made a non-finite first-stage vector; check the items and the model")
-        self.global_.write_rows(global_)
+        self.global_.write(global_)
         self.offsets.append(self.done_vectors + np.cumsum(counts, dtype=np.int64))
         self.done_vectors += int(np.sum(counts))
-        self.ids.write("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids).encode("utf-8"))
+        self.ids.put("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids).encode("utf-8"))
 
     def close(self) -> dict:
         """Finish and fsync every file; returns the part's manifest entry."""
@@ -348,7 +348,7 @@ class PartWriter:
         buffer = io.BytesIO()
         np.save(buffer, np.concatenate(self.offsets), allow_pickle=False)
         offsets = self._open("offsets.npy", _HashedFile)
-        offsets.write(buffer.getvalue())
+        offsets.put(buffer.getvalue())
         files["offsets.npy"] = offsets.finish()
         return {"name": self.name, "n_items": self.n_items, "n_vectors": self.n_vectors,
                 "files": {s: files[s] for s in SUFFIXES + (PROJ,) if s in files}}
