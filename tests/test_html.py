@@ -120,6 +120,17 @@ def picture_indexes(picture_model_dir, pictures, tmp_path_factory):
     return out / "images", out / "captions"
 
 
+# --------------------------------------------------------------------------- Scorer.score of one picture
+def test_scorer_scores_one_picture_path_as_a_list_of_one(picture_model_dir, pictures):
+    from runtime.scorer import Scorer
+    folder, _ = pictures
+    scorer = Scorer(picture_model_dir, device="cpu", threads=1)
+    one = scorer.score(folder / "a.jpg", CAPTIONS)  # an os.PathLike
+    assert one.shape == (1, len(CAPTIONS))
+    np.testing.assert_array_equal(scorer.score(os.fspath(folder / "a.jpg"), CAPTIONS), one)  # a str
+    np.testing.assert_array_equal(scorer.score([folder / "a.jpg"], CAPTIONS), one)
+
+
 # --------------------------------------------------------------------------- runtime.html
 def test_thumbnails_are_small_inlined_pictures(pictures, tmp_path):
     folder, captions = pictures

@@ -241,6 +241,34 @@ def test_cli_text_output_lists_top_k_per_image_and_per_caption(tiny_model_dir, t
     assert sum(line.startswith("  3. ") for line in lines) == 0
 
 
+def test_cli_reads_captions_from_stdin_as_from_a_file(tiny_model_dir, test_split, tmp_path, capsys,  # noqa: F811
+                                                      monkeypatch):
+    import io
+    ims, caps, _, _ = test_split
+    args = ["--model", tiny_model_dir, "--top-k", "2", "--json", "--quiet", "--device", "cpu"]
+    code, from_file, _ = run_cli(main, [ims, caps, *args], capsys)
+    assert code == 0
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(caps.read_bytes())))
+    code, from_stdin, _ = run_cli(main, [ims, "-", *args], capsys)
+    assert code == 0 and from_stdin == from_file
+
+
+def test_cli_scores_captions_with_unknown_words_and_names_them(tiny_model_dir, test_split, scorer, tmp_path,  # noqa: F811
+                                                                capsys):
+    ims, _, feats, captions = test_split
+    unknown = [captions[0], captions[0] + " zzzqx", "zzzqx qqqzv zzzqx"]  # the last: <start> <unk> <unk> <unk> <end>
+    (tmp_path / "caps.txt").write_text("\n".join(unknown) + "\n")
+    code, out, err = run_cli(main, [ims, tmp_path / "caps.txt", "--model", tiny_model_dir, "--output",
+                                    tmp_path / "sims.npy", "--top-k", "1", "--json", "--quiet"], capsys)
+    assert code == 0
+    assert err.splitlines() == [f"note: caption 1 ({unknown[1]!r}): the model's vocabulary lacks zzzqx; read as <unk>",
+                                "note: caption 2 ('zzzqx qqqzv zzzqx'): the model's vocabulary lacks zzzqx, qqqzv; "
+                                "read as <unk>"]
+    rows = [json.loads(line) for line in out.splitlines()][N_TEST_IMAGES:]  # the captions' lines
+    assert [row.get("unknown_words") for row in rows] == [None, ["zzzqx"], ["zzzqx", "qqqzv"]]
+    np.testing.assert_allclose(np.load(tmp_path / "sims.npy"), scorer.score(feats, unknown), rtol=0, atol=1e-6)
+
+
 def test_cli_device_auto_says_which_provider_on_stderr(tiny_model_dir, test_split, capsys):  # noqa: F811
     ims, caps, _, _ = test_split
     code, _, err = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--top-k", "0"], capsys)
