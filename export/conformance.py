@@ -15,7 +15,9 @@ them. Two files, both listed in manifest.json with their SHA-256 (docs/deploy.md
                       region_proj / word_proj (.., P) f32 (only when the folder has the projection graphs;
                       word_proj past each length is the projection of the zero rows: the bias);
                       sims (N_IMG, n_cap) f32: the matcher on the stored embeddings (and projections);
-                      pipeline_sims (N_IMG, N_SCORE_CAPTIONS) f32: region_feats against caption strings
+                      pipeline_feats (PIPELINE_IMG, PIPELINE_REGION, img_dim) f32, seeded normal (another
+                      number of regions);
+                      pipeline_sims (PIPELINE_IMG, N_SCORE_CAPTIONS) f32: pipeline_feats against caption strings
 
 The expected floats are computed by PyTorch in float64 from the checkpoint's own modules (the
 reference ``model.py``: packed GRU, ``model.similarity``) and rounded to float32, each stage from
@@ -47,6 +49,7 @@ TOKENIZER_FILE = "tokenizer.json"
 AWKWARD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "awkward_captions.json")
 SEED = 2020
 N_IMG, N_REGION = 3, 2  # the feature array: small (projections of 4d floats per region at d = 1,024)
+PIPELINE_IMG, PIPELINE_REGION = 2, 4  # the end-to-end stage's features: another number of regions
 EMBEDDING_LENGTHS = (6, 4)  # ids lengths (with <start>, <end>) of the captions whose embeddings are kept
 N_SCORE_CAPTIONS = 10  # captions (strings) of the pipeline stage
 N_SYNTHETIC_SCENES = 60  # x 5 captions
@@ -301,7 +304,8 @@ def reference_arrays(model, entries: list[dict], embedding_captions: list[int], 
     def f32(t):
         return t.detach().numpy().astype(np.float32)
 
-    arrays = {"region_feats": region_feats, "tokens": tokens, "lengths": lengths}
+    pipeline_feats = rng.standard_normal((PIPELINE_IMG, PIPELINE_REGION, cfg.img_dim)).astype(np.float32)
+    arrays = {"region_feats": region_feats, "pipeline_feats": pipeline_feats, "tokens": tokens, "lengths": lengths}
     with torch.no_grad():
         arrays["region_embs"] = f32(model64.encode_images(f64(region_feats)))
         word_embs = model64.encode_captions(torch.from_numpy(tokens), torch.from_numpy(lengths))
@@ -314,7 +318,7 @@ def reference_arrays(model, entries: list[dict], embedding_captions: list[int], 
         arrays["sims"] = f32(model64.similarity(region_embs, word_embs, torch.from_numpy(lengths)))
         score_tokens, score_lengths = pad_ids([entries[i]["ids"] for i in score_captions])
         pipeline_words = model64.encode_captions(torch.from_numpy(score_tokens), torch.from_numpy(score_lengths))
-        arrays["pipeline_sims"] = f32(model64.similarity(model64.encode_images(f64(region_feats)), pipeline_words,
+        arrays["pipeline_sims"] = f32(model64.similarity(model64.encode_images(f64(pipeline_feats)), pipeline_words,
                                                          torch.from_numpy(score_lengths)))
     return arrays
 
@@ -351,7 +355,7 @@ def stages(arrays: dict, graphs: list[str], matcher_inputs: list[str]) -> list[d
         out.append(graph_stage("word_proj", "word_projection", {"word_embs": "word_embs"}))
     out.append(graph_stage("sims", "matcher", {name: name for name in matcher_inputs}))
     out.append({"name": "pipeline", "label": LABELS["pipeline"], "kind": "pipeline",
-                "inputs": {"region_feats": "region_feats", "captions": "score_captions"},
+                "inputs": {"region_feats": "pipeline_feats", "captions": "score_captions"},
                 "output": "pipeline_sims", "tolerance": tolerance("pipeline", arrays["pipeline_sims"])})
     return out
 
