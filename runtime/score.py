@@ -54,6 +54,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -175,30 +176,39 @@ STDIN_NAME = "standard input"
 
 
 def open_caption_file(path: str):
-    """CAPTIONS (a path, or "-": standard input, copied to a temporary file first, so that it can
-    be checked whole and then read again) -> (binary file at its start, its name for messages)."""
+    """CAPTIONS (a path, or "-": standard input) -> (binary file at its start, its name for
+    messages). Standard input, a pipe or any other file that is not a regular one is copied to a
+    temporary file first, so that it can be checked whole and then read again."""
     if path == STDIN:
-        import tempfile
-        spool = tempfile.TemporaryFile()
-        try:
-            while True:
-                block = sys.stdin.buffer.read(1 << 20)
-                if not block:
-                    break
-                spool.write(block)
-        except (OSError, ValueError) as e:  # stdin closed or unreadable
-            spool.close()
-            raise UsageError(f"{STDIN_NAME}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-        spool.seek(0)
-        return spool, STDIN_NAME
+        return _spooled(sys.stdin.buffer, STDIN_NAME), STDIN_NAME
     try:
-        return open(path, "rb"), path
+        f = open(path, "rb")
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe (<(...)), a FIFO: read once
+            with f:
+                return _spooled(f, path), path
+        return f, path
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a folder, expected a text file of captions") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _spooled(stream, name: str):
+    """The rest of a binary stream, copied to an anonymous temporary file (returned at its start)."""
+    spool = tempfile.TemporaryFile()
+    try:
+        while True:
+            block = stream.read(1 << 20)
+            if not block:
+                break
+            spool.write(block)
+    except (OSError, ValueError) as e:  # closed or unreadable
+        spool.close()
+        raise UsageError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    spool.seek(0)
+    return spool
 
 
 def read_captions(path: str) -> list[str]:

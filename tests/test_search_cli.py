@@ -103,6 +103,20 @@ def test_query_flags_and_stdin_give_the_file_s_results(image_index, split, tmp_p
     assert [d["text"] for d in json_lines(from_file)] == captions
 
 
+def test_queries_from_a_pipe_are_read_once_and_answered(image_index, split, tmp_path, capsys):
+    import threading
+    captions = split[3][:3]
+    (tmp_path / "q.txt").write_text("\n".join(captions) + "\n")
+    os.mkfifo(tmp_path / "q.fifo")  # as a shell's <(...) gives: a path that can be read only once
+    writer = threading.Thread(target=lambda: (tmp_path / "q.fifo").write_text("\n".join(captions) + "\n"))
+    writer.start()
+    code, from_pipe, err = search([image_index, tmp_path / "q.fifo", "--json", "--quiet"], capsys)
+    writer.join(timeout=10)
+    assert code == 0, err
+    code, from_file, err = search([image_index, tmp_path / "q.txt", "--json", "--quiet"], capsys)
+    assert from_pipe == from_file and len(from_file.splitlines()) == 3
+
+
 def test_text_output_names_each_query(image_index, capsys):
     code, out, err = search([image_index, "--query", "  a red dog  ", "--top-k", "2", "--quiet"], capsys)
     assert code == 0, err
