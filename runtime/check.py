@@ -46,6 +46,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_KEY = "conformance"
 DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 MAX_CAPTIONS = 1 << 20
+STAGE_KINDS = ("tokens", "ids", "graph", "pipeline")
 LABEL_WIDTH = 20
 
 
@@ -104,7 +105,8 @@ def load_vectors(model_dir: str, manifest: dict) -> tuple[dict, dict]:
         end = spec["offset"] + count * dtype.itemsize
         if end > len(blob):
             raise ConformanceError(f"{data_path}: array {name} ends at byte {end}, the file has {len(blob)}")
-        arrays[name] = np.frombuffer(blob, dtype, count, spec["offset"]).reshape(spec["shape"]).astype(dtype.newbyteorder("="))
+        array = np.frombuffer(blob, dtype, count, spec["offset"]).reshape(spec["shape"])
+        arrays[name] = array.astype(dtype.newbyteorder("="))  # native byte order, a copy
     return document, arrays
 
 
@@ -144,7 +146,7 @@ def check_document(doc) -> None:
         raise TypeError("stages must be a non-empty list")
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or \
-                not isinstance(stage.get("label"), str) or stage.get("kind") not in ("tokens", "ids", "graph", "pipeline"):
+                not isinstance(stage.get("label"), str) or stage.get("kind") not in STAGE_KINDS:
             raise TypeError(f"stages[{i}] must have a name, a label and a kind (tokens, ids, graph or pipeline)")
         if stage["kind"] in ("graph", "pipeline"):
             tol = stage.get("tolerance")
