@@ -9,8 +9,8 @@ vocab_size and img_dim always come from the data (DIR/vocab.json, DIR/train_*.np
 One epoch: shuffled batches of (image, caption) pairs, one item per caption as the original
 (so a batch may hold the same image twice; in the SCAN layout, 5 or 1 captions per image, the
 loss treats the copy as a negative, as the original does; in another layout, any number of
-captions per image given by DIR/train_cap2img.txt, pairs of one picture are no negatives:
-see imram_min.distributed), scores of all pairs of the batch, the hinge ranking loss (hardest negatives
+captions per image given by DIR/train_cap2img.txt, pairs of one picture are no negatives: see
+imram_min.distributed), scores of all pairs of the batch, the hinge ranking loss (hardest negatives
 by default), Adam, gradient-norm clipping. lr = lr0 * 0.1 ** (epoch // lr_update), epochs
 counted from 0. After each epoch: dev rsum (first ``max_dev_captions`` captions), RUN/best.pt
 if it is the best so far, RUN/last.pt with the whole training state, a line of RUN/log.jsonl.
@@ -26,9 +26,8 @@ Checks and the run folder: every setting (flag, train_defaults.json value, resum
 and range), the device, the vocabulary and every split read (features shape and dtype, every
 feature finite (read in chunks; a NaN or Inf names the file and image row), caption count or the
 DIR/{split}_cap2img.txt sidecar, train and dev of one img_dim), the model's memory and the run
-folder are checked before
-anything is trained or written; bad input is one ``error: ...`` line, exit status 2, and leaves
-every file as it was. A run folder holds one run: --out must be new or empty, or the folder of
+folder are checked before anything is trained or written; bad input is one ``error: ...`` line,
+exit status 2, and leaves every file as it was. A run folder holds one run: --out must be new or empty, or the folder of
 the --resume checkpoint, else --overwrite must be given, and then the old run's config.json,
 log.jsonl, best.pt and last.pt are removed together (other files are kept) once the checks have
 passed, before the new config.json is written.
@@ -56,8 +55,8 @@ import torch
 from tqdm import tqdm
 
 from imram_min import checks, distributed, evaluate, schedule
-from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint, remove_stale_temps,
-                                  save_checkpoint, upgrade_state_dict)
+from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
+                                  remove_stale_temps, save_checkpoint, upgrade_state_dict)
 from imram_min.data import PrecompDataset, collate
 from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401

@@ -197,7 +197,8 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_temporary_file(tm
     with pytest.raises(SystemExit) as e:
         train.main(["--data", data, "--out", run, "--num-epochs", "1", *TINY])
     line = one_error_line(capsys)
-    assert e.value.code == 2 and f"epoch 1 was not saved: {os.path.join(run, 'best.pt')}: no space left on device" in line
+    best = os.path.join(run, "best.pt")
+    assert e.value.code == 2 and f"epoch 1 was not saved: {best}: no space left on device" in line
     assert sorted(os.listdir(run)) == ["config.json", "log.jsonl"]
 
 
