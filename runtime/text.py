@@ -173,7 +173,8 @@ class Tokenizer:
             if any(n > compiled.groups for n in used):
                 raise bad(f"{what}: the replacement refers to a group the pattern does not have")
             opening = _NOT_AFTER.match(pattern)
-            probe = re.compile(expand(pattern[opening.end():], what)) if opening else None
+            rest = pattern[opening.end():] if opening else ""
+            probe = re.compile(expand(rest, what)) if opening and not re.search(r"\\[1-9]", rest) else None
             self._steps.append((compiled, template, probe))
         if not isinstance(split, str) or split not in bodies:
             raise bad(f"split must name a class, got {split!r}")
