@@ -69,7 +69,8 @@ function main(argv) {
   const vocab = loadVocab(args.modelDir, manifest);
   const texts = captions.readCaptions(args.captionsFile, rules);
   const rows = texts.map((t) => JSON.stringify(args.tokens ? rules.tokenize(t) : rules.encode(t, vocab)));
-  fs.writeSync(1, rows.map((r) => `${r}\n`).join(''));
+  process.stdout.on('error', (e) => { if (e.code === 'EPIPE') process.exit(1); else throw e; }); // | head
+  process.stdout.write(rows.map((r) => `${r}\n`).join(''));
 }
 
 if (require.main === module) {
