@@ -27,6 +27,7 @@ an unavailable device. numpy, onnxruntime and the standard library only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def load_vectors(model_dir: str, manifest: dict) -> tuple[dict, dict]:
     arrays = {}
     for name, spec in document["arrays"].items():
         dtype = DTYPES[spec["dtype"]]
-        count = int(np.prod(spec["shape"], dtype=np.int64))
+        count = math.prod(spec["shape"])  # Python ints: no overflow
         end = spec["offset"] + count * dtype.itemsize
         if end > len(blob):
             raise ConformanceError(f"{data_path}: array {name} ends at byte {end}, the file has {len(blob)}")

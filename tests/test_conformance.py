@@ -239,3 +239,9 @@ def test_vectors_the_runtime_cannot_run_fail_their_stages_without_a_traceback(mo
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
     line = next(line for line in out.splitlines() if line.startswith("word embeddings "))
     assert "FAIL" in line and "the runtime raised" in line
+
+
+def test_an_array_shape_larger_than_the_file_is_one_error_line(model_copy, capsys):
+    alter_document(model_copy, lambda doc: doc["arrays"]["sims"].update(shape=[1 << 24] * 4))  # 2^96 values
+    code, out, err = run_cli(check.main, [model_copy], capsys)
+    assert_error_line(code, out, err, ["conformance.bin", "array sims ends at byte"])
