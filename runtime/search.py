@@ -21,8 +21,9 @@ runtime.score's IMAGES. Each query is encoded with the model's own encoders (run
 Unknown words: every query is answered; a caption's words the model's vocabulary lacks are read
 as <unk>, exactly as in training (a caption of only such words too: <start> <unk> ... <end>), and
 each such query gets one "note: query Q (...): the model's vocabulary lacks ..." line on stderr.
-The command reads, encodes, searches and prints the queries a batch (--batch) at a time, so its
-memory does not grow with their number and the first results come at once; the whole input is
+The command reads, encodes, searches and prints the queries a batch (--batch) at a time (the
+first batches smaller: FIRST_BATCH, then twice as many each time), so its memory does not grow
+with their number and the first results come at once; the whole input is
 checked first (a bad line anywhere is one error line before any result; standard input is copied
 to a temporary file for that).
 
@@ -425,7 +426,16 @@ def check_model(model_dir: str, manifest: dict, index_dir: str) -> None:
 
 # --------------------------------------------------------------------------- CLI
 QUERY_BATCH = 256  # queries read, encoded, searched and printed at a time (memory flat in their number)
+FIRST_BATCH = 8  # the first batch: the first results come at once; each next one is twice as large, up to --batch
 MAX_QUERY_BATCH = 65536
+
+
+def batch_sizes(size: int):
+    """FIRST_BATCH, twice that, ... up to ``size``, then ``size`` for ever (each at most ``size``)."""
+    n = min(FIRST_BATCH, size)
+    while True:
+        yield n
+        n = min(2 * n, size)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -458,7 +468,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --html page")
     p.add_argument("--batch", type=int, default=QUERY_BATCH, metavar="N",
                    help=f"queries read, encoded, searched and printed at a time, 1..{MAX_QUERY_BATCH} "
-                        f"(default: %(default)s)")
+                        f"(default: %(default)s; the first batches are smaller: {FIRST_BATCH}, twice that, ...)")
     p.add_argument("--model", metavar="MODEL_DIR", help="default: the model the index was built with")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=None, metavar="T", help=f"1..{MAX_THREADS}")
@@ -491,7 +501,8 @@ class Queries:
 
     kind: "captions" (an image index's queries: --query, a text file, standard input), "features"
     (a .npy, memory-mapped) or "pictures" (paths). name: what messages call them; count: how many.
-    ``batches(size)`` yields (number of the first, queries, labels, picture paths or None)."""
+    ``batches(size)`` yields (number of the first, queries, labels, picture paths or None), in
+    batches of ``batch_sizes(size)``."""
 
     def __init__(self, args: argparse.Namespace, kind: str):
         from .score import STDIN, caption_lines, check_caption_lines, open_caption_file, open_images
@@ -535,25 +546,22 @@ class Queries:
             self.kind, self.paths, self.names, self.count = "pictures", found, names, len(found)
 
     def batches(self, size: int):
-        if self.texts is not None:
-            for i in range(0, self.count, size):
-                yield i, self.texts[i:i + size], self.texts[i:i + size], None
-        elif self.file is not None:
-            lines, first = self._lines(), 0
-            while True:
-                texts = [caption for _, caption in itertools.islice(lines, size)]
-                if not texts:
-                    return
-                yield first, texts, texts, None
-                first += len(texts)
-        elif self.feats is not None:
-            base = os.path.basename(self.name)
-            for i in range(0, self.count, size):
-                j = min(i + size, self.count)
-                yield i, self.feats[i:j], [f"{base}:{r}" for r in range(i, j)], None
-        else:
-            for i in range(0, self.count, size):
-                yield i, self.paths[i:i + size], self.names[i:i + size], self.paths[i:i + size]
+        lines = self._lines() if self.file is not None else None
+        i = 0
+        for n in batch_sizes(size):
+            j = min(i + n, self.count)
+            if i == j:
+                return
+            if self.texts is not None:
+                yield i, self.texts[i:j], self.texts[i:j], None
+            elif lines is not None:
+                texts = [caption for _, caption in itertools.islice(lines, j - i)]
+                yield i, texts, texts, None
+            elif self.feats is not None:
+                yield i, self.feats[i:j], [f"{os.path.basename(self.name)}:{r}" for r in range(i, j)], None
+            else:
+                yield i, self.paths[i:j], self.names[i:j], self.paths[i:j]
+            i = j
 
     def close(self) -> None:
         if self.file is not None:
@@ -566,11 +574,14 @@ def read_queries(path: str, kind: str):
     command reads them a batch at a time: ``Queries``)."""
     queries = Queries(argparse.Namespace(queries=path, query=None, index="the index"), kind)
     try:
-        parts = list(queries.batches(max(1, queries.count)))
+        if queries.kind == "captions":
+            texts = [text for _, batch, _, _ in queries.batches(MAX_QUERY_BATCH) for text in batch]
+            return texts, texts
+        if queries.kind == "features":
+            return queries.feats, [f"{os.path.basename(path)}:{i}" for i in range(queries.count)]
+        return queries.paths, queries.names
     finally:
         queries.close()
-    _, items, texts, _ = parts[0]
-    return items, texts
 
 
 def _picture_of(index_id: str, root: str) -> str | None:

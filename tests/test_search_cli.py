@@ -151,6 +151,10 @@ def test_queries_are_searched_a_batch_at_a_time_with_the_same_results(image_inde
     assert code == 0, err
     assert sizes == [2, 2, 1] and batched == whole
     assert printed_before == [0, 2, 4]  # each batch is printed before the next one is searched
+    sizes.clear()
+    code, _, err = search([image_index, split[1], "--quiet", "--batch", "20"], capsys)  # 30 queries
+    assert code == 0, err
+    assert sizes == [search_module.FIRST_BATCH, 2 * search_module.FIRST_BATCH, 30 - 3 * search_module.FIRST_BATCH]
 
 
 def test_a_bad_line_anywhere_is_found_before_any_result(image_index, split, tmp_path, capsys):
