@@ -158,24 +158,41 @@ def mean_groups(region_embs: torch.Tensor, size: int, seed: int = 0) -> list[np.
     return groups
 
 
+def captions_of(images, cpi) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption indices, owner: each caption's position in ``images``) of the images ``images`` (sorted
+    rows), all their captions. cpi: 5 or 1 (the SCAN layout: captions cpi*i .. cpi*i + cpi - 1), or
+    each caption's image row, (n_cap,) (DIR/{split}_cap2img.txt: any number per image, grouped)."""
+    images = torch.as_tensor(np.asarray(images), dtype=torch.int64)
+    if isinstance(cpi, (int, np.integer)):
+        caps = (images[:, None] * cpi + torch.arange(cpi)).reshape(-1)
+        return caps, torch.arange(len(caps)) // cpi
+    starts = torch.from_numpy(np.searchsorted(np.asarray(cpi), np.arange(int(cpi[-1]) + 2)))
+    counts = starts[images + 1] - starts[images]
+    caps = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in images])
+    return caps, torch.repeat_interleave(torch.arange(len(images)), counts)
+
+
 @torch.no_grad()
-def teacher_scores(model, region_embs, word_embs, lengths, groups, cpi: int, progress: bool = True) -> list:
-    """IMRAM's scores (len(group), cpi * len(group)) of each group's images against their captions."""
+def teacher_scores(model, region_embs, word_embs, lengths, groups, cpi, progress: bool = True) -> list:
+    """IMRAM's scores (len(group), n_captions of the group) of each group's images against their captions
+    (``captions_of``)."""
     from imram_min import schedule
     model.eval()
     out = []
     for members in tqdm(groups, desc="IMRAM scores of the groups", disable=not progress, leave=False):
-        caps = torch.from_numpy((members[:, None] * cpi + np.arange(cpi)).reshape(-1))
+        caps, _ = captions_of(members, cpi)
         lens = lengths[caps]
         out.append(schedule.similarity(model, region_embs[torch.from_numpy(members)],
                                        word_embs[caps, :int(lens.max())], lens).float())
     return out
 
 
-def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, cpi: int) -> torch.Tensor:
-    """InfoNCE on ground truth: img (B, o), cap (B * cpi, o), caption j of image j // cpi."""
+def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, cpi) -> torch.Tensor:
+    """InfoNCE on ground truth: img (B, o), cap (B * cpi, o), caption j of image j // cpi; or cpi the
+    (n_cap,) owner of each caption (its image's position in ``img``, ``captions_of``)."""
     logits = img @ cap.T / TAU  # (B, B * cpi)
-    owner = torch.arange(cap.shape[0], device=img.device) // cpi
+    owner = cpi.to(img.device) if isinstance(cpi, torch.Tensor) else \
+        torch.arange(cap.shape[0], device=img.device) // cpi
     t2i = F.cross_entropy(logits.T, owner)
     pos = owner[None, :] == torch.arange(img.shape[0], device=img.device)[:, None]
     i2t = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, -1e4), 1)).mean()
@@ -196,8 +213,9 @@ def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, length
                epochs: int = 20, batch: int = 128, lr: float = 2e-3, distill: float = 1.0, seed: int = 0,
                hidden: int = DEFAULTS["hidden"], out_size: int = DEFAULTS["out_size"],
                progress: bool = True) -> tuple[GlobalHead, list[float]]:
-    """Train a GlobalHead on frozen embeddings (caption j belongs to image j // cpi); returns (head in
-    eval mode, mean loss of each epoch). distill > 0 needs ``model`` (IMRAM's group scores)."""
+    """Train a GlobalHead on frozen embeddings (caption j belongs to image j // cpi, or to image cpi[j]
+    when cpi is the (n_cap,) image rows of a sidecar layout); returns (head in eval mode, mean loss of
+    each epoch). distill > 0 needs ``model`` (IMRAM's group scores)."""
     torch.manual_seed(seed)
     head = GlobalHead(region_embs.shape[2], hidden, out_size)
     n_img = len(region_embs)
@@ -214,14 +232,15 @@ def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, length
         order, total = rng.permutation(n_img), 0.0
         for s in range(steps_per_epoch):
             ims = torch.from_numpy(np.sort(order[s * batch:(s + 1) * batch]))
-            caps = (ims[:, None] * cpi + torch.arange(cpi)).reshape(-1)
+            caps, owner = captions_of(ims, cpi)
             lens = lengths[caps]
             loss = contrastive_loss(head.image(region_embs[ims]),
-                                    head.text(word_embs[caps, :int(lens.max())], lens), cpi)
+                                    head.text(word_embs[caps, :int(lens.max())], lens),
+                                    cpi if isinstance(cpi, (int, np.integer)) else owner)
             if distill > 0:
                 g = int(rng.integers(len(groups)))
                 members = torch.from_numpy(groups[g])
-                gcaps = (members[:, None] * cpi + torch.arange(cpi)).reshape(-1)
+                gcaps, _ = captions_of(groups[g], cpi)
                 glens = lengths[gcaps]
                 loss = loss + distill * distill_loss(head.image(region_embs[members]),
                                                      head.text(word_embs[gcaps, :int(glens.max())], glens), teacher[g])
@@ -275,7 +294,8 @@ def _main(argv) -> dict:
     t0 = time.perf_counter()
     torch.set_grad_enabled(True)
     region_embs, word_embs, lengths = encode_split(model, dataset, progress=True)
-    head, history = train_head(model, region_embs, word_embs, lengths, dataset.caps_per_image, args.epochs,
+    layout = dataset.caps_per_image if dataset.caps_per_image is not None else dataset.image_of_caption
+    head, history = train_head(model, region_embs, word_embs, lengths, layout, args.epochs,
                                args.batch_size, args.lr, args.distill, args.seed, args.hidden, args.out_size)
     seconds = time.perf_counter() - t0
     meta = {"checkpoint": os.path.basename(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint),

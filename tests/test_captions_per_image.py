@@ -288,3 +288,27 @@ def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
     assert float(original.detach()) > float(loss.detach())  # the pictures matter in this batch
     for name, p in model.named_parameters():
         assert all(float((r["grads"][name] - p.grad).abs().max()) <= 1e-10 for r in ranks), name
+
+
+# --------------------------------------------------------------------------- the search head (imram_min.global_head)
+def test_the_search_head_trains_alike_on_the_image_rows_of_the_scan_layout():
+    from imram_min.global_head import train_head
+    torch.manual_seed(0)
+    model = IMRAM(IMRAMConfig(vocab_size=len(WORDS) + 4, img_dim=12, word_dim=8, embed_size=8)).eval()
+    regions = torch.randn(12, 3, 8)
+    words, lengths = torch.randn(60, 6, 8), torch.tensor([3, 4, 5, 6, 2] * 12)
+    small = dict(epochs=2, batch=4, distill=1.0, progress=False, hidden=16, out_size=8)
+    by_count, _ = train_head(model, regions, words, lengths, 5, **small)
+    by_rows, _ = train_head(model, regions, words, lengths, np.arange(60) // 5, **small)
+    a, b = by_count.state_dict(), by_rows.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_search_head_command_takes_a_sidecar_layout(tmp_path, capsys):
+    from imram_min import global_head
+    make_variable_split(tmp_path, "train", [2, 1, 3, 5, 1, 4, 2, 2])
+    ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
+    out = global_head.main([ckpt, "--data", str(tmp_path), "--out", str(tmp_path / "head.pt"), "--epochs", "2",
+                            "--batch-size", "3", "--hidden", "16", "--out-size", "8"])
+    assert os.path.isfile(tmp_path / "head.pt") and len(out["loss"]) == 2 and np.isfinite(out["loss"]).all()
+    assert "8 images, 20 captions" in capsys.readouterr().out
