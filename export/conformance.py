@@ -403,7 +403,8 @@ def _escape_unprintable(text: str) -> str:
             return f"\\u{code:04x}"
         code -= 0x10000
         return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-    return "".join(c if c.isprintable() or c in " \n" else escape(c) for c in text)
+    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() else escape(c) for c in line)
+                     for line in text.split("\n"))
 
 
 def dumps_document(document: dict) -> str:
