@@ -164,6 +164,8 @@ def _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, nam
         store_projections = stored
         model_dir = model_dir_of(index_dir, old) if model_dir is None else os.fspath(model_dir)
         check_model(model_dir, old, index_dir)
+    if old is not None and old is not BROKEN and append and ids is not None and not skip_existing:
+        _refuse_ids_there(index_dir, old, list(ids), name)  # at once, before the model is loaded
     if old is BROKEN:  # replaced with overwrite; its files are removed at the commit
         old = None
     else:
@@ -200,12 +202,8 @@ def _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, nam
         raise InputError(f"{index_dir}: its images have {old['n_region']} regions, these {n_region}")
     report.update(added=0, skipped=0)
     if old is not None and append:
-        held = set(read_ids(index_dir, old))
-        there = [k for k, i in enumerate(ids) if i in held]
-        if there and not skip_existing:
-            raise IndexDirError(f"{name}: {len(there)} of the {n} items are already in {index_dir} (id "
-                                f"{cli.printable(ids[there[0]][:80])!r}{' and more' if len(there) > 1 else ''}); "
-                                f"leave them out, or add --skip-existing to append only the others")
+        there = _refuse_ids_there(index_dir, old, ids, name) if not skip_existing else \
+            [k for k, i in enumerate(ids) if i in set(read_ids(index_dir, old))]
         if there:
             rows = np.setdiff1d(np.arange(n), there)
             note(f"skipped {len(there)} of the {n} items: their ids are already in {index_dir}")
@@ -278,6 +276,17 @@ def _write_faiss(target: str, entry: dict, old: dict | None, part: dict, d: int)
         index = faiss_stage.new_index(entry["factory"], d)
     faiss_stage.add_vectors(index, np.load(part_file(target, part["name"], "global.npy"), mmap_mode="r"))
     return faiss_stage.write(index, target)
+
+
+def _refuse_ids_there(index_dir: str, old: dict, ids: list, name: str) -> list:
+    """IndexDirError when one of ``ids`` is already in the index (else [])."""
+    held = set(read_ids(index_dir, old))
+    there = [k for k, i in enumerate(ids) if i in held]
+    if there:
+        raise IndexDirError(f"{name}: {len(there)} of the {len(ids)} items are already in {index_dir} (id "
+                            f"{cli.printable(str(ids[there[0]])[:80])!r}{' and more' if len(there) > 1 else ''}); "
+                            f"leave them out, or add --skip-existing to append only the others")
+    return there
 
 
 BROKEN = {"parts": []}  # _existing: an index whose manifest cannot be read (replaced with overwrite only)

@@ -457,3 +457,23 @@ def test_runtime_scores_a_folder_of_pictures_with_torch_unimportable(picture_mod
     assert proc.returncode == 0, proc.stderr
     assert np.load(out).shape == (3, len(CAPTIONS))
     assert "image 0 a.jpg: top" in proc.stdout
+
+
+def test_index_ids_of_pictures_keep_the_path_relative_to_the_folder_or_list_given(picture_model_dir, tmp_path,
+                                                                                  capsys):
+    """runtime.index: photos/a.png and more/a.png stay two items; the same ids again are refused."""
+    from fixtures import assert_error_line, write_picture
+    from runtime.index import main as index_main
+    from runtime.indexdir import read_ids, read_manifest
+    (tmp_path / "pics" / "photos").mkdir(parents=True)
+    (tmp_path / "pics" / "more").mkdir()
+    write_picture(tmp_path / "pics" / "photos" / "a.png", seed=1)
+    write_picture(tmp_path / "pics" / "more" / "a.png", seed=2)
+    (tmp_path / "list.txt").write_text("pics/photos/a.png\n")
+    idx = tmp_path / "idx"
+    for args in ([tmp_path / "pics", "--model", picture_model_dir], [tmp_path / "list.txt", "--append"]):
+        code, _, err = run_cli(index_main, [*args, "--out", idx, "--quiet", "--device", "cpu", "--threads", "1"], capsys)
+        assert code == 0, err
+    assert read_ids(str(idx), read_manifest(str(idx))) == ["more/a.png", "photos/a.png", "pics/photos/a.png"]
+    code, out, err = run_cli(index_main, [tmp_path / "pics", "--out", idx, "--append", "--quiet"], capsys)
+    assert_error_line(code, out, err, ["2 of the 2 items are already in", "'more/a.png' and more", "--skip-existing"])
