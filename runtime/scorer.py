@@ -43,7 +43,7 @@ from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_capt
 from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GRAPHS, MANIFEST_FILE,  # noqa: F401
                        PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, load_manifest, sha256_file,
                        takes_projections)
-from .text import UNK, tokenize
+from .text import UNK
 from .tiles import caption_blocks
 
 GROUP_BYTES = 256 << 20  # an image group's features + embeddings + projections, at most (float32)
@@ -172,10 +172,9 @@ class Scorer(Engine):
         <start> <unk> ... <end>). tokens: ``tokenize(captions)``'s ids, if already made (n_cap, n_word)."""
         if tokens is None:
             tokens = self.tokenize(captions)[0]
-        split = getattr(getattr(self, "tokenizer", None), "tokenize", tokenize)  # the engine's tokenisation
         out = {}
         for i in np.flatnonzero((np.asarray(tokens) == UNK).any(1)):
-            words = [w for w in split(captions[i]) if self.vocab(w) == UNK]
+            words = [w for w in self.tokenizer.tokenize(captions[i]) if self.vocab(w) == UNK]  # the folder's rules
             out[int(i)] = list(dict.fromkeys(words))
         return out
 
