@@ -364,7 +364,7 @@ def verify(index_dir: str | os.PathLike) -> str:
             if m["kind"] == "images" and (np.diff(part["offsets"]) != n_region).any():
                 raise IndexDirError(f"{part_file(index_dir, p['name'], 'offsets.npy')}: an image item has not "
                                     f"{n_region} regions (n_region)")
-            files += len(part["files"])
+            files += len(part_suffixes(m))
         finally:
             part.close()
     if m.get("faiss"):

@@ -563,8 +563,9 @@ def _manifest_problem(m, versions: tuple[int, ...], index_dir: str) -> str | Non
 # --------------------------------------------------------------------------- reading parts
 class PartFiles(dict):
     """One part's arrays: {"embs", "global", "proj" (memory maps of the open files), "offsets"
-    (in memory), "ids" (a list of str), "files" ({suffix: the open file object})}. The files stay
-    open as long as the part is referenced: a writer deleting them later changes nothing here."""
+    (in memory), "ids" (a list of str), "files" ({suffix: the open file object} of embs.npy,
+    global.npy and proj.npy)}. The files stay open as long as the part is referenced: a writer
+    deleting them later changes nothing here."""
 
     def close(self) -> None:
         for f in self.get("files", {}).values():
@@ -609,10 +610,27 @@ def open_part(index_dir: str, part: dict, d: int, dtype: str, global_d: int | No
             raise IndexDirError(f"{path}: offsets must rise from 0 to {n_vec}, at least 1 vector per item")
         out["offsets"] = offsets
         out["ids"] = _read_ids(index_dir, part, n, verify, out["files"], force)
+        for suffix in ("offsets.npy", "ids.txt"):  # read whole: their files need not stay open
+            out["files"].pop(suffix).close()
     except BaseException:
         out.close()
         raise
     return out
+
+
+def allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to n + 256 where the hard limit
+    allows: an Index holds 2 or 3 files open per part."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def _read_ids(index_dir: str, part: dict, n: int, verify: bool, files: dict, force: bool = False) -> list[str]:

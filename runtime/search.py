@@ -69,7 +69,8 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import IndexDirError, PartMissing, model_dir_of, open_part, read_manifest, verify_faiss
+from .indexdir import (IndexDirError, PartMissing, allow_open_files, model_dir_of, open_part, read_manifest,
+                       verify_faiss)
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .memory import retain_freed_memory
 from .modeldir import MANIFEST_FILE, ModelDirError
@@ -251,6 +252,7 @@ class Index:
         if projection_size and projection_size != self.scorer.projection_size:
             raise IndexDirError(f"{self.index_dir}: stores projections of {projection_size} values, the model's "
                                 f"matcher takes {self.scorer.projection_size}")
+        allow_open_files(3 * len(m["parts"]))
         held = {}  # part name -> (its manifest entry, its open files)
         if self.parts and (self.manifest["dtype"], self.projection_size) == (m["dtype"], projection_size):
             held = {entry["name"]: (entry, part) for entry, part in zip(self.manifest["parts"], self.parts)}
