@@ -1,6 +1,6 @@
 """The owned tokeniser against the pinned nltk and the Node client, at scale.
 
-    python benchmarks/tokenizer_fuzz.py [--n 100000] [--seed 1] [--no-node] [--npm-cache DIR]
+    python benchmarks/tokenizer_fuzz.py [--n 100000] [--seed 1] [--no-node] [--npm-cache DIR] [--fetch-emoji]
 
 Tokenises with runtime.text (the rules of runtime/tokenizer.json), with the pinned nltk's
 ``word_tokenize(caption.lower(), preserve_line=True)`` and with clients/node/lib/tokenizer.js (one
@@ -9,7 +9,8 @@ the first half of the captions, so most ids are not <unk>). Caption sets: --n fu
 tests/tokenizer_fuzz.py (seeded; per kind), export/awkward_captions.json, every caption of the
 built-in synthetic set (made at img_dim 4: the captions of ``python -m imram_min.synthetic``), and
 every emoji caption (imram_min.emoji, from the npm tarballs in --npm-cache, by default its cache
-folder; skipped when they are not there). Prints per set and kind: captions, how many differ
+folder; with --fetch-emoji fetched there with npm first, else skipped when they are not there).
+Prints per set and kind: captions, how many differ
 (Python vs nltk, Node vs Python), seconds. Exit status 1 if any differ.
 """
 from __future__ import annotations
@@ -52,9 +53,10 @@ def synthetic_captions() -> list[str]:
                 for line in open(os.path.join(folder, f"{split}_caps.txt"), encoding="utf-8").read().splitlines()]
 
 
-def emoji_captions(cache: str) -> list[str] | None:
-    from imram_min.emoji import PACKAGES, emoji_captions as captions_of, join_emoji, read_json_member, tarball_name
-    paths = {spec: os.path.join(cache, tarball_name(spec)) for spec in PACKAGES}
+def emoji_captions(cache: str, fetch: bool = False) -> list[str] | None:
+    from imram_min.emoji import (PACKAGES, emoji_captions as captions_of, fetch_package, join_emoji, read_json_member,
+                                 tarball_name)
+    paths = {spec: fetch_package(spec, cache) if fetch else os.path.join(cache, tarball_name(spec)) for spec in PACKAGES}
     if not all(os.path.exists(p) for p in paths.values()):
         return None
     google, emojibase = paths["emoji-datasource-google@16.0.0"], paths["emojibase-data@17.0.0"]
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="fuzz seed (default: %(default)s)")
     p.add_argument("--no-node", action="store_true", help="do not run the Node tokeniser")
     p.add_argument("--npm-cache", default=default_cache_dir(), help="folder of the emoji npm tarballs")
+    p.add_argument("--fetch-emoji", action="store_true", help="fetch the emoji npm tarballs (npm pack) if missing")
     args = p.parse_args(argv)
     node = not args.no_node and shutil.which("node") is not None
     import nltk
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     bad += compare("awkward", ["awkward"] * len(awkward), awkward, node)
     synthetic = synthetic_captions()
     bad += compare("synthetic", ["synthetic"] * len(synthetic), synthetic, node)
-    emoji = emoji_captions(args.npm_cache)
+    emoji = emoji_captions(args.npm_cache, args.fetch_emoji)
     if emoji is None:
         print(f"emoji: skipped (no npm tarballs in {args.npm_cache}; python -m imram_min.data emoji fetches them)")
     else:

@@ -109,6 +109,17 @@ def test_classes_and_lower_case_table_are_what_the_engines_read():
             assert everything[cp].translate(tk._lower) == everything[cp].lower(), hex(cp)
 
 
+@pytest.mark.slow
+def test_the_full_comparison_finds_no_difference(tmp_path):
+    """benchmarks/tokenizer_fuzz.py: 100,000 fuzz captions, the awkward, synthetic and emoji captions
+    (npm tarballs fetched), rules against nltk and Node against Python, tokens and ids (3-6 min)."""
+    from imram_min.emoji import default_cache_dir
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenizer_fuzz.py"), "--n", "100000",
+                           "--fetch-emoji", "--npm-cache", default_cache_dir()], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("all agree"), done.stdout + done.stderr
+    assert "fuzz: 100000 captions" in done.stdout and "emoji: " in done.stdout and "node not run" not in done.stdout
+
+
 # --------------------------------------------------------------------------- the rules file
 def test_rules_file_uses_the_portable_subset_only():
     """No \\w \\s \\d \\b (each engine's own Unicode tables), no $ (Python, Java and .NET also match it
