@@ -7,7 +7,8 @@ PICTURES: a folder of pictures (searched recursively, as ``imram_min.features`` 
 CAPTIONS: captions of those pictures, any number (>= 1) per picture, in one of two forms:
 
     TSV          path<TAB>caption                       one a line; a first line "path<TAB>caption" is a header
-    JSON lines   {"path": "...", "caption": "..."}      one object a line (the file's first line starts with "{")
+    JSON lines   {"path": "...", "caption": "..."}      one object a line (a .jsonl / .json file, or a first
+                                                        line that starts with "{")
 
 ``path`` is relative to PICTURES. Blank lines are skipped. Every picture under PICTURES needs at
 least one caption and every path must be a picture under PICTURES: anything else (a missing
@@ -88,7 +89,8 @@ def read_captions(path: str) -> Captions:
     except UnicodeDecodeError as e:
         raise cli.UserError(f"{path}: captions must be UTF-8 text ({e})") from None
     first = next((line.strip() for line in lines if line.strip()), "")
-    result = Captions(form="jsonl" if first.startswith("{") else "tsv")
+    json_name = path.lower().endswith((".jsonl", ".ndjson", ".json"))
+    result = Captions(form="jsonl" if first.startswith("{") or json_name else "tsv")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
