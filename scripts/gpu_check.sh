@@ -19,12 +19,9 @@
 #   GPU_CHECK_BUDGET=450 (seconds, the whole script), PYTHON=python3,
 #   GPU_CHECK_PARTS="a b c" (which parts to run, e.g. "a c" for a rerun of those)
 #
-# Python packages. torch, numpy, onnx, onnxruntime (CPU), pytest, tqdm are on the machine. The
-# onnx scorers of the benchmark and the tests need nltk (runtime.text imports it; pure Python; its
-# needs click, joblib, regex, tqdm are on the machine): carry its wheel in .whl/. Every
-# .whl/*.whl is installed with --no-deps into /tmp/site, put on PYTHONPATH. Here:
-#     echo /.whl/ >> .git/info/exclude    # .gitignore already ignores /.whl/
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl nltk==3.10.4
+# Python packages. torch, numpy, onnx, onnxruntime (CPU), pytest, tqdm are on the machine; the
+# runtime's tokeniser is its own (runtime/tokenizer.json), so nothing else is needed. Any extra
+# .whl/*.whl carried is installed with --no-deps into /tmp/site, put on PYTHONPATH.
 #
 # onnxruntime-gpu, for onnx-cuda and the CUDA provider tests (else they report that the provider is
 # missing, and the rest runs). onnxruntime-gpu 1.31.x on PyPI is built for CUDA 13 and cuDNN 9
@@ -157,7 +154,7 @@ try:
           torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 except Exception as e:
     print("torch: cannot import:", e)
-for mod in ("numpy", "onnx", "nltk", "tqdm", "pytest"):
+for mod in ("numpy", "onnx", "tqdm", "pytest"):
     try:
         m = __import__(mod)
         print(mod, getattr(m, "__version__", "?"))
@@ -191,14 +188,9 @@ main() {
     install_wheels
     probe
 
-    if "$PY" -c "import nltk" 2> /dev/null; then
-        run_part "a-cuda-tests" 120 270 "$PY" -m pytest -q -rs -p no:cacheprovider \
-            tests/test_export.py tests/test_runtime.py -k "cuda or provider or device" \
-            --junitxml "$RESULTS/pytest_cuda.xml"
-    else
-        STATUS[a-cuda-tests]="SKIPPED (nltk missing: carry .whl/nltk-*.whl, see the top of this script)"
-        echo "=== a-cuda-tests: ${STATUS[a-cuda-tests]}"
-    fi
+    run_part "a-cuda-tests" 120 270 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/test_export.py tests/test_runtime.py -k "cuda or provider or device" \
+        --junitxml "$RESULTS/pytest_cuda.xml"
 
     run_part "b-score-flickr" 250 100 "$PY" benchmarks/score.py --size full --n-img 1000 --n-cap 5000 \
         --embed-size 1024 --mode full --steps 3 --scorers loop,loop-cuda,fast-cuda,onnx-cuda \
