@@ -53,9 +53,12 @@ finishes on the old index or on the new one, never with an error.
 Every file is opened as a regular file of the folder (O_NOFOLLOW | O_NONBLOCK, then fstat: no
 symbolic link, FIFO or device), its size bounded before it is read: manifest.json at most
 MAX_MANIFEST_BYTES, each part file exactly the size the manifest records (a .npy also exactly
-what its header claims). The first time a process opens a part file its SHA-256 is checked
-against the manifest (and its floats checked finite); the result is cached per process by
-(device, inode, size, mtime, ctime), so a long-lived reader does not hash a file twice. A part
+what its header claims). The first time a process reads a part file its SHA-256 is checked
+against the manifest (and its floats checked finite): offsets and ids when the part is opened,
+the embeddings and first-stage vectors when a search first reads them (``PartFiles.check``; a
+part no search reaches is never hashed), every file at once by ``--verify``. The result is
+cached per process by (device, inode, size, mtime, ctime), so a long-lived reader does not hash
+a file twice; a new CLI process hashes what it reads (measured: benchmarks/index_faults.py). A part
 listed twice is refused. Format 1 indexes (no sizes or hashes) are refused with what to do:
 ``python -m runtime.index --upgrade INDEX_DIR`` records them, ``--verify`` checks them.
 
@@ -567,15 +570,27 @@ class PartFiles(dict):
     global.npy and proj.npy)}. The files stay open as long as the part is referenced: a writer
     deleting them later changes nothing here."""
 
+    def __init__(self, **items):
+        super().__init__(**items)
+        self.pending = {}  # suffix -> the SHA-256 check still to do (open_part(lazy=True))
+
+    def check(self, *suffixes: str) -> None:
+        """Do the SHA-256 (and finite floats) checks still pending for these files, once. IndexDirError."""
+        for suffix in suffixes:
+            if suffix in self.pending:
+                verify_file(*self.pending[suffix])
+                self.pending.pop(suffix, None)
+
     def close(self) -> None:
         for f in self.get("files", {}).values():
             f.close()
 
 
 def _open_npy(index_dir: str, part: dict, suffix: str, shape: tuple, dtype: str, verify: bool, files: dict,
-              force: bool = False):
+              force: bool = False, pending: dict | None = None):
     """The part's SUFFIX .npy opened, checked (size, header, shape, dtype, SHA-256, finite floats) and
-    memory-mapped from the open file. ``shape``'s None axes take any size."""
+    memory-mapped from the open file. ``shape``'s None axes take any size. pending: where to leave
+    the SHA-256 check for later (PartFiles.check) instead of doing it now."""
     path = part_file(index_dir, part["name"], suffix)
     entry = part.get("files", {}).get(suffix)
     f, st = open_regular(path, size=entry["size"] if entry else None, what="part file")
@@ -587,23 +602,31 @@ def _open_npy(index_dir: str, part: dict, suffix: str, shape: tuple, dtype: str,
         raise IndexDirError(f"{path}: {got_dtype} {got_shape}, the manifest says {dtype} {want}")
     if verify and entry:
         floats = np.dtype(dtype) if np.dtype(dtype).kind == "f" else None
-        verify_file(f, st, path, entry["sha256"], offset if floats is not None else None, floats, force)
+        check = (f, st, path, entry["sha256"], offset if floats is not None else None, floats, force)
+        if pending is None:
+            verify_file(*check)
+        else:
+            pending[suffix] = check
     return np.memmap(f, dtype=got_dtype, mode="r", offset=offset, shape=got_shape)
 
 
 def open_part(index_dir: str, part: dict, d: int, dtype: str, global_d: int | None = None,
-              proj_size: int = 0, verify: bool = True, force: bool = False) -> PartFiles:
+              proj_size: int = 0, verify: bool = True, force: bool = False, lazy: bool = False) -> PartFiles:
     """One part's files opened and checked against the manifest entry ``part`` (see PartFiles).
     d: the embeddings' width; global_d: the first-stage vectors' (None: any); proj_size: the stored
-    projections' P (0: none). verify: check each file's SHA-256 (once per process; ``force``: again).
-    PartMissing when a file is gone; IndexDirError naming the file otherwise."""
+    projections' P (0: none). verify: check each file's SHA-256 (once per process; ``force``: again);
+    lazy: check embs.npy, global.npy and proj.npy only when ``PartFiles.check`` asks (a search, before
+    it reads them), offsets and ids now. PartMissing when a file is gone; IndexDirError naming the
+    file otherwise."""
     name, n, n_vec = part["name"], part["n_items"], part["n_vectors"]
     out = PartFiles(files={})
+    pending = out.pending if lazy else None
     try:
-        out["embs"] = _open_npy(index_dir, part, "embs.npy", (n_vec, d), dtype, verify, out["files"], force)
-        out["global"] = _open_npy(index_dir, part, "global.npy", (n, global_d), "float32", verify, out["files"], force)
+        out["embs"] = _open_npy(index_dir, part, "embs.npy", (n_vec, d), dtype, verify, out["files"], force, pending)
+        out["global"] = _open_npy(index_dir, part, "global.npy", (n, global_d), "float32", verify, out["files"], force,
+                                  pending)
         out["proj"] = _open_npy(index_dir, part, PROJ, (n_vec, proj_size), dtype, verify, out["files"],
-                                force) if proj_size else None
+                                force, pending) if proj_size else None
         offsets = np.array(_open_npy(index_dir, part, "offsets.npy", (n + 1,), "int64", verify, out["files"], force))
         path = part_file(index_dir, name, "offsets.npy")
         if offsets[0] != 0 or offsets[-1] != n_vec or (np.diff(offsets) < 1).any():

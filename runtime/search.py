@@ -206,7 +206,8 @@ class Index:
     from the index as it was when opened (or last ``reload``ed), whatever writers do meanwhile:
     a rebuild or an append elsewhere changes nothing here until ``reload()``. ``append(items)``
     adds items to the index folder (``runtime.index.build``) and reloads. Neither is to be called
-    while another thread searches this Index.
+    while another thread searches this Index. Each part file's SHA-256 is checked against the
+    manifest the first time a search reads it (runtime.indexdir; once per process).
     """
     OPEN_ATTEMPTS = 4  # a part deleted between reading the manifest and opening it: read the new one
 
@@ -257,7 +258,7 @@ class Index:
         if self.parts and (self.manifest["dtype"], self.projection_size) == (m["dtype"], projection_size):
             held = {entry["name"]: (entry, part) for entry, part in zip(self.manifest["parts"], self.parts)}
         parts = [held[p["name"]][1] if held.get(p["name"], (None,))[0] == p else
-                 open_part(self.index_dir, p, d, m["dtype"], self.scorer.global_size, projection_size)
+                 open_part(self.index_dir, p, d, m["dtype"], self.scorer.global_size, projection_size, lazy=True)
                  for p in m["parts"]]
         n_region = m.get("n_region")
         if m["kind"] == "images" and any((np.diff(p["offsets"]) != n_region).any() for p in parts):
@@ -326,6 +327,7 @@ class Index:
         for k, part in enumerate(self.parts):
             local = rows[(rows >= self.starts[k]) & (rows < self.starts[k + 1])] - self.starts[k]
             if len(local):
+                part.check(*(f"{a}.npy" for a in arrays))  # its SHA-256, the first time (runtime.indexdir)
                 n = np.diff(part["offsets"])[local]
                 for a in arrays:
                     flat[a].append(read_rows(part[a], part["offsets"][local], n, part["files"][f"{a}.npy"]))
@@ -370,6 +372,8 @@ class Index:
     def first_stage(self, global_: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n rows of highest cosine per query: (rows, cosines), each (Q, n), exact (``exact_top``
         over every part's first-stage vectors)."""
+        for part in self.parts:
+            part.check("global.npy")  # its SHA-256, the first time (runtime.indexdir)
         return exact_top([p["global"] for p in self.parts], self.starts, global_, n, self.scorer.matmul,
                          [p["files"]["global.npy"] for p in self.parts])
 

@@ -489,10 +489,13 @@ def test_a_part_file_is_hashed_once_per_process(tmp_path, tiny_model_dir, split,
         hashed.append(1)
         return hashlib.sha256(*args)
     monkeypatch.setattr(indexdir, "hashlib", types.SimpleNamespace(sha256=counting))
-    Index(tmp_path / "idx", device="cpu", threads=1)
-    assert len(hashed) == len(indexdir.SUFFIXES)  # each part file once
-    Index(tmp_path / "idx", device="cpu", threads=1).reload()
-    assert len(hashed) == len(indexdir.SUFFIXES)  # not again
+    index = Index(tmp_path / "idx", device="cpu", threads=1)
+    assert len(hashed) == 2  # offsets.npy and ids.txt, read whole at once
+    index.search(split[3][:1], top_k=1, shortlist=2)
+    assert len(hashed) == len(indexdir.SUFFIXES)  # global.npy and embs.npy when a search first reads them
+    again = Index(tmp_path / "idx", device="cpu", threads=1)
+    again.search(split[3][:1], top_k=1, shortlist=2)
+    assert not again.reload() and len(hashed) == len(indexdir.SUFFIXES)  # each part file once per process
 
 
 def test_the_next_writer_removes_what_killed_writers_left(image_index, tmp_path, split):
