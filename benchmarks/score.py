@@ -7,7 +7,7 @@
         --scorers loop,loop-cuda,fast-cuda,onnx-cuda --slice loop=200x5 --slice loop-cuda=100
 
 Scorers; each scores the same precomputed embeddings and is timed on that alone:
-    loop        tests/reference.per_caption_similarity: the paper's loop, one caption at a time
+    loop        imram_min.reference.per_caption_similarity: the paper's loop, one caption at a time
                 against every image of the shard, as the original evaluation (the baseline)
     plain       IMRAM.similarity (imram_min/model.py), batched
     fast        imram_min.schedule.similarity (imram_min/fast.py's exact restructuring, in blocks)
@@ -16,10 +16,10 @@ Scorers; each scores the same precomputed embeddings and is timed on that alone:
     loop-cuda, plain-cuda, fast-cuda, onnx-cuda    the same on CUDA, where torch / onnxruntime offer it
 
 Printed per scorer: pairs/s, x loop (its pairs/s over the loop's on the same device in this run;
-"*": over the CPU loop), GFLOP/s (the original form's FLOPs for loop and plain, the fast form's for
-fast and onnx), max |diff| vs the loop on the pairs both scored
-(float32; PASS <= 1e-5), and the analytic FLOPs per pair of the original and the fast form, whose
-ratio is the ideal speed-up. A loop may score a slice of the shard (--slice NAME=[IMGSx]CAPS); its
+"*": over the CPU loop), GFLOP/s (the FLOPs per pair of its own form, ``imram_min.fast.flops_per_pair``:
+"original" for loop, "plain" for plain, "fast" for fast and onnx), max |diff| vs the loop on the pairs
+both scored (float32; PASS <= 1e-5), and the analytic FLOPs per pair of the three forms, whose
+ratios are the ideal speed-ups. A loop may score a slice of the shard (--slice NAME=[IMGSx]CAPS); its
 pairs/s is then the slice's. --rounds N runs the scorers N times in turn (loop, plain, fast, ...,
 loop, ...) so that on a machine whose speed drifts all meet the same phases: each is shown at its
 best, and the ratios to the loop within each round are printed too. Every scorer runs with glibc
@@ -45,11 +45,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 from imram_min import schedule  # noqa: E402
+from imram_min.fast import FLOP_FORMS, flops_per_pair  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
-from reference import per_caption_similarity  # noqa: E402  (tests/reference.py)
+from imram_min.reference import per_caption_similarity  # noqa: E402
 
 SIZES = {"full": {"embed_size": 1024, "n_img": 32, "n_cap": 40}, "small": {"embed_size": 256, "n_img": 48, "n_cap": 64}}
 LOOP_CUDA_PAIRS = 100_000  # default slice of loop-cuda; the CPU loop scores the preset shard's pairs at most
@@ -86,22 +87,6 @@ def load_line() -> str:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     busy = " (other work is running: timings will be noisy)" if load > 0.5 * cpus else ""
     return f"{cpus} CPUs, load average {load:.2f}{busy}"
-
-
-def flops_per_pair(form: str, r: int, w: int, d: int, k: int, mode: str) -> float:
-    """Analytic FLOPs of one pair (multiply-add = 2), caption of w words, r regions.
-
-    original, per direction (n_q queries, n_c context items) and step: raw scores 2 n_c n_q d,
-    attended context 2 n_q n_c d, memory unit 2 layers of 2 n_q (2d) d, K updates (the last too).
-    fast: step-1 raw scores 2 r w d shared by both directions; per direction the later raw scores,
-    attention-Gram norms 2 n_q n_c^2 + 2 n_q n_c per step, a @ context_proj 2 n_q n_c 2d per update
-    and W_q q 2 n_q d 2d per update after the first (per-item projections are amortised: not counted).
-    """
-    dirs = ([(w, r)] if mode in ("full", "text") else []) + ([(r, w)] if mode in ("full", "image") else [])
-    if form == "original":
-        return sum(k * 4 * nc * nq * d + k * 8 * nq * d * d for nq, nc in dirs)
-    return 2 * r * w * d + sum((k - 1) * 2 * nc * nq * d + k * (2 * nq * nc * nc + 2 * nq * nc)
-                               + (k - 1) * 4 * nq * nc * d + max(k - 2, 0) * 4 * nq * d * d for nq, nc in dirs)
 
 
 def make_inputs(a, n_img: int, n_cap: int, d: int):
@@ -186,7 +171,7 @@ def run_size(size: str, a, names: list[str]) -> dict:
 
     ref = next((n for n in ("loop", "loop-cuda") if n in outs), None)
     mean = {f: float(np.mean([flops_per_pair(f, a.n_region, int(n), d, a.steps, a.mode) for n in lengths]))
-            for f in ("original", "fast")}
+            for f in FLOP_FORMS}
     print(f"{'scorer':<11}{'pairs/s':>11}{'x loop':>9}{'GFLOP/s':>9}{'max|diff|':>11}{'check':>7}  pairs timed")
     for name, r in res.items():
         if r["status"] != "ok":
@@ -196,7 +181,8 @@ def run_size(size: str, a, names: list[str]) -> dict:
         loop = next((x for x in options if res.get(x[0], {}).get("round_pps")), None)
         imgs, caps = slices[name]
         r.update(imgs=imgs, caps=caps, pairs=imgs * caps, seconds=min(r["times"]), pairs_per_s=max(r["round_pps"]))
-        r["gflops_per_s"] = r["pairs_per_s"] * mean["fast" if name.startswith(("fast", "onnx")) else "original"] / 1e9
+        form = {"loop": "original", "plain": "plain"}.get(name.split("-")[0], "fast")
+        r["gflops_per_s"] = r["pairs_per_s"] * mean[form] / 1e9
         r["x_loop"] = r["pairs_per_s"] / res[loop[0]]["pairs_per_s"] if loop else None
         r["x_loop_rounds"] = [p / q for p, q in zip(r["round_pps"], res[loop[0]]["round_pps"])] if loop else []
         if name == ref:
@@ -210,14 +196,17 @@ def run_size(size: str, a, names: list[str]) -> dict:
         print(f"{name:<11}{r['pairs_per_s']:>11.1f}{ratio:>9}{r['gflops_per_s']:>9.1f}{diff:>11}"
               f"{r.get('check', 'n/a'):>7}  {imgs}x{caps}, best of {a.rounds} round(s) x {a.repeat}")
     print(f"x loop: over the loop's pairs/s on the same device (*: the CPU loop's). max|diff|: vs {ref}, float32, "
-          f"PASS <= {TOL:g}. Analytic FLOPs per pair: original {mean['original'] / 1e9:.4g} G, fast "
-          f"{mean['fast'] / 1e9:.4g} G; ideal speed-up original / fast = {mean['original'] / mean['fast']:.2f}x")
+          f"PASS <= {TOL:g}. Analytic FLOPs per pair (imram_min.fast.flops_per_pair): original "
+          f"{mean['original'] / 1e9:.4g} G, plain {mean['plain'] / 1e9:.4g} G, fast {mean['fast'] / 1e9:.4g} G; "
+          f"ideal speed-up original / fast = {mean['original'] / mean['fast']:.2f}x, "
+          f"plain / fast = {mean['plain'] / mean['fast']:.2f}x")
     if a.rounds > 1:
         print("x loop within each round: " + "; ".join(f"{n} {', '.join(f'{x:.2f}' for x in r['x_loop_rounds'])}"
                                                         for n, r in res.items() if r.get("x_loop_rounds")))
     return {"config": {"embed_size": d, "n_img": n_img, "n_cap": n_cap, "n_region": a.n_region, "mode": a.mode,
                        "n_steps": a.steps, "min_len": a.min_len, "max_len": a.max_len, "slices": slices},
-            "flops_per_pair": mean, "ideal_speedup": mean["original"] / mean["fast"], "reference": ref, "scorers": res}
+            "flops_per_pair": mean, "ideal_speedup": mean["original"] / mean["fast"],
+            "ideal_speedup_over_plain": mean["plain"] / mean["fast"], "reference": ref, "scorers": res}
 
 
 def main(argv: list[str] | None = None) -> int:

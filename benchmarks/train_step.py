@@ -8,7 +8,7 @@
 A step is what imram_min.train does per batch: encode the B images and B captions, score the
 B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipping (2.0), Adam
 (lr 2e-4). Ways of scoring the B x B pairs:
-    original     tests/reference.per_caption_similarity with autograd: the paper's loop, one
+    original     imram_min.reference.per_caption_similarity with autograd: the paper's loop, one
                  caption at a time against the batch's images (the baseline)
     fast         imram_min.schedule.similarity(..., checkpoint=True): blocks recomputed in the
                  backward pass (what training does on a GPU)
@@ -47,12 +47,12 @@ import torch
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from imram_min import schedule  # noqa: E402
 from imram_min.distributed import BatchLoss, Context, join, rank_slice, teardown  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
-from reference import per_caption_similarity  # noqa: E402  (tests/reference.py)
+from imram_min.reference import per_caption_similarity  # noqa: E402
 from score import load_line, shape_parser  # noqa: E402  (benchmarks/score.py)
 
 SCORERS = ("original", "fast", "fast-nockpt", "support", "plain", "fast-bf16", "ddp-2", "ddp-4")

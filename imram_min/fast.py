@@ -1,57 +1,84 @@
 """Exact fast scoring: the pair scores of ``model.IMRAM.similarity`` with far less arithmetic.
 
-Almost all of IMRAM's cost is the MDU, (7)-(8) of ``imram_min.model``: two layers (2d -> d)
-applied to [m_i; c_i] for every pair, step and query item. Exact identities remove most of it;
-each is written once below, labelled (F1)..(F7), beside the lines that use it. Labels (1)..(12)
-are the formulas of ``imram_min.model``'s docstring.
+The forward algebra only (the hand-written derivatives for training, (F8) and (F9), are in
+``imram_min.fast_backward``). Symbols are those of the table in ``imram_min.model``'s docstring;
+labels (1)..(12) are its formulas. Almost all of IMRAM's cost is the MDU, (7)-(8): two layers
+(2d -> d) applied to [x_i^k; c_i^k] for every pair, step and query vector. Exact identities
+remove most of it; each is written once below, labelled (F1)..(F7), beside the lines that use it.
+Split each MDU weight by the columns that multiply the memory and the attended context,
+W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
 
-    (F1) context projection mixing. Split each MDU weight W = [W_q | W_c]. By (6) and
-         sum_j a_ij = 1 (5):   W_c c_i + b = sum_j a_ij (W_c v_j + b)
-         so every context item is projected once (``projections``), and per pair only the
+    (F1) context projection mixing. By (6) and sum_j alpha_ij = 1 (5):
+             W_c c_i + b = sum_j alpha_ij (W_c y_j + b)
+         so every context vector is projected once (``projections``), and per pair only the
          attention weights mix the projections.
-    (F2) step-1 query part. At step 1 the memory is the query (m = q), so W_q m_i = W_q q_i is
-         per query item, not per pair (``projections`` too).
-    (F3) no update after the last step: m^K never enters a score (10).
-    (F4) the step score (10) without c_i. With the STEP-1 raw scores s^1_ij = <q_i, v_j> (3)
-         and the Gram matrix G_jl = <v_j, v_l> of the context items:
-             <q_i, c_i^k> = sum_j a^k_ij <q_i, v_j> = sum_j a^k_ij s^1_ij
-             |c_i^k|^2    = a^k_i G (a^k_i)^T
+    (F2) step-1 query part. At step 1 the memory is the query (x^1 = x), so W_x x_i^1 = W_x x_i is
+         per query vector, not per pair (``projections`` too).
+    (F3) no update after the last step: x^(K+1) never enters a score (10).
+    (F4) the step score (10) without c_i. With the STEP-1 raw scores s^1_ij = <x_i, y_j> (3)
+         and the Gram matrix G_jl = <y_j, y_l> of the context vectors:
+             <x_i, c_i^k> = sum_j alpha^k_ij <x_i, y_j> = sum_j alpha^k_ij s^1_ij
+             |c_i^k|^2    = alpha^k_i G (alpha^k_i)^T
          so the attended context is never materialised. The step-1 raw scores <region, word>
          are the same numbers for both directions and are computed once.
-    (F5) tanh(x) = 2 sigmoid(2x) - 1. With the update rows doubled ([2 W_o; W_g], exact in
+    (F5) tanh(z) = 2 sigmoid(2z) - 1. With the update rows doubled ([2 W_o; W_g], exact in
          floating point) one sigmoid serves both (7) and (8); PyTorch's tanh on the CPU costs
          several sigmoids.
-    (F6) the gated update (9) as one lerp:  g m + (1 - g) o = o + g (m - o).
+    (F6) the gated update (9) as one lerp:  g x + (1 - g) o = o + g (x - o).
     (F7) the l2norm after the last update folded into the raw scores it only enters (3):
-             <m/(|m| + eps), v_j> = <m, v_j> / (|m| + eps)
-    (F8), (F9) for training: the derivatives of the gated update's pointwise part (``Gate``) and
-         of the memory's l2norm (``L2Norm``) written out, in a few passes over the per-pair
-         (..., d) tensors where autograd's node per operation made about twice as many.
+             <x/(|x| + eps), y_j> = <x, y_j> / (|x| + eps)
+    (F8), (F9): the derivatives, ``imram_min.fast_backward``; (F10), the loss that scores only the
+         pairs it depends on: ``imram_min.distributed.support_loss``.
 
-What is left per pair for K = 3 is one half-width (d -> 2d) product at step 2 plus the attention
-itself: about 6x fewer FLOPs than the original at d = 1024.
+The FLOP count (``flops_per_pair``). Counted: every matrix product, 2 FLOPs per multiply-add
+(what ``torch.utils.flop_counter.FlopCounterMode`` counts; the tests hold the formulas to it).
+Per pair of an image of r regions and a caption of w words, per direction with m query and n
+context vectors (Text-IMRAM: m = w, n = r; Image-IMRAM: m = r, n = w), K steps, size d:
+
+    original (the published code, ``imram_min.reference``):  K (4 m n d + 8 m d^2)
+        raw scores (3) 2 m n d and attended context (6) 2 m n d at each step, and the MDU's two
+        layers 2 x 2 m (2d) d after EVERY step, the last one too (its result is unused)
+    plain (``imram_min.model``):  K 4 m n d + (K - 1) 8 m d^2      (no update after the last step)
+    fast (this file):  2 r w d  (step-1 raw scores, once for both directions, F4)
+        + per direction  K 2 m n^2           alpha G, the attended norms (F4)
+                       + (K - 1) 2 m n d     raw scores of steps 2..K (3)
+                       + (K - 1) 4 m n d     alpha (W_c y + b) (F1)
+                       + (K - 2)^+ 4 m d^2   W_x x^k for the updates after the first (F2)
+        plus, once per image and per caption rather than per pair (``flops_per_item``), the
+        projections (F1, F2) and the Gram matrices (F4).
+
+Not counted: pointwise work and the per-pair dot products and norms outside matrix products
+(cosines and l2norms, 2 m d each; the (F4) products and the norm of (4), 2 m n each): about 0.1%
+of every form at d = 1024, 0.4% at d = 256.
+A caption counts at its own length; a batched form pads captions to the longest of a block.
+At r = 36, w uniform in 8..16, d = 1024, K = 3, Full IMRAM (the mean FLOPs per pair):
+original 1.219 GFLOP, plain 0.816, fast 0.213: fast does 5.72x fewer FLOPs than the original
+code and 3.83x fewer than ``model.py`` (at d = 256: 5.01x and 3.40x).
 
 The memory update of the loop is a function it receives (``update``): by default ``gated_update``,
 the PyTorch form above; ``export.graphs.onnx_update`` is the same update written for ONNX Runtime.
 
-Layout: the tensors of one direction are context-major, (n_c_items, n_q_items, n_query,
-n_context) (e.g. Text-IMRAM: (n_img, n_cap, n_word, n_region)), so that per-context-item
-tensors (projections, Gram) broadcast over the query items in batched products without copies.
+Layout: the tensors of one direction are context-major, (n_context_sets, n_query_sets, n_query,
+n_context), a *context set* being the image or caption whose vectors are the context y_j and a
+*query set* the caption or image whose vectors are the queries x_i (Text-IMRAM: (n_img, n_cap,
+n_word, n_region)), so that per-context-set tensors (projections, Gram) broadcast over the query
+sets in batched products without copies.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .fast_backward import Gate, L2Norm
 from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weights, l2norm, masked_mean, \
     mean_pooled_similarity, word_mask
 
 
 # --------------------------------------------------------------------------- per-item weights and projections
 def mdu_weights(mdu: MemoryDistillation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MDU's two layers as one: (W_q (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [m | c].
+    """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [x^k | c^k].
 
-    The update rows are doubled (F5): sigmoid(W [m; c] + b) = [sigmoid(2 x_o) | g] with x_o the
+    The update rows are doubled (F5): sigmoid(W [x^k; c^k] + b) = [sigmoid(2 z_o) | g] with z_o the
     pre-activation of (7) and g the gate (8).
     """
     weight = torch.cat([2 * mdu.update.weight, mdu.gate.weight], 0)  # (2d, 2d)  (F5)
@@ -72,12 +99,13 @@ CONTEXT_OF = {"region": "text", "word": "image"}  # the direction in which each 
 
 
 def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W (P, d), b (P,)) such that side "region"'s or "word"'s projections are x W^T + b; P = 2d
-    per direction, directions in the order of ``weights``; None when ``weights`` is empty.
+    """(W (n_proj, d), b (n_proj,)) such that side "region"'s or "word"'s projections are e W^T + b
+    for its embeddings e; n_proj = 2d per direction, directions in the order of ``weights``; None
+    when ``weights`` is empty.
 
-    Where this side is the context: W_c x + b (F1; the bias rides with the context, whose
-    attention weights sum to 1); where it is the query: W_q x (F2). So regions give
-    [text: W_c v + b | image: W_q v] and words [text: W_q w | image: W_c w + b].
+    Where this side is the context: W_c y + b (F1; the bias rides with the context, whose
+    attention weights sum to 1); where it is the query: W_x x (F2). So regions give
+    [text: W_c v + b | image: W_x v] and words [text: W_x w | image: W_c w + b].
     weights: ``direction_weights``.
     """
     if not weights:
@@ -88,10 +116,11 @@ def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Te
 
 
 def projections(model: IMRAM, embs: torch.Tensor, side: str, weights: dict | None = None) -> torch.Tensor | None:
-    """(F1), (F2): the per-item parts of the MDU pre-activations, once per item.
+    """(F1), (F2): the per-vector parts of the MDU pre-activations, once per region or word.
 
     side "region": region_embs (n_img, n_region, d); "word": word_embs (n_cap, n_word, d)
-    -> (n, n_items, P) (see ``projection_weights``), None when no update is made.
+    -> (n_img, n_region, n_proj) or (n_cap, n_word, n_proj) (see ``projection_weights``), None
+    when no update is made.
     weights: ``direction_weights`` (made here when None).
     """
     stacked = projection_weights(direction_weights(model) if weights is None else weights, side)
@@ -99,7 +128,7 @@ def projections(model: IMRAM, embs: torch.Tensor, side: str, weights: dict | Non
 
 
 def split_directions(proj: torch.Tensor | None, weights: dict) -> dict:
-    """(..., P) -> {direction: (..., 2d)}, views, in the order of ``weights``."""
+    """(..., n_proj) -> {direction: (..., 2d)}, views, in the order of ``weights``."""
     if proj is None:
         return {}
     width = proj.shape[-1] // len(weights)
@@ -108,89 +137,39 @@ def split_directions(proj: torch.Tensor | None, weights: dict) -> dict:
 
 # --------------------------------------------------------------------------- the step score (F4)
 def attended_dot(attention: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
-    """(F4): <q_i, c_i^k> = sum_j a^k_ij <q_i, v_j>, from the STEP-1 raw scores.
+    """(F4): <x_i, c_i^k> = sum_j alpha^k_ij <x_i, y_j>, from the STEP-1 raw scores.
 
-    attention a^k (n_c_items, n_q_items, n_query, n_context); raw_scores s^1, same shape
-    -> (n_c_items, n_q_items, n_query).
+    attention alpha^k (n_context_sets, n_query_sets, n_query, n_context); raw_scores s^1, same
+    shape -> (n_context_sets, n_query_sets, n_query).
     """
     return (attention * raw_scores).sum(-1)
 
 
 def attended_sq_norm(attention: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """(F4): |c_i^k|^2 = a^k_i G (a^k_i)^T, with the Gram matrix G_jl = <v_j, v_l>.
+    """(F4): |c_i^k|^2 = alpha^k_i G (alpha^k_i)^T, with the Gram matrix G_jl = <y_j, y_l>.
 
-    attention (n_c_items, n_q_items, n_query, n_context); gram (n_c_items, n_context, n_context)
-    -> (n_c_items, n_q_items, n_query).
+    attention (n_context_sets, n_query_sets, n_query, n_context); gram (n_context_sets,
+    n_context, n_context) -> (n_context_sets, n_query_sets, n_query).
     """
-    n_c_items, n_q_items, n_query, n_context = attention.shape
-    flat = attention.reshape(n_c_items, n_q_items * n_query, n_context)
-    return ((flat @ gram) * flat).sum(-1).view(n_c_items, n_q_items, n_query)
+    n_context_sets, n_query_sets, n_query, n_context = attention.shape
+    flat = attention.reshape(n_context_sets, n_query_sets * n_query, n_context)
+    return ((flat @ gram) * flat).sum(-1).view(n_context_sets, n_query_sets, n_query)
 
 
 # --------------------------------------------------------------------------- the memory update
 _MINUS_ONE = torch.tensor(-1.0)
 
 
-def gate(sig: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """(7)-(9) from the sigmoids: sig (..., 2d) = [sigmoid(2 x_o) | g], memory (..., d) (broadcast)
-    -> the new memory o + g (m - o), o = tanh(x_o)."""
+def new_memory(sig: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(7)-(9) before the l2norm, from the sigmoids: sig (..., 2d) = [sigmoid(2 z_o) | g], memory x^k
+    (..., d) (broadcast) -> the new memory o + g (x^k - o), o = tanh(z_o), (..., d)."""
     d = sig.shape[-1] // 2
-    o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(x_o) = 2 sigmoid(2 x_o) - 1
-    return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (m - o) = g m + (1 - g) o
-
-
-class Gate(torch.autograd.Function):
-    """(F8) ``gate`` of sigmoid(pre) with its derivative written out, for training.
-
-    With s = sigmoid(pre_o), o = 2 s - 1, g = sigmoid(pre_g), m' = o + g (m - o), and G = dL/dm':
-        dL/dm     = G g
-        dL/dpre_o = G (1 - g) 2 s (1 - s)
-        dL/dpre_g = G (m - o) g (1 - g)
-    Autograd would differentiate the slices of pre, the tanh identity and the lerp one node each
-    (zero-filled slice gradients, copies into views); this writes the (..., 2d) gradient in place.
-    pre (..., 2d) rows [2 x_o | x_g] (F5); memory (..., d) or broadcast to it (the query at step 1).
-    """
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        sig = torch.sigmoid(pre)  # [s | g]  (8)
-        ctx.save_for_backward(sig, memory)
-        return gate(sig, memory)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        sig, memory = ctx.saved_tensors
-        d = sig.shape[-1] // 2
-        s, g = sig[..., :d], sig[..., d:]
-        grad_pre = torch.empty_like(sig)
-        grad_memory = grad * g  # G g
-        torch.sub(grad, grad_memory, out=grad_pre[..., :d]).mul_(2)  # 2 G (1 - g)
-        torch.mul(torch.add(memory.to(sig.dtype), s, alpha=-2).add_(1), grad, out=grad_pre[..., d:])  # G (m - o)
-        grad_pre.mul_(sig).mul_(1 - sig)  # x sigmoid' = sig (1 - sig), both halves
-        return grad_pre, grad_memory.sum_to_size(memory.shape).to(memory.dtype)
-
-
-class L2Norm(torch.autograd.Function):
-    """(F9) l2norm over the last axis, y = x / (|x| + eps), with its derivative written out, for training:
-        dL/dx = G / (|x| + eps) - y <y, G> / |x|      (G = dL/dy; the second term is 0 where x = 0)
-    (autograd's norm and division nodes make twice the passes over the (..., d) memory)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        y = x / (norm + EPS)
-        ctx.save_for_backward(y, norm)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        y, norm = ctx.saved_tensors
-        along = (y * grad).sum(-1, keepdim=True).div_(norm.clamp(min=torch.finfo(norm.dtype).tiny))  # <y, G> / |x|
-        return (grad / (norm + EPS)).sub_(y * along)
+    o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(z_o) = 2 sigmoid(2 z_o) - 1
+    return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (x - o) = g x + (1 - g) o
 
 
 def normalize(memory: torch.Tensor) -> torch.Tensor:
-    """``model.l2norm`` of the memory (9), through ``L2Norm`` (F9) when autograd records it."""
+    """``model.l2norm`` of the memory (9), through ``fast_backward.L2Norm`` (F9) when autograd records it."""
     return L2Norm.apply(memory) if torch.is_grad_enabled() and memory.requires_grad else l2norm(memory)
 
 
@@ -198,28 +177,30 @@ def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_que
                  query_proj: torch.Tensor, context_proj: torch.Tensor) -> torch.Tensor:
     """The MDU (7)-(9) without the l2norm, for all pairs: the PyTorch form of the fast loop's update.
 
-    memory (n_c_items, n_q_items, n_query, d), or at step 0 the query (n_q_items, n_query, d)
-    (or per pair, as memory); attention (n_c_items, n_q_items, n_query, n_context); w_query: W_q
-    (2d, d) of ``mdu_weights``; query_proj = W_q q, shaped as the query with 2d last;
-    context_proj (n_c_items, n_context, 2d) = W_c v + b. Returns the new memory (n_c_items,
-    n_q_items, n_query, d).
+    memory x^k (n_context_sets, n_query_sets, n_query, d), or at step 0 the query x (n_query_sets,
+    n_query, d) (or per pair, as memory); attention alpha^k (n_context_sets, n_query_sets, n_query,
+    n_context); w_query: W_x (2d, d) of ``mdu_weights``; query_proj = W_x x, shaped as the query
+    with 2d last; context_proj (n_context_sets, n_context, 2d) = W_c y + b. Returns the new memory
+    (n_context_sets, n_query_sets, n_query, d).
     """
-    n_c_items, n_q_items, n_query, n_context = attention.shape
-    d, rows = context_proj.shape[-1] // 2, n_q_items * n_query
-    flat = attention.reshape(n_c_items, rows, n_context)
-    # pre = W_q m_i + W_c c_i + b, rows [2 x_o | x_g]: (n_c_items, rows, 2d)
-    if step == 0:  # (F2): m = q, so W_q m_i is the per-item query_proj, broadcast over the context items
-        pre = torch.baddbmm(query_proj.reshape(-1, rows, 2 * d), flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+    n_context_sets, n_query_sets, n_query, n_context = attention.shape
+    d, rows = context_proj.shape[-1] // 2, n_query_sets * n_query
+    flat = attention.reshape(n_context_sets, rows, n_context)
+    # pre = W_x x^k_i + W_c c^k_i + b, rows [2 z_o | z_g]: (n_context_sets, rows, 2d)
+    if step == 0:  # (F2): x^1 = x, so W_x x^1_i is the per-vector query_proj, broadcast over the context sets
+        pre = torch.baddbmm(query_proj.reshape(-1, rows, 2 * d), flat, context_proj)  # (F1): + alpha (W_c y + b)
     else:
-        pre = (memory.reshape(-1, d) @ w_query.T).view(n_c_items, rows, 2 * d)  # W_q m_i
+        pre = (memory.reshape(-1, d) @ w_query.T).view(n_context_sets, rows, 2 * d)  # W_x x^k_i
         if pre.requires_grad or not pre.dtype == flat.dtype == context_proj.dtype:  # autograd, or autocast
-            pre = torch.baddbmm(pre, flat, context_proj)  # (F1): + sum_j a_ij (W_c v_j + b)
+            pre = torch.baddbmm(pre, flat, context_proj)  # (F1): + sum_j alpha_ij (W_c y_j + b)
         else:
             pre = pre.baddbmm_(flat, context_proj)  # the same, in place
-    pre = pre.view(n_c_items, n_q_items, n_query, 2 * d)
+    pre = pre.view(n_context_sets, n_query_sets, n_query, 2 * d)
     if torch.is_grad_enabled() and (pre.requires_grad or memory.requires_grad):
-        return Gate.apply(pre, memory)  # (F8)
-    return gate(pre.sigmoid_(), memory)  # [sigmoid(2 x_o) | g]  (8), in place
+        return Gate.apply(pre, memory)  # (F8), fast_backward
+    return new_memory(pre.sigmoid_(), memory)  # [sigmoid(2 z_o) | g]  (8), in place
+
+
 # --------------------------------------------------------------------------- iterative matching
 def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, raw_scores: torch.Tensor,
                                     cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
@@ -227,30 +208,30 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
                                     update=gated_update) -> torch.Tensor:
     """Step scores (10) of one direction for all pairs, exactly as ``model.recurrent_attention_memory``.
 
-    query (n_q_items, n_query, d): the query items (captions' words for Text-IMRAM, images'
-    regions for Image-IMRAM), or (n_c_items, n_q_items, n_query, d): a query of each pair's own
-    (``zipped_scores``); context (n_c_items, n_context, d); raw_scores (n_c_items, n_q_items,
-    n_query, n_context): the step-1 raw scores s^1_ij = <q_i, v_j> (3) of every pair.
-    query_mask (n_q_items, n_query) (or per pair, as query) / context_mask (n_c_items, n_context):
-    False on padding.
+    query x (n_query_sets, n_query, d): the query vectors (captions' words for Text-IMRAM, images'
+    regions for Image-IMRAM), or (n_context_sets, n_query_sets, n_query, d): a query of each pair's
+    own (``zipped_scores``); context y (n_context_sets, n_context, d); raw_scores (n_context_sets,
+    n_query_sets, n_query, n_context): the step-1 raw scores s^1_ij = <x_i, y_j> (3) of every pair.
+    query_mask (n_query_sets, n_query) (or per pair, as query) / context_mask (n_context_sets,
+    n_context): False on padding.
     mdu_parts: (w_query, query_proj, context_proj), passed to ``update`` (None when K = 1);
     update: the memory update, ``gated_update`` or a function of the same signature.
-    Returns (K, n_c_items, n_q_items).
+    Returns (K, n_context_sets, n_query_sets).
     """
-    n_c_items, n_q_items, n_query, n_context = raw_scores.shape
+    n_context_sets, n_query_sets, n_query, n_context = raw_scores.shape
     d = query.shape[-1]
-    qmask = None if query_mask is None or query_mask.dim() == 3 else query_mask[None]  # (1, n_q_items, n_query)
+    qmask = None if query_mask is None or query_mask.dim() == 3 else query_mask[None]  # (1, n_query_sets, n_query)
     qmask = query_mask if qmask is None else qmask
-    cmask = None if context_mask is None else context_mask[:, None]  # (n_c_items, 1, n_context)
-    gram = context @ context.transpose(1, 2)  # (F4): G_jl = <v_j, v_l>, (n_c_items, n_context, n_context)
-    query_norm = query.norm(dim=-1)  # |q_i|, (n_q_items, n_query) (or per pair)
+    cmask = None if context_mask is None else context_mask[:, None]  # (n_context_sets, 1, n_context)
+    gram = context @ context.transpose(1, 2)  # (F4): G_jl = <y_j, y_l>, (n_context_sets, n_context, n_context)
+    query_norm = query.norm(dim=-1)  # |x_i|, (n_query_sets, n_query) (or per pair)
 
     scores, memory, step_scores = raw_scores, query, []
     for k in range(cfg.n_steps):
-        attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): (n_c_items, n_q_items, n_query, n_context)
-        dot = attended_dot(attention, raw_scores)  # (F4): <q_i, c_i^k> from the step-1 raw scores
-        sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^k|^2 = a_i G a_i^T
-        cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(q_i, c_i^k), as model.cosine
+        attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): alpha^k, shaped as raw_scores
+        dot = attended_dot(attention, raw_scores)  # (F4): <x_i, c_i^k> from the step-1 raw scores
+        sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^k|^2 = alpha_i G alpha_i^T
+        cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(x_i, c_i^k), as model.cosine
         step_scores.append(masked_mean(cos, qmask))  # (10)
         if k == cfg.n_steps - 1:
             break  # (F3): no update after the last step
@@ -258,7 +239,8 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
         last_update = k == cfg.n_steps - 2
         if not cfg.no_IMRAM_norm and not last_update:
             memory = normalize(memory)  # (9)
-        scores = (memory.reshape(n_c_items, n_q_items * n_query, d) @ context.transpose(1, 2)).view(raw_scores.shape)  # (3)
+        scores = (memory.reshape(n_context_sets, n_query_sets * n_query, d) @ context.transpose(1, 2)) \
+            .view(raw_scores.shape)  # (3): s^(k+1)_ij = <x^(k+1)_i, y_j>
         if not cfg.no_IMRAM_norm and last_update:
             scores = scores / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)  # (F7), (9)
     return torch.stack(step_scores)
@@ -271,10 +253,10 @@ def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.T
     """{"text": (K, n_img, n_cap), "image": (K, n_img, n_cap)}, equal to ``IMRAM.step_scores``.
 
     region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
-    region_proj (n_img, n_region, P) / word_proj (n_cap, n_word, P): the ``projections`` of
-    exactly these items (made here when None); weights: ``direction_weights`` (made here when
-    None); query_weights: {direction: the step-2 weights in the form ``update`` takes} (default:
-    W_q of ``weights``); update: see ``fast_recurrent_attention_memory``.
+    region_proj (n_img, n_region, n_proj) / word_proj (n_cap, n_word, n_proj): the ``projections``
+    of exactly these regions and words (made here when None); weights: ``direction_weights`` (made
+    here when None); query_weights: {direction: the step-2 weights in the form ``update`` takes}
+    (default: W_x of ``weights``); update: see ``fast_recurrent_attention_memory``.
     Traceable: no Python-side use of tensor values, so it exports to ONNX with dynamic sizes.
     """
     n_img, n_region, d = region_embs.shape
@@ -293,12 +275,12 @@ def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.T
         .view(n_img, n_region, n_cap, n_word)
     out = {}
     for direction in model.mdus():
-        if direction == "text":  # words attend regions: context items = images, query items = captions
+        if direction == "text":  # words attend regions: context sets = images, query sets = captions
             parts = (w_query["text"], word_parts["text"], region_parts["text"]) if weights else None
             out["text"] = fast_recurrent_attention_memory(
                 word_embs, region_embs, region_word_scores.permute(0, 2, 3, 1), model.cfg,
                 query_mask=mask, mdu_parts=parts, update=update)
-        else:  # regions attend words: context items = captions, query items = images
+        else:  # regions attend words: context sets = captions, query sets = images
             parts = (w_query["image"], region_parts["image"], word_parts["image"]) if weights else None
             out["image"] = fast_recurrent_attention_memory(
                 region_embs, word_embs, region_word_scores.permute(2, 0, 1, 3), model.cfg,
@@ -329,29 +311,82 @@ class FastMatcher(nn.Module):
 
 def zipped_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
                   lengths: torch.Tensor) -> torch.Tensor:
-    """F(image p, caption p) (11) for p = 0 .. P-1: the pairs of a list, not all pairs; equal to the
-    diagonal of ``IMRAM.similarity(region_embs, word_embs, lengths)``.
+    """F(image p, caption p) (11) for p = 0 .. n_pairs - 1: the pairs of a list, not all pairs; equal
+    to the diagonal of ``IMRAM.similarity(region_embs, word_embs, lengths)``.
 
-    region_embs (P, n_region, d), word_embs (P, n_word, d), lengths (P,) -> (P,). The same loop as
-    all pairs, each pair its own context item with a query of its own (training scores the few
-    pairs its loss depends on this way: ``imram_min.distributed.support_loss``).
+    region_embs (n_pairs, n_region, d), word_embs (n_pairs, n_word, d), lengths (n_pairs,) ->
+    (n_pairs,). The same loop as all pairs, each pair its own context set with a query of its own
+    (training scores the few pairs its loss depends on this way:
+    ``imram_min.distributed.support_loss``).
     """
     if model.cfg.mode == "mean":
         return mean_pooled_similarity(region_embs, word_embs, lengths).diagonal()
     weights = direction_weights(model)
     region_parts = split_directions(projections(model, region_embs, "region", weights), weights)  # (F1), (F2)
     word_parts = split_directions(projections(model, word_embs, "word", weights), weights)
-    mask = word_mask(lengths, word_embs.shape[1], word_embs.device)  # (P, n_word)
-    raw = region_embs @ word_embs.transpose(1, 2)  # (3): s^1 of each pair, (P, n_region, n_word)
+    mask = word_mask(lengths, word_embs.shape[1], word_embs.device)  # (n_pairs, n_word)
+    raw = region_embs @ word_embs.transpose(1, 2)  # (3): s^1 of each pair, (n_pairs, n_region, n_word)
     total = 0
     for direction in model.mdus():
-        if direction == "text":  # words attend regions: (P, 1, n_word, n_region)
+        if direction == "text":  # words attend regions: (n_pairs, 1, n_word, n_region)
             parts = (weights["text"][0], word_parts["text"][:, None], region_parts["text"]) if weights else None
             steps = fast_recurrent_attention_memory(word_embs[:, None], region_embs, raw.transpose(1, 2)[:, None],
                                                     model.cfg, query_mask=mask[:, None], mdu_parts=parts)
-        else:  # regions attend words: (P, 1, n_region, n_word)
+        else:  # regions attend words: (n_pairs, 1, n_region, n_word)
             parts = (weights["image"][0], region_parts["image"][:, None], word_parts["image"]) if weights else None
             steps = fast_recurrent_attention_memory(region_embs[:, None], word_embs, raw[:, None], model.cfg,
                                                     context_mask=mask, mdu_parts=parts)
         total = total + steps.sum(0)[:, 0]  # (11): sum over steps and directions
     return total
+
+
+# --------------------------------------------------------------------------- the FLOP count
+FLOP_FORMS = ("original", "plain", "fast")
+
+
+def _directions(n_region: int, n_word: int, mode: str) -> list[tuple[int, int]]:
+    """[(m query vectors, n context vectors)] of the mode's directions: Text-IMRAM, Image-IMRAM."""
+    if mode not in ("full", "text", "image"):
+        raise ValueError(f"FLOPs are counted for the IMRAM modes full, text, image, not {mode!r}")
+    return ([(n_word, n_region)] if mode in ("full", "text") else []) + \
+        ([(n_region, n_word)] if mode in ("full", "image") else [])
+
+
+def flops_per_pair(form: str, n_region: int, n_word: int, d: int, n_steps: int, mode: str = "full") -> int:
+    """FLOPs of the matrix products that score one pair, an image of n_region regions and a caption
+    of n_word words, embedding size d, K = n_steps (the formulas: this file's docstring).
+
+    form: "original" (the published code, ``imram_min.reference``: an update after every step),
+    "plain" (``imram_min.model``) or "fast" (this file; its once-per-item work is ``flops_per_item``).
+    """
+    r, w, K = n_region, n_word, n_steps
+    if form not in FLOP_FORMS:
+        raise ValueError(f"form must be one of {FLOP_FORMS}, got {form!r}")
+    total = 2 * r * w * d if form == "fast" else 0  # (F4): step-1 raw scores, shared by both directions
+    for m, n in _directions(r, w, mode):
+        if form == "original":
+            total += K * (2 * m * n * d + 2 * m * n * d) + K * 2 * (2 * m * (2 * d) * d)  # (3), (6); (7)-(8) K times
+        elif form == "plain":
+            total += K * (2 * m * n * d + 2 * m * n * d) + (K - 1) * 2 * (2 * m * (2 * d) * d)  # (F3): K - 1 updates
+        else:
+            total += (K * 2 * m * n * n  # (F4): alpha G
+                      + (K - 1) * 2 * m * n * d  # (3) at steps 2..K
+                      + (K - 1) * 2 * m * n * (2 * d)  # (F1): alpha (W_c y + b)
+                      + max(K - 2, 0) * 2 * m * d * (2 * d))  # (F2): W_x x^k after the first update
+    return total
+
+
+def flops_per_item(form: str, n_region: int, n_word: int, d: int, n_steps: int,
+                   mode: str = "full") -> tuple[int, int]:
+    """(FLOPs per image, FLOPs per caption) of the matrix products made once per image or caption,
+    whatever the number of pairs: for "fast" the projections (F1), (F2) (when K >= 2) and the Gram
+    matrices of the context vectors (F4); 0 for "original" and "plain" (no such work)."""
+    r, w, directions = n_region, n_word, _directions(n_region, n_word, mode)
+    if form not in FLOP_FORMS:
+        raise ValueError(f"form must be one of {FLOP_FORMS}, got {form!r}")
+    if form != "fast":
+        return 0, 0
+    n_proj = 2 * d * len(directions) if n_steps >= 2 else 0
+    per_image = 2 * r * d * n_proj + (2 * r * r * d if mode in ("full", "text") else 0)  # Gram of the regions
+    per_caption = 2 * w * d * n_proj + (2 * w * w * d if mode in ("full", "image") else 0)  # Gram of the words
+    return per_image, per_caption

@@ -12,39 +12,60 @@ Chen, Ding, Liu, Lin, Liu and Han, CVPR 2020. The whole method in one file, top 
 6. ``IMRAM``: encoders + the two MDUs + the pair score, for all image x caption pairs at once.
 7. ``contrastive_loss``: the hinge triplet ranking loss (Sec. 3.4).
 
-Notation. An image I is a set of region embeddings v_1..v_n, a caption T a set of word
-embeddings w_1..w_m, all in R^d. In one direction the *query* items q_i attend over the
-*context* items v_j (Text-IMRAM: q = words, v = regions; Image-IMRAM: q = regions, v = words).
-The paper's *memory* m_i is the query refined step after step; it starts as the query itself.
-The labels (1)..(12) below are this file's, not the paper's equation numbers; ``imram_min.fast``
+Symbols, used the same way in notebook 02, ``imram_min.fast`` and ``imram_min.reference`` (right:
+the name in the code):
+
+    I, T             an image, a caption
+    f_j              precomputed feature of region j                    region_feats (n_img, n_region, img_dim)
+    v_j              region embedding, j = 1..n_region, in R^d          region_embs (n_img, n_region, d)
+    e_i              input vector of word i (a learned embedding)       txt_enc.embed(tokens)
+    w_i              word embedding, i = 1..n_word, in R^d              word_embs (n_cap, n_word, d)
+    d                the joint embedding size                           cfg.embed_size
+    x_i, i = 1..m    the query vectors of one direction                 query (..., n_query, d)
+    y_j, j = 1..n    the context vectors of that direction              context (..., n_context, d)
+                     Text-IMRAM ("text"): x = the words w, y = the regions v
+                     Image-IMRAM ("image"): x = the regions v, y = the words w
+    k = 1..K         matching step; K steps                             cfg.n_steps
+    x_i^k            the memory: x_i after k - 1 updates, x_i^1 = x_i   memory (x_i^(k+1): the next one)
+    s_ij, s'_ij      raw score of x_i^k and y_j; normalised over i      raw_scores
+    alpha_ij         attention weight of y_j for x_i^k                  attention (..., n_query, n_context)
+    lambda           inverse temperature of the attention softmax       cfg.lambda_softmax
+    c_i^k            the context attended by x_i^k                      attended (..., n_query, d)
+    o_i, g_i         the MDU's candidate and gate; W_o, b_o, W_g, b_g   MemoryDistillation.update, .gate
+    F_k(I, T)        step score; F(I, T) the pair score                 step_scores; similarity (n_img, n_cap)
+    Delta            the margin of the loss                             cfg.margin
+    T^, I^           the hardest negative caption of I, image of T
+
+The labels (1)..(12) are this file's, not the paper's equation numbers; ``imram_min.fast``
 refers to them.
 
-    (1)  v_j = l2norm(W_v f_j + b_v)                    region features f_j -> embeddings   Sec. 3.1
-    (2)  w_i = l2norm((GRU_fwd(x)_i + GRU_bwd(x)_i) / 2) word embeddings x_i -> embeddings  Sec. 3.1
-    CAU, at step k with the memory m (m = q at step 1):                                    Sec. 3.2
-    (3)  s_ij = <m_i, v_j>                              raw scores
-    (4)  s_ij <- [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)      clipped l2 normalisation over the QUERY axis i
-    (5)  a_ij = softmax_j(lambda s_ij)                  attention over the context axis j
-    (6)  c_i = sum_j a_ij v_j                           what the memory attended
-    MDU:                                                                                   Sec. 3.2
-    (7)  o_i = tanh(W_o [m_i; c_i] + b_o)               the update
-    (8)  g_i = sigmoid(W_g [m_i; c_i] + b_g)            the gate
-    (9)  m_i <- l2norm(g_i * m_i + (1 - g_i) * o_i)     the memory update
-    Iterative matching:                                                                    Sec. 3.3
-    (10) F_k(I, T) = (1/n_q) sum_i cos(q_i, c_i^k)      the ORIGINAL query against what the
+    (1)  v_j = l2norm(W_v f_j + b_v)                    region features -> embeddings      Sec. 3.1
+    (2)  w_i = l2norm((GRU_fwd(e)_i + GRU_bwd(e)_i) / 2) word vectors -> embeddings         Sec. 3.1
+    CAU, at step k:                                                                         Sec. 3.2
+    (3)  s_ij = <x_i^k, y_j>                            raw scores
+    (4)  s'_ij = [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)      clipped l2 normalisation over the QUERY axis i
+    (5)  alpha_ij = softmax_j(lambda s'_ij)             attention over the context axis j
+    (6)  c_i^k = sum_j alpha_ij y_j                     what the memory attended
+    MDU:                                                                                    Sec. 3.2
+    (7)  o_i = tanh(W_o [x_i^k; c_i^k] + b_o)           the candidate
+    (8)  g_i = sigmoid(W_g [x_i^k; c_i^k] + b_g)        the gate
+    (9)  x_i^(k+1) = l2norm(g_i * x_i^k + (1 - g_i) * o_i)   the memory update
+    Iterative matching:                                                                     Sec. 3.3
+    (10) F_k(I, T) = (1/m) sum_i cos(x_i, c_i^k)        the ORIGINAL query against what the
                                                         memory attended at step k
     (11) F(I, T) = sum_{k=1..K} F_k(I, T)               Text- or Image-IMRAM;
                                                         Full IMRAM: F_text + F_image
-    Loss:                                                                                  Sec. 3.4
-    (12) L = sum_{(I,T)} [m - F(I,T) + F(I,T^)]_+ + [m - F(I,T) + F(I^,T)]_+
+    Loss:                                                                                   Sec. 3.4
+    (12) L = sum_{(I,T)} [Delta - F(I,T) + F(I,T^)]_+ + [Delta - F(I,T) + F(I^,T)]_+
          over the matching pairs of a batch, T^ and I^ the hardest negatives in the batch
-         (margin m; or the sum over all negatives)
+         (or the sum over all negatives)
 
 Shapes: ``n_img`` images with ``n_region`` regions, ``n_cap`` captions padded to ``n_word``
 words, embedding size ``d``. Pair scores are always laid out ``(n_img, n_cap)``.
 
 This file is the readable reference. ``imram_min.fast`` computes exactly the same scores with
-less arithmetic, and the tests hold the two together (and both to a per-pair loop).
+less arithmetic, and the tests hold the two together, and both to the paper's per-caption loop
+(``imram_min.reference``, float64).
 """
 from __future__ import annotations
 
@@ -191,53 +212,53 @@ def word_mask(lengths: torch.Tensor, n_word: int, device: torch.device | None = 
 # --------------------------------------------------------------------------- cross-modal attention unit (Sec. 3.2)
 def attention_weights(raw_scores: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
                       context_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """a_ij of (4)-(5) from the raw scores s_ij = <m_i, v_j> of (3).
+    """alpha_ij of (4)-(5) from the raw scores s_ij = <x_i^k, y_j> of (3).
 
     raw_scores (..., n_query, n_context); query_mask (..., n_query) / context_mask
-    (..., n_context): bool, False on padding. Returns a (..., n_query, n_context).
+    (..., n_context): bool, False on padding. Returns alpha (..., n_query, n_context).
     ``cfg.raw_feature_norm`` picks the normalisation over the query axis; ``clipped_l2norm`` is
-    the paper's (4), with LeakyReLU(0.1) as [.]_+ like the original code. Padded query items take
-    no part in it; padded context items get no attention.
+    the paper's (4), with LeakyReLU(0.1) as [.]_+ like the original code. Padded query vectors take
+    no part in it; padded context vectors get no attention.
     """
     s, how = raw_scores, cfg.raw_feature_norm
     if query_mask is not None:
         s = s.masked_fill(~query_mask[..., :, None], 0.0)
     if context_mask is not None:
-        # A padded context item's column is all zeros; its norm over the query axis would have an
+        # A padded context vector's column is all zeros; its norm over the query axis would have an
         # infinite gradient (0/0 = NaN in training). Any non-zero filler will do: (5) drops it.
         s = s.masked_fill(~context_mask[..., None, :], 1.0)
     if how.startswith("clipped"):
         s = F.leaky_relu(s, 0.1)  # [s_ij]_+
     if how in ("l2norm", "clipped_l2norm"):
-        s = l2norm(s, dim=-2)  # (4): s_ij / sqrt(sum_i s_ij^2), over the query axis i
+        s = l2norm(s, dim=-2)  # (4): s'_ij = s_ij / sqrt(sum_i s_ij^2), over the query axis i
     elif how in ("l1norm", "clipped_l1norm"):
-        s = l1norm(s, dim=-2)  # s_ij / sum_i |s_ij|
+        s = l1norm(s, dim=-2)  # s'_ij = s_ij / sum_i |s_ij|
     elif how == "softmax":
         if query_mask is not None:
             s = s.masked_fill(~query_mask[..., :, None], float("-inf"))
         s = s.softmax(-2)  # softmax_i(s_ij)
     # "clipped" and "no_norm" stop here
-    logits = cfg.lambda_softmax * s  # lambda s_ij
+    logits = cfg.lambda_softmax * s  # lambda s'_ij
     if context_mask is not None:
         logits = logits.masked_fill(~context_mask[..., None, :], float("-inf"))
-    return logits.softmax(-1)  # (5): a_ij = softmax_j(lambda s_ij)
+    return logits.softmax(-1)  # (5): alpha_ij = softmax_j(lambda s'_ij)
 
 
 def attend(memory: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
            query_mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-    """The CAU: each memory item gathers the context items it matches, (3)-(6).
+    """The CAU: each memory vector x_i^k gathers the context vectors y_j it matches, (3)-(6).
 
     memory (..., n_query, d); context (..., n_context, d) (leading dims broadcast).
-    Returns (attended c (..., n_query, d), weights a (..., n_query, n_context)).
+    Returns (attended c^k (..., n_query, d), attention alpha (..., n_query, n_context)).
     """
-    raw_scores = memory @ context.transpose(-1, -2)  # (3): s_ij = <m_i, v_j>
-    weights = attention_weights(raw_scores, cfg, query_mask, context_mask)  # (4)-(5)
-    return weights @ context, weights  # (6): c_i = sum_j a_ij v_j
+    raw_scores = memory @ context.transpose(-1, -2)  # (3): s_ij = <x_i^k, y_j>
+    attention = attention_weights(raw_scores, cfg, query_mask, context_mask)  # (4)-(5)
+    return attention @ context, attention  # (6): c_i^k = sum_j alpha_ij y_j
 
 
 # --------------------------------------------------------------------------- memory distillation unit (Sec. 3.2)
 class MemoryDistillation(nn.Module):
-    """The MDU, (7)-(9) without the l2norm: refines the memory with what it attended.
+    """The MDU, (7)-(9): refines the memory x^k with what it attended, c^k.
 
     Parameters ``update`` (W_o, b_o; the original's ``linear_t2i`` / ``linear_i2t``) and ``gate``
     (W_g, b_g; the original's ``gate_t2i`` / ``gate_i2t``), each a Linear (2d -> d).
@@ -248,19 +269,23 @@ class MemoryDistillation(nn.Module):
         self.update = nn.Linear(2 * embed_size, embed_size)
         self.gate = nn.Linear(2 * embed_size, embed_size)
 
-    def forward(self, memory: torch.Tensor, attended: torch.Tensor, return_gate: bool = False):
-        """memory (..., n_query, d) (broadcast to attended's shape), attended (..., n_query, d)
-        -> new memory (..., n_query, d) [, gate g (..., n_query, d)]."""
+    def forward(self, memory: torch.Tensor, attended: torch.Tensor, return_gate: bool = False,
+                normalize: bool = True):
+        """memory x^k (..., n_query, d) (broadcast to attended's shape), attended c^k (..., n_query, d)
+        -> new memory x^(k+1) (..., n_query, d) [, gate g (..., n_query, d)]. normalize False: (9)
+        without its l2norm (``cfg.no_IMRAM_norm``)."""
         memory = memory.expand_as(attended)
-        mc = torch.cat([memory, attended], -1)  # [m_i; c_i]
-        o = torch.tanh(self.update(mc))  # (7): o_i = tanh(W_o [m_i; c_i] + b_o)
-        g = torch.sigmoid(self.gate(mc))  # (8): g_i = sigmoid(W_g [m_i; c_i] + b_g)
-        new_memory = g * memory + (1 - g) * o  # (9), before the l2norm
+        xc = torch.cat([memory, attended], -1)  # [x_i^k; c_i^k]
+        o = torch.tanh(self.update(xc))  # (7): o_i = tanh(W_o [x_i^k; c_i^k] + b_o)
+        g = torch.sigmoid(self.gate(xc))  # (8): g_i = sigmoid(W_g [x_i^k; c_i^k] + b_g)
+        new_memory = g * memory + (1 - g) * o  # (9): g_i * x_i^k + (1 - g_i) * o_i
+        if normalize:
+            new_memory = l2norm(new_memory)  # (9): then the l2norm
         return (new_memory, g) if return_gate else new_memory
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the last axis, counting only mask==True items. x, mask: (..., n)."""
+    """Mean over the last axis, counting only the entries where mask is True. x, mask: (..., n)."""
     if mask is None:
         return x.mean(-1)
     return torch.where(mask, x, torch.zeros_like(x)).sum(-1) / mask.sum(-1).to(x.dtype)
@@ -276,22 +301,20 @@ def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, mdu: 
     (1, n_cap, n_word, d) against (n_img, 1, n_region, d) scores all pairs); mdu: this
     direction's MemoryDistillation; query_mask (..., n_query) / context_mask (..., n_context).
     Returns (K, ...), e.g. (K, n_img, n_cap). ``trace``, if a list, receives per step a dict
-    {"attention": a (..., n_query, n_context), "gate": g (..., n_query, d) or None at the last step}.
+    {"attention": alpha (..., n_query, n_context), "gate": g (..., n_query, d) or None at the last step}.
     """
-    memory = query  # m = q at step 1
+    memory = query  # x^1 = x at step 1
     step_scores = []
     for k in range(cfg.n_steps):
-        attended, weights = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6)
-        step_scores.append(masked_mean(cosine(query, attended), query_mask))  # (10): the ORIGINAL query q_i
+        attended, attention = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6)
+        step_scores.append(masked_mean(cosine(query, attended), query_mask))  # (10): the ORIGINAL query x_i
         if k == cfg.n_steps - 1:
             if trace is not None:
-                trace.append({"attention": weights, "gate": None})
+                trace.append({"attention": attention, "gate": None})
             break  # the original also updates after the last step, but never uses the result
-        memory, gate = mdu(memory, attended, return_gate=True)  # (7)-(9)
-        if not cfg.no_IMRAM_norm:
-            memory = l2norm(memory)  # (9): the l2norm
+        memory, gate = mdu(memory, attended, return_gate=True, normalize=not cfg.no_IMRAM_norm)  # (7)-(9)
         if trace is not None:
-            trace.append({"attention": weights, "gate": gate})
+            trace.append({"attention": attention, "gate": gate})
     return torch.stack(step_scores)
 
 
@@ -379,15 +402,15 @@ def mean_pooled_similarity(region_embs: torch.Tensor, word_embs: torch.Tensor, l
 
 # --------------------------------------------------------------------------- loss (Sec. 3.4)
 def contrastive_loss(pair_scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True) -> torch.Tensor:
-    """(12): the hinge triplet ranking loss on a batch of matching pairs (the diagonal).
+    """(12): the hinge triplet ranking loss on a batch of matching pairs (the diagonal), margin Delta.
 
     pair_scores (n, n), pair_scores[i, j] = F(image i, caption j). With ``max_violation`` only
     the hardest negatives T^ (per image) and I^ (per caption) count (VSE++), else every negative
     is summed. Returns a 0-d tensor.
     """
     positive = pair_scores.diag()  # F(I, T)
-    cost_cap = (margin + pair_scores - positive[:, None]).clamp(min=0)  # [m - F(I,T) + F(I,T')]_+, row I
-    cost_img = (margin + pair_scores - positive[None, :]).clamp(min=0)  # [m - F(I,T) + F(I',T)]_+, column T
+    cost_cap = (margin + pair_scores - positive[:, None]).clamp(min=0)  # [Delta - F(I,T) + F(I,T')]_+, row I
+    cost_img = (margin + pair_scores - positive[None, :]).clamp(min=0)  # [Delta - F(I,T) + F(I',T)]_+, column T
     eye = torch.eye(pair_scores.shape[0], dtype=torch.bool, device=pair_scores.device)
     cost_cap = cost_cap.masked_fill(eye, 0)
     cost_img = cost_img.masked_fill(eye, 0)

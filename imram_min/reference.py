@@ -1,24 +1,27 @@
 """The paper's per-caption loop: IMRAM written from the equations and the original code's behaviour.
 
-The one copy of the original way of scoring. The tests hold ``imram_min.model`` and
-``imram_min.fast`` against it (in float64); the benchmarks time it as the speed baseline (in
-the inputs' float32, on the CPU or CUDA). It shares no code with the package: it only *reads*
-parameters from an ``IMRAM`` module and its ``cfg`` attributes. As the original evaluation: one
-caption at a time, sliced to its length (so there is no padding and no mask anywhere), against
-every image of the shard; the memory update runs after the last step too (its result unused).
+The shortest complete statement of IMRAM in this repository, and the one copy of the original
+way of scoring: read it beside ``imram_min.model`` (same symbols: its docstring's table). The
+tests hold ``imram_min.model`` and ``imram_min.fast`` against it (in float64); the benchmarks
+time it as the speed baseline (in the inputs' float32, on the CPU or CUDA). It shares no code
+with the rest of the package: it only *reads* parameters from an ``IMRAM`` module and its
+``cfg`` attributes. As the original evaluation: one caption at a time, sliced to its length (so
+there is no padding and no mask anywhere), against every image of the shard; the memory update
+runs after the last step too (its result unused: ``imram_min.fast.flops_per_pair`` counts it as
+the "original" form).
 
 Semantics (Chen et al., CVPR 2020, and the published code):
 
 * l2norm(x) = x / (||x||_2 + 1e-8); l1norm(x) = x / (||x||_1 + 1e-8);
   cosine(a, b) = <a, b> / max(||a|| ||b||, 1e-8).
-* attention(query (n_q, d), context (n_c, d)): raw = context @ query^T (n_c, n_q), normalised
+* attention(query x (n_q, d), context y (n_c, d)): raw = y @ x^T (n_c, n_q), normalised
   over the query axis by ``raw_feature_norm``, transposed to (n_q, n_c), softmax over the
-  context axis of lambda_softmax * that; attended = weights @ context.
-* memory distillation: o = tanh(W_o [q; c] + b_o), g = sigmoid(W_g [q; c] + b_g),
-  q' = g * q + (1 - g) * o, then l2norm(q') unless ``no_IMRAM_norm``.
+  context axis of lambda_softmax * that: alpha; attended c = alpha @ y.
+* memory distillation: o = tanh(W_o [x; c] + b_o), g = sigmoid(W_g [x; c] + b_g),
+  x' = g * x + (1 - g) * o, then l2norm(x') unless ``no_IMRAM_norm``.
 * Text-IMRAM: words attend regions; Image-IMRAM: regions attend words. Step score
-  F_k = mean over the query items of cosine(original query item, attended at step k).
-  Pair score = sum over steps (and over both directions for mode "full").
+  F_k = mean over the query vectors of cosine(original query vector x_i, attended at step k).
+  Pair score F = sum over steps (and over both directions for mode "full").
 """
 from __future__ import annotations
 
@@ -111,12 +114,12 @@ class Weights:
         self._gru = None
         self.params = params = {name: p if dtype is None else p.detach().to(dtype).clone()
                                 for name, p in model.named_parameters()}
-        self.mem = {}
+        self.mdu = {}
         for direction in ("text", "image"):  # {"text": Text-IMRAM's MDU, "image": Image-IMRAM's}
-            mdu = f"{direction}_mdu"
-            if f"{mdu}.update.weight" in params:
-                self.mem[direction] = (params[f"{mdu}.update.weight"], params[f"{mdu}.update.bias"],
-                                       params[f"{mdu}.gate.weight"], params[f"{mdu}.gate.bias"])
+            prefix = f"{direction}_mdu"
+            if f"{prefix}.update.weight" in params:
+                self.mdu[direction] = (params[f"{prefix}.update.weight"], params[f"{prefix}.update.bias"],
+                                       params[f"{prefix}.gate.weight"], params[f"{prefix}.gate.bias"])
 
     def image_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (d, img_dim), b (d,)) of the image encoder."""
@@ -137,14 +140,14 @@ class Weights:
         return self._gru
 
 
-def memory_distillation(q: torch.Tensor, c: torch.Tensor, mem, no_IMRAM_norm: bool) -> torch.Tensor:
-    """q (..., n_q, d), c (..., n_q, d) attended context -> the refined query (..., n_q, d)."""
-    W_o, b_o, W_g, b_g = mem
-    qc = torch.cat([q, c], dim=-1)
-    o = torch.tanh(qc @ W_o.T + b_o)
-    g = sigmoid(qc @ W_g.T + b_g)
-    new_q = g * q + (1 - g) * o
-    return new_q if no_IMRAM_norm else l2norm(new_q)
+def memory_distillation(x: torch.Tensor, c: torch.Tensor, mdu, no_IMRAM_norm: bool) -> torch.Tensor:
+    """query x (..., n_q, d), c (..., n_q, d) attended context -> the refined query (..., n_q, d)."""
+    W_o, b_o, W_g, b_g = mdu
+    xc = torch.cat([x, c], dim=-1)
+    o = torch.tanh(xc @ W_o.T + b_o)
+    g = sigmoid(xc @ W_g.T + b_g)
+    new_x = g * x + (1 - g) * o
+    return new_x if no_IMRAM_norm else l2norm(new_x)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -168,7 +171,7 @@ def encode_caption(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- one direction, pairs side by side
-def imram_steps(w: Weights, query: torch.Tensor, context: torch.Tensor, mem) -> list[torch.Tensor]:
+def imram_steps(w: Weights, query: torch.Tensor, context: torch.Tensor, mdu) -> list[torch.Tensor]:
     """Recurrent attention memory; query items are scored.
 
     query (..., n_q, d), context (..., n_c, d): pairs side by side on the leading axes.
@@ -179,7 +182,7 @@ def imram_steps(w: Weights, query: torch.Tensor, context: torch.Tensor, mem) -> 
     for _ in range(w.n_steps):
         attended = attention(query, context, w.raw_feature_norm, w.lambda_softmax)
         scores.append(cosine(original, attended).mean(-1))
-        query = memory_distillation(query, attended, mem, w.no_IMRAM_norm)  # as the original: every step
+        query = memory_distillation(query, attended, mdu, w.no_IMRAM_norm)  # as the original: every step
     return scores
 
 
@@ -188,9 +191,9 @@ def pair_step_scores(w: Weights, regions: torch.Tensor, words: torch.Tensor) -> 
     regions, words = regions.to(w.dtype or regions.dtype), words.to(w.dtype or words.dtype)
     out = {}
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        out["text"] = imram_steps(w, words, regions, w.mem["text"])
+        out["text"] = imram_steps(w, words, regions, w.mdu["text"])
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        out["image"] = imram_steps(w, regions, words, w.mem["image"])
+        out["image"] = imram_steps(w, regions, words, w.mdu["image"])
     return out
 
 
@@ -203,9 +206,9 @@ def caption_scores(w: Weights, region_embs: torch.Tensor, words: torch.Tensor) -
     words = words[None].expand(region_embs.shape[0], -1, -1)  # (n_img, n_word, d): the caption per image
     score = 0
     if w.mode in ("full", "text"):  # Text-IMRAM: words attend regions
-        score = score + sum(imram_steps(w, words, region_embs, w.mem["text"]))
+        score = score + sum(imram_steps(w, words, region_embs, w.mdu["text"]))
     if w.mode in ("full", "image"):  # Image-IMRAM: regions attend words
-        score = score + sum(imram_steps(w, region_embs, words, w.mem["image"]))
+        score = score + sum(imram_steps(w, region_embs, words, w.mdu["image"]))
     return score
 
 

@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def test_score_runs_every_cpu_scorer_in_every_round_and_each_matches_the_loop(ru
 def test_score_prints_ratios_to_the_loop_of_each_round(runs):
     _status, output, _report = runs["score.py"]
     assert "x loop within each round: loop 1.00, 1.00; plain " in output
-    assert "ideal speed-up original / fast" in output
+    assert "ideal speed-up original / fast" in output and "plain / fast" in output
 
 
 def test_train_step_gradients_of_the_fast_forms_match_the_original(runs):
@@ -65,14 +64,6 @@ def test_train_step_gradients_of_the_fast_forms_match_the_original(runs):
         assert results[name]["grad_check"] == "PASS", output
         assert results[name]["grad_max_abs_diff"] <= 1e-4 * results[name]["grad_max_abs"]
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in results.values())
-
-
-def test_ideal_speed_up_at_full_size_is_the_documented_5_72():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from score import flops_per_pair
-    ratio = np.mean([flops_per_pair("original", 36, n, 1024, 3, "full") for n in range(8, 17)]) \
-        / np.mean([flops_per_pair("fast", 36, n, 1024, 3, "full") for n in range(8, 17)])
-    assert ratio == pytest.approx(5.72, abs=0.01)
 
 
 def test_search_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):

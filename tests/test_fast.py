@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import itertools
-import pathlib
-import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-_HERE = pathlib.Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import reference as ref  # noqa: E402
-from imram_min import fast, schedule  # noqa: E402
-from imram_min.model import RAW_FEATURE_NORMS, l2norm  # noqa: E402
-from test_model import (F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,  # noqa: E402
-                        shuffled_1_to_40)  # noqa: E402
+from imram_min import fast, fast_backward, schedule
+from imram_min import reference as ref
+from imram_min.model import RAW_FEATURE_NORMS, l2norm
+from test_model import (DIMS, F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,
+                        shuffled_1_to_40)
 
 SWEEP = list(itertools.product(IMRAM_MODES, (1, 2, 3), (False, True), RAW_FEATURE_NORMS))
 SWEEP_IDS = [f"{m}-K{k}-{'nonorm' if n else 'norm'}-{r}" for m, k, n, r in SWEEP]
@@ -285,13 +279,14 @@ def test_identity_f8_gate_derivative_written_out(memory_shape):
     pre = _rand(2, 4, 3, 32, seed=1).requires_grad_()  # (n_c_items, n_q_items, n_query, 2d)
     memory = _rand(*memory_shape, seed=2).requires_grad_()  # at step 1 the query, broadcast over context items
     grad = _rand(2, 4, 3, 16, seed=3)  # dL/dm'
-    got = torch.autograd.grad(fast.Gate.apply(pre, memory), (pre, memory), grad)
-    expected = torch.autograd.grad(fast.gate(torch.sigmoid(pre), memory), (pre, memory), grad)  # autograd's
+    assert max_diff(fast_backward.Gate.apply(pre, memory), fast.new_memory(torch.sigmoid(pre), memory)) == 0
+    got = torch.autograd.grad(fast_backward.Gate.apply(pre, memory), (pre, memory), grad)
+    expected = torch.autograd.grad(fast.new_memory(torch.sigmoid(pre), memory), (pre, memory), grad)  # autograd's
     assert [g.shape for g in got] == [pre.shape, memory.shape]
     assert max(max_diff(a, b) for a, b in zip(got, expected)) <= 1e-12
     small_memory = memory[:1, :2] if memory.dim() == 4 else memory[:2]
     small = (pre[:1, :2].detach().requires_grad_(), small_memory.detach().requires_grad_())
-    assert torch.autograd.gradcheck(fast.Gate.apply, small)  # and against finite differences
+    assert torch.autograd.gradcheck(fast_backward.Gate.apply, small)  # and against finite differences
 
 
 def test_gated_update_with_grad_equals_without():
@@ -316,7 +311,7 @@ def test_gated_update_equals_the_mdu_on_the_attended_context(step):
     a = _attention(2, 4, 3, 5, seed=4)
     c = torch.einsum("cqnj,cjd->cqnd", a, v)
     with torch.no_grad():
-        expected = model.text_mdu(memory, c)  # (7)-(9) before the l2norm
+        expected = model.text_mdu(memory, c, normalize=False)  # (7)-(9) before the l2norm
         got = fast.gated_update(memory, a, step, w_q, query @ w_q.T, v @ w_c.T + b)
     assert max_diff(got, expected) <= 1e-12
 
@@ -328,9 +323,9 @@ def test_identity_f9_l2norm_derivative_written_out(zero_row):
         x[0, 1] = 0  # an all-zero memory row stays zero; its gradient is G / eps, as autograd's
     x.requires_grad_()
     grad = _rand(2, 3, 6, seed=2)
-    (got,) = torch.autograd.grad(fast.L2Norm.apply(x), x, grad)
+    (got,) = torch.autograd.grad(fast_backward.L2Norm.apply(x), x, grad)
     (expected,) = torch.autograd.grad(l2norm(x), x, grad)
-    assert max_diff(fast.L2Norm.apply(x), l2norm(x)) == 0
+    assert max_diff(fast_backward.L2Norm.apply(x), l2norm(x)) == 0
     assert max_diff(got, expected) <= 1e-12 * max(1.0, float(expected.abs().max()))
 
 
@@ -344,3 +339,44 @@ def test_zipped_scores_are_the_listed_pairs_of_all_pairs(mode, n_steps):
         expected = model.similarity(r, w, lengths)[images, captions]
         got = fast.zipped_scores(model, r[images], w[captions], lengths[captions])
     assert got.shape == (5,) and max_diff(got, expected) <= 1e-12
+
+
+# --------------------------------------------------------------------------- the FLOP count of fast.py's docstring
+def _counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode,n_steps", [("full", 3), ("full", 1), ("full", 4), ("text", 2), ("image", 3)])
+def test_flop_formulas_equal_torchs_count_of_each_form(mode, n_steps):
+    """fast.flops_per_pair / flops_per_item against torch's own count of the matrix products that the
+    paper's loop (original), model.py (plain) and fast.py run on 3 images x 4 captions, all captions
+    of 6 words (no padding: the formulas count a caption at its own length)."""
+    n_img, n_cap, n_region, n_word, d = 3, 4, 5, 6, DIMS["embed_size"]
+    model = make_model(F64, mode=mode, n_steps=n_steps)
+    r, w, lengths = _rand(n_img, n_region, d, seed=1), _rand(n_cap, n_word, d, seed=2), torch.full((n_cap,), n_word)
+    pairs = n_img * n_cap
+    count = {form: fast.flops_per_pair(form, n_region, n_word, d, n_steps, mode) for form in fast.FLOP_FORMS}
+    with torch.no_grad():
+        assert _counted_flops(lambda: ref.per_caption_similarity(model, r, w, lengths)) == pairs * count["original"]
+        assert _counted_flops(lambda: model.similarity(r, w, lengths)) == pairs * count["plain"]
+    per_image, per_caption = fast.flops_per_item("fast", n_region, n_word, d, n_steps, mode)
+    assert fast.flops_per_item("plain", n_region, n_word, d, n_steps, mode) == (0, 0)
+    # with autograd recording (forward only), as FlopCounterMode does not count the in-place baddbmm_ of inference
+    got = _counted_flops(lambda: fast.FastMatcher(model)(r.clone().requires_grad_(), w, lengths))
+    assert got == pairs * count["fast"] + n_img * per_image + n_cap * per_caption
+
+
+def test_flop_counts_at_the_documented_size():
+    """The numbers of fast.py's docstring: r = 36 regions, captions of 8..16 words (mean over the
+    lengths), d = 1024, K = 3, Full IMRAM; and by hand for one length: Text-IMRAM m = 8 words,
+    n = 36 regions, Image-IMRAM m = 36, n = 8."""
+    mean = {form: sum(fast.flops_per_pair(form, 36, w, 1024, 3) for w in range(8, 17)) / 9 for form in fast.FLOP_FORMS}
+    assert [round(mean[f] / 1e9, 3) for f in fast.FLOP_FORMS] == [1.219, 0.816, 0.213]
+    assert round(mean["original"] / mean["fast"], 2) == 5.72 and round(mean["plain"] / mean["fast"], 2) == 3.83
+    d, m_n = 1024, [(8, 36), (36, 8)]
+    assert fast.flops_per_pair("original", 36, 8, d, 3) == sum(3 * 4 * m * n * d + 3 * 8 * m * d * d for m, n in m_n)
+    assert fast.flops_per_pair("plain", 36, 8, d, 3) == sum(3 * 4 * m * n * d + 2 * 8 * m * d * d for m, n in m_n)
+    assert fast.flops_per_pair("fast", 36, 8, d, 3) == 2 * 36 * 8 * d + sum(
+        3 * 2 * m * n * n + 2 * 2 * m * n * d + 2 * 4 * m * n * d + 1 * 4 * m * d * d for m, n in m_n)

@@ -1,4 +1,4 @@
-"""imram_min.model held against the plain-loop reference (tests/reference.py) and hand values.
+"""imram_min.model held against the paper's per-caption loop (imram_min/reference.py) and hand values.
 
 Every model here has small sizes (d = 16) and *all* parameters redrawn at random (biases
 included), so that no term of the method can hide behind a zero initialisation.
@@ -6,19 +6,12 @@ included), so that no term of the method can hide behind a zero initialisation.
 from __future__ import annotations
 
 import itertools
-import pathlib
-import sys
 
 import pytest
 import torch
 
-_HERE = pathlib.Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import reference as ref  # noqa: E402
-from imram_min.model import (  # noqa: E402
+from imram_min import reference as ref
+from imram_min.model import (
     IMRAM,
     MODES,
     RAW_FEATURE_NORMS,
