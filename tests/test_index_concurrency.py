@@ -151,7 +151,7 @@ def test_cli_searches_during_rebuilds_finish_on_the_old_or_the_new_index(feats, 
     reader = start("-c", READER, queries, idx, started, stop)
     code, out, err = finish(reader)
     assert finish(writer)[0] == 0 and code == 0, err
-    assert len(out.splitlines()) >= 3  # searches during the 6 rebuilds
+    assert len(out.splitlines()) >= 1  # searches started while the 6 rebuilds ran
     for line in out.splitlines():
         result = json.loads(line)
         assert result["code"] == 0 and result["matches"] in expected, result
