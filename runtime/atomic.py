@@ -3,6 +3,9 @@
 Every file is written to a temporary file in its destination folder and then renamed over the
 target (``os.replace``, atomic on POSIX), so a reader never sees a half-written file, even if
 the writer is killed; on an error the temporary file is removed and the target is untouched.
+A writer killed between the two (kill -9) leaves its ``.NAME.*.tmp``: the index's writers remove
+those of manifest.json when they next hold the lock (runtime.indexdir). ``fsync_folder`` makes
+a rename durable.
 """
 from __future__ import annotations
 
