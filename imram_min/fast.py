@@ -3,7 +3,7 @@
 The forward algebra only (the hand-written derivatives for training, (F8) and (F9), are in
 ``imram_min.fast_backward``). Symbols are those of the table in ``imram_min.model``'s docstring;
 labels (1)..(12) are its formulas. Almost all of IMRAM's cost is the MDU, (7)-(8): two layers
-(2d -> d) applied to [x_i^k; c_i^k] for every pair, step and query vector. Exact identities
+(2d -> d) applied to [x_i^(k); c_i^(k)] for every pair, step and query vector. Exact identities
 remove most of it; each is written once below, labelled (F1)..(F7), beside the lines that use it.
 Split each MDU weight by the columns that multiply the memory and the attended context,
 W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
@@ -12,13 +12,13 @@ W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
              W_c c_i + b = sum_j alpha_ij (W_c y_j + b)
          so every context vector is projected once (``projections``), and per pair only the
          attention weights mix the projections.
-    (F2) step-1 query part. At step 1 the memory is the query (x^1 = x), so W_x x_i^1 = W_x x_i is
+    (F2) step-1 query part. At step 1 the memory is the query (x^(1) = x), so W_x x_i^(1) = W_x x_i is
          per query vector, not per pair (``projections`` too).
     (F3) no update after the last step: x^(K+1) never enters a score (10).
-    (F4) the step score (10) without c_i. With the STEP-1 raw scores s^1_ij = <x_i, y_j> (3)
+    (F4) the step score (10) without c_i. With the STEP-1 raw scores s^(1)_ij = <x_i, y_j> (3)
          and the Gram matrix G_jl = <y_j, y_l> of the context vectors:
-             <x_i, c_i^k> = sum_j alpha^k_ij <x_i, y_j> = sum_j alpha^k_ij s^1_ij
-             |c_i^k|^2    = alpha^k_i G (alpha^k_i)^T
+             <x_i, c_i^(k)> = sum_j alpha^(k)_ij <x_i, y_j> = sum_j alpha^(k)_ij s^(1)_ij
+             |c_i^(k)|^2    = alpha^(k)_i G (alpha^(k)_i)^T
          so the attended context is never materialised. The step-1 raw scores <region, word>
          are the same numbers for both directions and are computed once.
     (F5) tanh(z) = 2 sigmoid(2z) - 1. With the update rows doubled ([2 W_o; W_g], exact in
@@ -43,7 +43,7 @@ context vectors (Text-IMRAM: m = w, n = r; Image-IMRAM: m = r, n = w), K steps, 
         + per direction  K 2 m n^2           alpha G, the attended norms (F4)
                        + (K - 1) 2 m n d     raw scores of steps 2..K (3)
                        + (K - 1) 4 m n d     alpha (W_c y + b) (F1)
-                       + (K - 2)^+ 4 m d^2   W_x x^k for the updates after the first (F2)
+                       + (K - 2)^+ 4 m d^2   W_x x^(k) for the updates after the first (F2)
         plus, once per image and per caption rather than per pair (``flops_per_item``), the
         projections (F1, F2) and the Gram matrices (F4).
 
@@ -76,9 +76,9 @@ from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weight
 
 # --------------------------------------------------------------------------- per-item weights and projections
 def mdu_weights(mdu: MemoryDistillation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [x^k | c^k].
+    """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [x^(k) | c^(k)].
 
-    The update rows are doubled (F5): sigmoid(W [x^k; c^k] + b) = [sigmoid(2 z_o) | g] with z_o the
+    The update rows are doubled (F5): sigmoid(W [x^(k); c^(k)] + b) = [sigmoid(2 z_o) | g] with z_o the
     pre-activation of (7) and g the gate (8).
     """
     weight = torch.cat([2 * mdu.update.weight, mdu.gate.weight], 0)  # (2d, 2d)  (F5)
@@ -137,16 +137,16 @@ def split_directions(proj: torch.Tensor | None, weights: dict) -> dict:
 
 # --------------------------------------------------------------------------- the step score (F4)
 def attended_dot(attention: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
-    """(F4): <x_i, c_i^k> = sum_j alpha^k_ij <x_i, y_j>, from the STEP-1 raw scores.
+    """(F4): <x_i, c_i^(k)> = sum_j alpha^(k)_ij <x_i, y_j>, from the STEP-1 raw scores.
 
-    attention alpha^k (n_context_sets, n_query_sets, n_query, n_context); raw_scores s^1, same
+    attention alpha^(k) (n_context_sets, n_query_sets, n_query, n_context); raw_scores s^(1), same
     shape -> (n_context_sets, n_query_sets, n_query).
     """
     return (attention * raw_scores).sum(-1)
 
 
 def attended_sq_norm(attention: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """(F4): |c_i^k|^2 = alpha^k_i G (alpha^k_i)^T, with the Gram matrix G_jl = <y_j, y_l>.
+    """(F4): |c_i^(k)|^2 = alpha^(k)_i G (alpha^(k)_i)^T, with the Gram matrix G_jl = <y_j, y_l>.
 
     attention (n_context_sets, n_query_sets, n_query, n_context); gram (n_context_sets,
     n_context, n_context) -> (n_context_sets, n_query_sets, n_query).
@@ -161,8 +161,8 @@ _MINUS_ONE = torch.tensor(-1.0)
 
 
 def new_memory(sig: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """(7)-(9) before the l2norm, from the sigmoids: sig (..., 2d) = [sigmoid(2 z_o) | g], memory x^k
-    (..., d) (broadcast) -> the new memory o + g (x^k - o), o = tanh(z_o), (..., d)."""
+    """(7)-(9) before the l2norm, from the sigmoids: sig (..., 2d) = [sigmoid(2 z_o) | g], memory x^(k)
+    (..., d) (broadcast) -> the new memory o + g (x^(k) - o), o = tanh(z_o), (..., d)."""
     d = sig.shape[-1] // 2
     o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(z_o) = 2 sigmoid(2 z_o) - 1
     return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (x - o) = g x + (1 - g) o
@@ -177,8 +177,8 @@ def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_que
                  query_proj: torch.Tensor, context_proj: torch.Tensor) -> torch.Tensor:
     """The MDU (7)-(9) without the l2norm, for all pairs: the PyTorch form of the fast loop's update.
 
-    memory x^k (n_context_sets, n_query_sets, n_query, d), or at step 0 the query x (n_query_sets,
-    n_query, d) (or per pair, as memory); attention alpha^k (n_context_sets, n_query_sets, n_query,
+    memory x^(k) (n_context_sets, n_query_sets, n_query, d), or at step 0 the query x (n_query_sets,
+    n_query, d) (or per pair, as memory); attention alpha^(k) (n_context_sets, n_query_sets, n_query,
     n_context); w_query: W_x (2d, d) of ``mdu_weights``; query_proj = W_x x, shaped as the query
     with 2d last; context_proj (n_context_sets, n_context, 2d) = W_c y + b. Returns the new memory
     (n_context_sets, n_query_sets, n_query, d).
@@ -186,11 +186,11 @@ def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_que
     n_context_sets, n_query_sets, n_query, n_context = attention.shape
     d, rows = context_proj.shape[-1] // 2, n_query_sets * n_query
     flat = attention.reshape(n_context_sets, rows, n_context)
-    # pre = W_x x^k_i + W_c c^k_i + b, rows [2 z_o | z_g]: (n_context_sets, rows, 2d)
-    if step == 0:  # (F2): x^1 = x, so W_x x^1_i is the per-vector query_proj, broadcast over the context sets
+    # pre = W_x x^(k)_i + W_c c^(k)_i + b, rows [2 z_o | z_g]: (n_context_sets, rows, 2d)
+    if step == 0:  # (F2): x^(1) = x, so W_x x^(1)_i is the per-vector query_proj, broadcast over the context sets
         pre = torch.baddbmm(query_proj.reshape(-1, rows, 2 * d), flat, context_proj)  # (F1): + alpha (W_c y + b)
     else:
-        pre = (memory.reshape(-1, d) @ w_query.T).view(n_context_sets, rows, 2 * d)  # W_x x^k_i
+        pre = (memory.reshape(-1, d) @ w_query.T).view(n_context_sets, rows, 2 * d)  # W_x x^(k)_i
         if pre.requires_grad or not pre.dtype == flat.dtype == context_proj.dtype:  # autograd, or autocast
             pre = torch.baddbmm(pre, flat, context_proj)  # (F1): + sum_j alpha_ij (W_c y_j + b)
         else:
@@ -211,7 +211,7 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     query x (n_query_sets, n_query, d): the query vectors (captions' words for Text-IMRAM, images'
     regions for Image-IMRAM), or (n_context_sets, n_query_sets, n_query, d): a query of each pair's
     own (``zipped_scores``); context y (n_context_sets, n_context, d); raw_scores (n_context_sets,
-    n_query_sets, n_query, n_context): the step-1 raw scores s^1_ij = <x_i, y_j> (3) of every pair.
+    n_query_sets, n_query, n_context): the step-1 raw scores s^(1)_ij = <x_i, y_j> (3) of every pair.
     query_mask (n_query_sets, n_query) (or per pair, as query) / context_mask (n_context_sets,
     n_context): False on padding.
     mdu_parts: (w_query, query_proj, context_proj), passed to ``update`` (None when K = 1);
@@ -228,10 +228,10 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
 
     scores, memory, step_scores = raw_scores, query, []
     for k in range(cfg.n_steps):
-        attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): alpha^k, shaped as raw_scores
-        dot = attended_dot(attention, raw_scores)  # (F4): <x_i, c_i^k> from the step-1 raw scores
-        sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^k|^2 = alpha_i G alpha_i^T
-        cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(x_i, c_i^k), as model.cosine
+        attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): alpha^(k), shaped as raw_scores
+        dot = attended_dot(attention, raw_scores)  # (F4): <x_i, c_i^(k)> from the step-1 raw scores
+        sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^(k)|^2 = alpha_i G alpha_i^T
+        cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(x_i, c_i^(k)), as model.cosine
         step_scores.append(masked_mean(cos, qmask))  # (10)
         if k == cfg.n_steps - 1:
             break  # (F3): no update after the last step
@@ -325,7 +325,7 @@ def zipped_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tens
     region_parts = split_directions(projections(model, region_embs, "region", weights), weights)  # (F1), (F2)
     word_parts = split_directions(projections(model, word_embs, "word", weights), weights)
     mask = word_mask(lengths, word_embs.shape[1], word_embs.device)  # (n_pairs, n_word)
-    raw = region_embs @ word_embs.transpose(1, 2)  # (3): s^1 of each pair, (n_pairs, n_region, n_word)
+    raw = region_embs @ word_embs.transpose(1, 2)  # (3): s^(1) of each pair, (n_pairs, n_region, n_word)
     total = 0
     for direction in model.mdus():
         if direction == "text":  # words attend regions: (n_pairs, 1, n_word, n_region)
@@ -372,7 +372,7 @@ def flops_per_pair(form: str, n_region: int, n_word: int, d: int, n_steps: int, 
             total += (K * 2 * m * n * n  # (F4): alpha G
                       + (K - 1) * 2 * m * n * d  # (3) at steps 2..K
                       + (K - 1) * 2 * m * n * (2 * d)  # (F1): alpha (W_c y + b)
-                      + max(K - 2, 0) * 2 * m * d * (2 * d))  # (F2): W_x x^k after the first update
+                      + max(K - 2, 0) * 2 * m * d * (2 * d))  # (F2): W_x x^(k) after the first update
     return total
 
 

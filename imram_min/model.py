@@ -26,11 +26,11 @@ the name in the code):
                      Text-IMRAM ("text"): x = the words w, y = the regions v
                      Image-IMRAM ("image"): x = the regions v, y = the words w
     k = 1..K         matching step; K steps                             cfg.n_steps
-    x_i^k            the memory: x_i after k - 1 updates, x_i^1 = x_i   memory (x_i^(k+1): the next one)
-    s_ij, s'_ij      raw score of x_i^k and y_j; normalised over i      raw_scores
-    alpha_ij         attention weight of y_j for x_i^k                  attention (..., n_query, n_context)
+    x_i^(k)          the memory: x_i after k - 1 updates; x_i^(1) = x_i memory
+    s_ij, s'_ij      raw score of x_i^(k) and y_j; normalised over i    raw_scores
+    alpha_ij         attention weight of y_j for x_i^(k)                attention (..., n_query, n_context)
     lambda           inverse temperature of the attention softmax       cfg.lambda_softmax
-    c_i^k            the context attended by x_i^k                      attended (..., n_query, d)
+    c_i^(k)          the context attended by x_i^(k)                    attended (..., n_query, d)
     o_i, g_i         the MDU's candidate and gate; W_o, b_o, W_g, b_g   MemoryDistillation.update, .gate
     F_k(I, T)        step score; F(I, T) the pair score                 step_scores; similarity (n_img, n_cap)
     Delta            the margin of the loss                             cfg.margin
@@ -39,23 +39,23 @@ the name in the code):
 The labels (1)..(12) are this file's, not the paper's equation numbers; ``imram_min.fast``
 refers to them.
 
-    (1)  v_j = l2norm(W_v f_j + b_v)                    region features -> embeddings      Sec. 3.1
-    (2)  w_i = l2norm((GRU_fwd(e)_i + GRU_bwd(e)_i) / 2) word vectors -> embeddings         Sec. 3.1
-    CAU, at step k:                                                                         Sec. 3.2
-    (3)  s_ij = <x_i^k, y_j>                            raw scores
-    (4)  s'_ij = [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)      clipped l2 normalisation over the QUERY axis i
-    (5)  alpha_ij = softmax_j(lambda s'_ij)             attention over the context axis j
-    (6)  c_i^k = sum_j alpha_ij y_j                     what the memory attended
-    MDU:                                                                                    Sec. 3.2
-    (7)  o_i = tanh(W_o [x_i^k; c_i^k] + b_o)           the candidate
-    (8)  g_i = sigmoid(W_g [x_i^k; c_i^k] + b_g)        the gate
-    (9)  x_i^(k+1) = l2norm(g_i * x_i^k + (1 - g_i) * o_i)   the memory update
-    Iterative matching:                                                                     Sec. 3.3
-    (10) F_k(I, T) = (1/m) sum_i cos(x_i, c_i^k)        the ORIGINAL query against what the
-                                                        memory attended at step k
-    (11) F(I, T) = sum_{k=1..K} F_k(I, T)               Text- or Image-IMRAM;
-                                                        Full IMRAM: F_text + F_image
-    Loss:                                                                                   Sec. 3.4
+    (1)  v_j = l2norm(W_v f_j + b_v)                     region features -> embeddings       Sec. 3.1
+    (2)  w_i = l2norm((GRU_fwd(e)_i + GRU_bwd(e)_i) / 2) word vectors -> embeddings          Sec. 3.1
+    CAU, at step k:                                                                          Sec. 3.2
+    (3)  s_ij = <x_i^(k), y_j>                           raw scores
+    (4)  s'_ij = [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)       clipped l2 normalisation over the QUERY axis i
+    (5)  alpha_ij = softmax_j(lambda s'_ij)              attention over the context axis j
+    (6)  c_i^(k) = sum_j alpha_ij y_j                    what the memory attended
+    MDU:                                                                                     Sec. 3.2
+    (7)  o_i = tanh(W_o [x_i^(k); c_i^(k)] + b_o)        the candidate
+    (8)  g_i = sigmoid(W_g [x_i^(k); c_i^(k)] + b_g)     the gate
+    (9)  x_i^(k+1) = l2norm(g_i * x_i^(k) + (1 - g_i) * o_i)   the memory update
+    Iterative matching:                                                                      Sec. 3.3
+    (10) F_k(I, T) = (1/m) sum_i cos(x_i, c_i^(k))       the ORIGINAL query against what the
+                                                         memory attended at step k
+    (11) F(I, T) = sum_{k=1..K} F_k(I, T)                Text- or Image-IMRAM;
+                                                         Full IMRAM: F_text + F_image
+    Loss:                                                                                    Sec. 3.4
     (12) L = sum_{(I,T)} [Delta - F(I,T) + F(I,T^)]_+ + [Delta - F(I,T) + F(I^,T)]_+
          over the matching pairs of a batch, T^ and I^ the hardest negatives in the batch
          (or the sum over all negatives)
@@ -212,7 +212,7 @@ def word_mask(lengths: torch.Tensor, n_word: int, device: torch.device | None = 
 # --------------------------------------------------------------------------- cross-modal attention unit (Sec. 3.2)
 def attention_weights(raw_scores: torch.Tensor, cfg: IMRAMConfig, query_mask: torch.Tensor | None = None,
                       context_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha_ij of (4)-(5) from the raw scores s_ij = <x_i^k, y_j> of (3).
+    """alpha_ij of (4)-(5) from the raw scores s_ij = <x_i^(k), y_j> of (3).
 
     raw_scores (..., n_query, n_context); query_mask (..., n_query) / context_mask
     (..., n_context): bool, False on padding. Returns alpha (..., n_query, n_context).
@@ -246,19 +246,19 @@ def attention_weights(raw_scores: torch.Tensor, cfg: IMRAMConfig, query_mask: to
 
 def attend(memory: torch.Tensor, context: torch.Tensor, cfg: IMRAMConfig,
            query_mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-    """The CAU: each memory vector x_i^k gathers the context vectors y_j it matches, (3)-(6).
+    """The CAU: each memory vector x_i^(k) gathers the context vectors y_j it matches, (3)-(6).
 
     memory (..., n_query, d); context (..., n_context, d) (leading dims broadcast).
-    Returns (attended c^k (..., n_query, d), attention alpha (..., n_query, n_context)).
+    Returns (attended c^(k) (..., n_query, d), attention alpha (..., n_query, n_context)).
     """
-    raw_scores = memory @ context.transpose(-1, -2)  # (3): s_ij = <x_i^k, y_j>
+    raw_scores = memory @ context.transpose(-1, -2)  # (3): s_ij = <x_i^(k), y_j>
     attention = attention_weights(raw_scores, cfg, query_mask, context_mask)  # (4)-(5)
-    return attention @ context, attention  # (6): c_i^k = sum_j alpha_ij y_j
+    return attention @ context, attention  # (6): c_i^(k) = sum_j alpha_ij y_j
 
 
 # --------------------------------------------------------------------------- memory distillation unit (Sec. 3.2)
 class MemoryDistillation(nn.Module):
-    """The MDU, (7)-(9): refines the memory x^k with what it attended, c^k.
+    """The MDU, (7)-(9): refines the memory x^(k) with what it attended, c^(k).
 
     Parameters ``update`` (W_o, b_o; the original's ``linear_t2i`` / ``linear_i2t``) and ``gate``
     (W_g, b_g; the original's ``gate_t2i`` / ``gate_i2t``), each a Linear (2d -> d).
@@ -271,14 +271,14 @@ class MemoryDistillation(nn.Module):
 
     def forward(self, memory: torch.Tensor, attended: torch.Tensor, return_gate: bool = False,
                 normalize: bool = True):
-        """memory x^k (..., n_query, d) (broadcast to attended's shape), attended c^k (..., n_query, d)
+        """memory x^(k) (..., n_query, d) (broadcast to attended's shape), attended c^(k) (..., n_query, d)
         -> new memory x^(k+1) (..., n_query, d) [, gate g (..., n_query, d)]. normalize False: (9)
         without its l2norm (``cfg.no_IMRAM_norm``)."""
         memory = memory.expand_as(attended)
-        xc = torch.cat([memory, attended], -1)  # [x_i^k; c_i^k]
-        o = torch.tanh(self.update(xc))  # (7): o_i = tanh(W_o [x_i^k; c_i^k] + b_o)
-        g = torch.sigmoid(self.gate(xc))  # (8): g_i = sigmoid(W_g [x_i^k; c_i^k] + b_g)
-        new_memory = g * memory + (1 - g) * o  # (9): g_i * x_i^k + (1 - g_i) * o_i
+        xc = torch.cat([memory, attended], -1)  # [x_i^(k); c_i^(k)]
+        o = torch.tanh(self.update(xc))  # (7): o_i = tanh(W_o [x_i^(k); c_i^(k)] + b_o)
+        g = torch.sigmoid(self.gate(xc))  # (8): g_i = sigmoid(W_g [x_i^(k); c_i^(k)] + b_g)
+        new_memory = g * memory + (1 - g) * o  # (9): g_i * x_i^(k) + (1 - g_i) * o_i
         if normalize:
             new_memory = l2norm(new_memory)  # (9): then the l2norm
         return (new_memory, g) if return_gate else new_memory
@@ -303,7 +303,7 @@ def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, mdu: 
     Returns (K, ...), e.g. (K, n_img, n_cap). ``trace``, if a list, receives per step a dict
     {"attention": alpha (..., n_query, n_context), "gate": g (..., n_query, d) or None at the last step}.
     """
-    memory = query  # x^1 = x at step 1
+    memory = query  # x^(1) = x at step 1
     step_scores = []
     for k in range(cfg.n_steps):
         attended, attention = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6)
