@@ -226,7 +226,7 @@ def per_caption_similarity(model: nn.Module, region_embs: torch.Tensor, word_emb
     return torch.stack(columns, 1)
 
 
-def similarity(model: nn.Module, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths) -> torch.Tensor:
+def float64_similarity(model: nn.Module, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths) -> torch.Tensor:
     """``per_caption_similarity`` in float64: (n_img, n_cap), differentiable in the embeddings."""
     return per_caption_similarity(model, region_embs, word_embs, lengths, dtype=DT)
 

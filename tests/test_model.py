@@ -86,7 +86,7 @@ def test_similarity_matches_reference_for_caption_lengths_1_to_40(mode, raw_feat
         region_embs = model.encode_images(feats)
         word_embs = model.encode_captions(tokens, lengths)
         sims = model.similarity(region_embs, word_embs, lengths)
-    expected = ref.similarity(model, region_embs, word_embs, lengths)
+    expected = ref.float64_similarity(model, region_embs, word_embs, lengths)
     assert sims.shape == (2, 40)
     assert max_diff(sims, expected) <= TOL[dtype]
 
@@ -211,7 +211,7 @@ def test_similarity_gradients_match_reference_loop(mode, raw_feature_norm):
     r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
     (model.similarity(r1, w1, lengths) * probe).sum().backward()
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
-    (ref.similarity(model, r2, w2, lengths) * probe).sum().backward()
+    (ref.float64_similarity(model, r2, w2, lengths) * probe).sum().backward()
     assert torch.isfinite(r1.grad).all() and torch.isfinite(w1.grad).all(), NAN_GRAD_MSG
     assert max_diff(r1.grad, r2.grad) <= 1e-10
     assert max_diff(w1.grad, w2.grad) <= 1e-10  # zero past each length, as in the loop
@@ -466,7 +466,7 @@ def test_mean_mode_is_cosine_of_mean_region_and_mean_valid_word(no_txtnorm):
     # l2norm's +1e-8 against cosine's clamp: equal up to ~1e-8 relative
     assert max_diff(sims, expected) <= 1e-7
     assert max_diff(fwd, expected) <= 1e-7
-    assert max_diff(sims, ref.similarity(model, r, w, lengths)) <= 1e-7
+    assert max_diff(sims, ref.float64_similarity(model, r, w, lengths)) <= 1e-7
 
 
 def test_mean_mode_ignores_word_embeddings_past_each_length():
