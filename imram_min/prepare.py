@@ -139,7 +139,8 @@ def match_pictures(pictures_dir: str, captions: Captions, captions_path: str) ->
     if missing:
         first = missing[0]
         full = os.path.join(pictures_dir, first)
-        why = "is not a picture file (" + ", ".join(IMAGE_EXTENSIONS) + ")" if os.path.isfile(full) else "does not exist"
+        why = f"is not a picture file ({', '.join(IMAGE_EXTENSIONS)})" if os.path.isfile(full) \
+            else "does not exist"
         more = f" ({len(missing) - 1} more captioned paths are missing)" if len(missing) > 1 else ""
         raise cli.UserError(f"{captions_path}: line {captions.line_of[first]}: {full} {why}{more}; paths are relative "
                             f"to {pictures_dir}")
@@ -244,7 +245,7 @@ def move_into_place(tmp: str, out: str, written: list[str]) -> None:
 
 def prepare(pictures_dir: str, captions_path: str, out: str, n_dev: str = DEFAULT_DEV, n_test: str = DEFAULT_TEST,
             seed: int = 0, min_count: int | None = None, size: int | None = None, grid: int | None = None,
-            device: str = "cpu", batch_size: int = 32, overwrite: bool = False, log=print) -> dict:
+            device: str = "cpu", batch_size: int = 32, overwrite: bool = False) -> dict:
     """Make the data folder ``out`` (see the module docstring); returns the summary written to
     prepare.json. Every check (cli.UserError) comes before the features are extracted."""
     from imram_min import checks, features
@@ -318,9 +319,11 @@ def prepare(pictures_dir: str, captions_path: str, out: str, n_dev: str = DEFAUL
                    "vocab_size": len(vocab), "size": size, "grid": grid, "train_defaults": train_recipe,
                    "feature_seconds": round(feature_seconds, 1)}
         write_json(os.path.join(tmp, PREPARE_JSON), summary)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # mkdtemp made a private folder; its files get the usual permissions
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         move_into_place(tmp, out_abs, sorted(os.listdir(tmp)))
     finally:
         if os.path.exists(tmp):
@@ -359,7 +362,8 @@ def run_from_args(args) -> int:
     summary = prepare(args.pictures, args.captions, args.out, args.dev, args.test, args.seed, args.min_count,
                       args.size, args.grid, args.device, args.batch_size, args.overwrite)
     splits = ", ".join(f"{split} {c['pictures']} pictures / {c['captions']} captions"
-                       + (f" (+ {split}_cap2img.txt)" if c["cap2img"] else "") for split, c in summary["splits"].items())
+                       + (f" (+ {split}_cap2img.txt)" if c["cap2img"] else "")
+                       for split, c in summary["splits"].items())
     print(f"wrote {args.out}: {splits}; features {summary['size']} px grid {summary['grid']} "
           f"({summary['feature_seconds']} s)")
     n = summary["min_count"]

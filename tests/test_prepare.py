@@ -100,7 +100,8 @@ def test_prepare_writes_a_data_folder_that_train_and_export_take(pictures, tmp_p
 def test_prepare_reads_json_lines_as_the_tsv_and_splits_by_seed(pictures, tmp_path, capsys):
     pics, tsv, captions = pictures
     jsonl = tmp_path / "captions.jsonl"
-    jsonl.write_text("".join(json.dumps({"path": k, "caption": c}) + "\n" for k, caps in captions.items() for c in caps))
+    jsonl.write_text("".join(json.dumps({"path": k, "caption": c}) + "\n"
+                             for k, caps in captions.items() for c in caps))
     assert prepare.read_captions(os.fspath(jsonl)).by_picture == prepare.read_captions(os.fspath(tsv)).by_picture
     keys = sorted(captions)
     assert prepare.split_pictures(keys, 2, 1, seed=3) == prepare.split_pictures(keys, 2, 1, seed=3)
@@ -130,7 +131,8 @@ def test_uniform_five_captions_are_the_scan_layout_without_a_sidecar(tmp_path, c
      ("more/yellow_square.png has no caption", "captions.tsv")),
     (lambda tsv: tsv.write_text(tsv.read_text().replace("a red square\n", "a red square\nred_circle.png a red ball\n")),
      ("line 3", "no tab")),
-    (lambda tsv: tsv.write_text(tsv.read_text().replace("\ta blue circle", "\t  ")), ("line 4", "blue_circle.png", "blank")),
+    (lambda tsv: tsv.write_text(tsv.read_text().replace("\ta blue circle", "\t  ")),
+     ("line 4", "blue_circle.png", "blank")),
 ], ids=["missing-picture", "picture-without-captions", "malformed-line", "blank-caption"])
 def test_prepare_refuses_bad_captions_in_one_line_writing_nothing(pictures, tmp_path, capsys, edit, words):
     pics, tsv, _ = pictures
