@@ -85,10 +85,10 @@ def _main(argv: list[str] | None) -> int:
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
                *GLOBAL_FILES.values(), *CONFORMANCE_FILES]
-    cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)
     from imram_min.global_head import default_head_path
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
                                [args.checkpoint, args.global_head, default_head_path(args.checkpoint)])
+    cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)  # after: an input first
 
     from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     try:  # the checkpoint's weights fit its config: checked before any graph is made

@@ -11,9 +11,10 @@ any long work, so each case takes well under a second after the imports.
 
 Run-folder policy (train): a run folder holds one run. --out must be new or empty, or the
 folder of the --resume checkpoint, or --overwrite must be given; then the old run's files go
-as a whole once every check has passed. Feature-file policy (features): --out, images.txt and
-features.json beside it are one set; an images.txt / features.json of another feature file is
-not replaced without --overwrite.
+as a whole once every check has passed. Feature-file policy (features): --out and its order file
+(images.txt, or {split}_images.txt for DIR/{split}_ims.npy) are not replaced without --overwrite;
+features.json is shared by the feature files of a folder, and one of other settings is not
+replaced without --overwrite.
 """
 from __future__ import annotations
 
@@ -292,6 +293,9 @@ CASES = [
     Case("features-another-feature-set-in-the-folder", features.main,
          lambda w: setup(lambda: w.write("out/images.txt", "x.png\n"), [w.picture(), "--out", w.path("out/f.npy")]),
          ("already holds images.txt", "--overwrite")),
+    Case("features-out-exists", features.main,
+         lambda w: setup(lambda: w.write("out/f.npy", "old"), [w.picture(), "--out", w.path("out/f.npy")]),
+         ("already holds f.npy", "--overwrite")),
     Case("features-not-an-image", features.main,
          lambda w: [w.picture(), w.write("pics/b.png", b"not a picture"), "--out", w.path("f.npy")],
          ("b.png", "not an image")),
@@ -311,7 +315,11 @@ CASES = [
     Case("export-opset-out-of-range", export_main, lambda w: [w.ckpt, "--out", w.path("m"), "--opset", "99"],
          ("--opset",)),
     Case("export-would-overwrite-the-checkpoint", export_main,
-         lambda w: [w.write("m/vocab.json", w.ckpt.read_bytes()), "--out", w.path("m")], ("vocab.json", "input")),
+         lambda w: [w.write("m/vocab.json", w.ckpt.read_bytes()), "--out", w.path("m")],
+         ("vocab.json", "is the input")),
+    Case("export-out-holds-a-model-dir", export_main,
+         lambda w: setup(lambda: w.write("m/manifest.json", "{}"), [w.ckpt, "--out", w.path("m")]),
+         ("--out", "already holds manifest.json", "--overwrite")),
 ]
 
 
