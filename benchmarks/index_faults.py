@@ -17,7 +17,9 @@ with real processes on a tiny random model: what each case gives, and that nothi
    leftovers of killed writers, tampered parts, FIFOs, /dev/zero, bad .npy headers, NaN, a full
    disk): the command's exit status and its line, and the files left behind.
 5. What checking the SHA-256 costs: a ``--hash-items`` x 36 regions x ``--hash-d`` float32 part,
-   opened the first time in a process (hashed) and again (cached), against opening unchecked.
+   opened the first time in a process with every file hashed (as --verify) and again (cached),
+   against opening unchecked; and as a search process does it (lazily): at open, then the first
+   search's checks (global.npy whole, the embs.npy blocks of a 100-item shortlist).
 
 Every process runs one thread (OMP_NUM_THREADS=1, --threads 1). Prints a summary; --json writes
 every case's record.
@@ -341,8 +343,8 @@ def cases(work: str, model: str, feats: dict, queries: str) -> list[dict]:
             "        return self.f.write(data)\n"
             "    def close(self): self.f.close(); raise OSError(errno.ENOSPC, 'No space left on device')\n"
             "real = indexdir._HashedFile.__init__\n"
-            "def init(self, path):\n"
-            "    real(self, path)\n"
+            "def init(self, path, *args):\n"
+            "    real(self, path, *args)\n"
             "    if path.endswith('global.npy'): self.file = Full(self.file)\n"
             "indexdir._HashedFile.__init__ = init\n"
             "sys.exit(main(sys.argv[1:]))\n")
@@ -394,16 +396,27 @@ def _rehash(idx: str, k: int, suffix: str) -> None:
 # --------------------------------------------------------------------------- 5. hashing cost
 HASH_PROBE = """
 import json, sys, time
+import numpy as np
 from runtime import indexdir
-idx = sys.argv[1]
+idx, lazy = sys.argv[1], sys.argv[2] == "lazy"
 m = indexdir.read_manifest(idx)
 p, d = m["parts"][0], m["model"]["embed_size"]
 out = {}
-for what, verify in (("unchecked (cold)", False), ("first open (hashed)", True), ("second open (cached)", True),
-                     ("unchecked", False)):
+if lazy:  # as a search process: open, then check what a first search reads (global whole, 100 items' blocks)
     t0 = time.perf_counter()
-    indexdir.open_part(idx, p, d, "float32", None, 0, verify=verify).close()
-    out[what] = time.perf_counter() - t0
+    part = indexdir.open_part(idx, p, d, "float32", None, 0, lazy=True)
+    out["open (offsets, ids hashed)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    part.check("global.npy")
+    rows = np.sort(np.random.default_rng(0).choice(p["n_items"], 100, replace=False))
+    part.check_rows("embs.npy", part["offsets"][rows], np.diff(part["offsets"])[rows])
+    out["first search's checks (global.npy whole, embs.npy blocks of 100 items)"] = time.perf_counter() - t0
+else:
+    for what, verify in (("unchecked (cold)", False), ("first open, every file hashed", True),
+                         ("second open (cached)", True), ("unchecked", False)):
+        t0 = time.perf_counter()
+        indexdir.open_part(idx, p, d, "float32", None, 0, verify=verify).close()
+        out[what] = time.perf_counter() - t0
 print(json.dumps(out))
 """
 
@@ -425,13 +438,15 @@ def hash_cost(work: str, n: int, d: int, n_region: int = 36) -> dict:
                 "model": {"dir": ".", "manifest_sha256": "0" * 64, "embed_size": d}, "parts": [entry], "n_items": n}
     indexdir.commit(idx, manifest)
     size = sum(f["size"] for f in entry["files"].values())
-    code, out, err = run("-c", HASH_PROBE, idx)
-    assert code == 0, err
-    times = json.loads(out)
+    times = {}
+    for how in ("eager", "lazy"):
+        code, out, err = run("-c", HASH_PROBE, idx, how)
+        assert code == 0, err
+        times.update(json.loads(out))
     shutil.rmtree(idx)
     return {"items": n, "d": d, "regions": n_region, "bytes": size, "write_s (hashing as it writes)": round(write_s, 2),
             **{k: round(v, 3) for k, v in times.items()},
-            "hash MB/s": round(size / 1e6 / max(1e-9, times["first open (hashed)"] - times["unchecked"]), 1)}
+            "hash MB/s": round(size / 1e6 / max(1e-9, times["first open, every file hashed"] - times["unchecked"]), 1)}
 
 
 def main(argv=None) -> int:
@@ -445,11 +460,16 @@ def main(argv=None) -> int:
     p.add_argument("--hash-d", type=int, default=64)
     p.add_argument("--json", metavar="OUT.json")
     p.add_argument("--work", metavar="DIR", help="working folder (default: a temporary one, removed)")
+    p.add_argument("--hash-only", action="store_true", help="only 5. (the SHA-256 check's cost)")
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="index_faults_")
     report = {}
     try:
         t0 = time.perf_counter()
+        if args.hash_only:
+            report["hash cost"] = r = hash_cost(work, args.hash_items, args.hash_d)
+            print(f"5. SHA-256 check of a {args.hash_items} x 36 x {args.hash_d} float32 part\n   {r}", flush=True)
+            return 0
         model, data = tiny_model_dir(work)
         ims = np.load(os.path.join(data, "test_ims.npy"))
         feats = {}

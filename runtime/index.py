@@ -49,8 +49,8 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, IndexDirError, PartWriter, commit,
-                       hash_file, model_dir_of, open_part, owned_name, part_file, part_suffixes, read_ids,
+from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PROJ, IndexDirError, PartWriter,
+                       commit, hash_file, model_dir_of, open_part, owned_name, part_file, part_suffixes, read_ids,
                        read_manifest, relative_model_dir, remove_strays, verify_faiss, writer_lock)
 from .inputs import check_captions, check_region_feats, image_paths_or_none
 from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
@@ -386,7 +386,8 @@ def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, note: Callable[[str
         d = m["model"]["embed_size"]
         for p in m["parts"]:
             open_part(index_dir, p, d, m["dtype"], None, m.get("projection_size", 0), verify=False).close()
-            p["files"] = {s: hash_file(part_file(index_dir, p["name"], s)) for s in part_suffixes(m)}
+            p["files"] = {s: hash_file(part_file(index_dir, p["name"], s), s in ("embs.npy", PROJ))
+                          for s in part_suffixes(m)}
         if m.get("faiss"):
             m["faiss"].update(hash_file(os.path.join(index_dir, m["faiss"]["file"])))
         m["format_version"] = FORMAT_VERSION

@@ -95,6 +95,7 @@ LOCK_FILE = ".lock"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_NPY_HEADER = 1 << 16
 HASH_CHUNK = 16 << 20  # bytes hashed (and checked finite) at a time
+BLOCK_BYTES = 1 << 20  # embs.npy and proj.npy also carry a SHA-256 per block: a search checks the blocks it reads
 KINDS = ("images", "captions")  # what the gallery holds: images are searched by captions, and vice versa
 DTYPES = ("float32", "float16")
 SUFFIXES = ("embs.npy", "offsets.npy", "global.npy", "ids.txt")  # every part has these
@@ -247,24 +248,43 @@ def _unlink(path: str) -> None:
 
 # --------------------------------------------------------------------------- writing
 class _HashedFile:
-    """A new file written front to back, its SHA-256 and size kept as it goes."""
+    """A new file written front to back, its SHA-256 and size kept as it goes (with ``blocks``, also
+    the SHA-256 of each BLOCK_BYTES block)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, blocks: bool = False):
         self.path, self.sha, self.size = path, hashlib.sha256(), 0
+        self.blocks = [] if blocks else None
+        self.block, self.in_block = hashlib.sha256(), 0
         self.file = open(path, "xb")
 
     def put(self, data: bytes) -> None:
         self.file.write(data)
         self.sha.update(data)
         self.size += len(data)
+        if self.blocks is None:
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(BLOCK_BYTES - self.in_block, len(view))
+            self.block.update(view[:take])
+            self.in_block += take
+            view = view[take:]
+            if self.in_block == BLOCK_BYTES:
+                self.blocks.append(self.block.hexdigest())
+                self.block, self.in_block = hashlib.sha256(), 0
 
     def finish(self) -> dict:
-        """Flush, fsync and close; returns {"size", "sha256"}."""
+        """Flush, fsync and close; returns {"size", "sha256"} (and "block_bytes", "blocks")."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.chmod(self.path, atomic.FILE_MODE)
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
+        entry = {"size": self.size, "sha256": self.sha.hexdigest()}
+        if self.blocks is not None:
+            if self.in_block:
+                self.blocks.append(self.block.hexdigest())
+            entry.update(block_bytes=BLOCK_BYTES, blocks=self.blocks)
+        return entry
 
     def abandon(self) -> None:
         """Close without caring: closing a file whose buffer cannot be written (a full disk) raises
@@ -279,8 +299,8 @@ class NpyStream(_HashedFile):
     """A .npy of known shape written front to back (header, then rows as they come): a full disk is
     an OSError at the write that hits it, never a SIGBUS of a memory map."""
 
-    def __init__(self, path: str, shape: tuple, dtype: str):
-        super().__init__(path)
+    def __init__(self, path: str, shape: tuple, dtype: str, blocks: bool = False):
+        super().__init__(path, blocks)
         self.shape, self.dtype, self.rows = tuple(shape), np.dtype(dtype), 0
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
@@ -311,10 +331,10 @@ class PartWriter:
         self.n_items, self.n_vectors, self.done_vectors = n_items, n_vectors, 0
         self.files, self.offsets, self.proj = {}, [np.zeros(1, np.int64)], None
         try:
-            self.embs = self._open("embs.npy", NpyStream, (n_vectors, d), dtype)
+            self.embs = self._open("embs.npy", NpyStream, (n_vectors, d), dtype, True)
             self.global_ = self._open("global.npy", NpyStream, (n_items, global_d or d), "float32")
             if proj_size:
-                self.proj = self._open(PROJ, NpyStream, (n_vectors, proj_size), dtype)
+                self.proj = self._open(PROJ, NpyStream, (n_vectors, proj_size), dtype, True)
             self.ids = self._open("ids.txt", _HashedFile)
         except BaseException:
             self.remove()
@@ -437,24 +457,28 @@ _VERIFIED: set[tuple] = set()  # files whose SHA-256 (and floats) this process h
 
 
 def verify_file(f, st: os.stat_result, path: str, sha256: str, float_from: int | None = None,
-                dtype: np.dtype | None = None, force: bool = False) -> None:
+                dtype: np.dtype | None = None, force: bool = False, entry: dict | None = None) -> None:
     """Check the open file's SHA-256 (and, from byte ``float_from`` on, that its ``dtype`` values
-    are finite), once per process per (device, inode, size, mtime, ctime). IndexDirError."""
+    are finite; with ``entry``'s "blocks", each block's SHA-256 too), once per process per (device,
+    inode, size, mtime, ctime). IndexDirError."""
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
     if key in _VERIFIED and not force:
         return
     digest, pos, fd, finite = hashlib.sha256(), 0, f.fileno(), True
-    if float_from is not None:
-        digest.update(os.pread(fd, float_from, 0))
-        pos = float_from
-    step = HASH_CHUNK - HASH_CHUNK % (dtype.itemsize if dtype is not None else 1)
-    while pos < st.st_size:
-        chunk = os.pread(fd, min(step, st.st_size - pos), pos)
+    blocks = (entry or {}).get("blocks")
+    while pos < st.st_size:  # HASH_CHUNK: a multiple of BLOCK_BYTES and of any itemsize
+        chunk = os.pread(fd, min(HASH_CHUNK, st.st_size - pos), pos)
         if not chunk:
             raise IndexDirError(f"{path}: shorter than its recorded size")
         digest.update(chunk)
-        if float_from is not None and finite:
-            finite = bool(np.isfinite(np.frombuffer(chunk, dtype=dtype)).all())
+        if blocks is not None:
+            size = entry["block_bytes"]
+            for i in range(0, len(chunk), size):
+                if hashlib.sha256(chunk[i:i + size]).hexdigest() != blocks[(pos + i) // size]:
+                    raise IndexDirError(f"{path}: block {(pos + i) // size}'s SHA-256 is not the one the manifest "
+                                        f"records: the file was altered, swapped or replaced (rebuild the index)")
+        if float_from is not None and finite and pos + len(chunk) > float_from:
+            finite = bool(np.isfinite(np.frombuffer(chunk[max(0, float_from - pos):], dtype=dtype)).all())
         pos += len(chunk)
     if digest.hexdigest() != sha256:
         raise IndexDirError(f"{path}: its SHA-256 is not the one the manifest records: the file was altered, "
@@ -511,7 +535,13 @@ def _is_int(value, low: int = 0) -> bool:
 
 
 def _file_entry_ok(entry) -> bool:
-    return isinstance(entry, dict) and _is_int(entry.get("size"), 1) and SHA256.fullmatch(str(entry.get("sha256")))
+    if not (isinstance(entry, dict) and _is_int(entry.get("size"), 1) and SHA256.fullmatch(str(entry.get("sha256")))):
+        return False
+    if "blocks" not in entry and "block_bytes" not in entry:
+        return True
+    size, blocks = entry.get("block_bytes"), entry.get("blocks")
+    return _is_int(size, 4096) and size % 4096 == 0 and HASH_CHUNK % size == 0 and isinstance(blocks, list) and \
+        len(blocks) == -(-entry["size"] // size) and all(isinstance(b, str) and SHA256.fullmatch(b) for b in blocks)
 
 
 def _manifest_problem(m, versions: tuple[int, ...], index_dir: str) -> str | None:
@@ -581,6 +611,38 @@ class PartFiles(dict):
                 verify_file(*self.pending[suffix])
                 self.pending.pop(suffix, None)
 
+    def check_rows(self, suffix: str, starts: np.ndarray, counts: np.ndarray) -> None:
+        """Before rows starts[i] .. starts[i] + counts[i] - 1 of SUFFIX (a .npy with block hashes) are
+        read: check the SHA-256 (and finite floats) of the blocks they lie in, each once per process;
+        a file without block hashes is checked whole (``check``). IndexDirError."""
+        if suffix not in self.pending:
+            return
+        f, st, path, _, float_from, dtype, _, entry = self.pending[suffix]
+        if "blocks" not in entry:
+            return self.check(suffix)
+        matrix = self[suffix.split(".")[0]]
+        row_bytes, size = matrix.shape[1] * matrix.itemsize, entry["block_bytes"]
+        first = (matrix.offset + starts * row_bytes) // size
+        last = (matrix.offset + (starts + counts) * row_bytes - 1) // size
+        lengths = last - first + 1
+        wanted = np.unique(np.repeat(first, lengths) + np.arange(lengths.sum()) -
+                           np.repeat(np.cumsum(lengths) - lengths, lengths))
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry["sha256"])
+        if key in _VERIFIED:  # the whole file was checked
+            self.pending.pop(suffix, None)
+            return
+        for block in wanted:
+            if (key, int(block)) in _VERIFIED:
+                continue
+            data = os.pread(f.fileno(), size, int(block) * size)
+            if hashlib.sha256(data).hexdigest() != entry["blocks"][block]:
+                raise IndexDirError(f"{path}: block {block}'s SHA-256 is not the one the manifest records: the file "
+                                    f"was altered, swapped or replaced (rebuild the index)")
+            skip = max(0, float_from - int(block) * size)
+            if not np.isfinite(np.frombuffer(data[skip:], dtype=dtype)).all():
+                raise IndexDirError(f"{path}: holds NaN or infinite values (rebuild the index)")
+            _VERIFIED.add((key, int(block)))
+
     def close(self) -> None:
         for f in self.get("files", {}).values():
             f.close()
@@ -602,7 +664,7 @@ def _open_npy(index_dir: str, part: dict, suffix: str, shape: tuple, dtype: str,
         raise IndexDirError(f"{path}: {got_dtype} {got_shape}, the manifest says {dtype} {want}")
     if verify and entry:
         floats = np.dtype(dtype) if np.dtype(dtype).kind == "f" else None
-        check = (f, st, path, entry["sha256"], offset if floats is not None else None, floats, force)
+        check = (f, st, path, entry["sha256"], offset if floats is not None else None, floats, force, entry)
         if pending is None:
             verify_file(*check)
         else:
@@ -689,14 +751,20 @@ def read_ids(index_dir: str, manifest: dict) -> list[str]:
     return out
 
 
-def hash_file(path: str) -> dict:
-    """{"size", "sha256"} of a file (read as a regular file of the folder)."""
+def hash_file(path: str, blocks: bool = False) -> dict:
+    """{"size", "sha256"} of a file (read as a regular file of the folder); with ``blocks`` also
+    "block_bytes" and "blocks", each BLOCK_BYTES block's SHA-256 (as PartWriter records for embs.npy
+    and proj.npy)."""
     f, st = open_regular(path)
-    digest = hashlib.sha256()
+    digest, block_hashes = hashlib.sha256(), []
     with f:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             digest.update(chunk)
-    return {"size": st.st_size, "sha256": digest.hexdigest()}
+            if blocks:
+                block_hashes += [hashlib.sha256(chunk[i:i + BLOCK_BYTES]).hexdigest()
+                                 for i in range(0, len(chunk), BLOCK_BYTES)]
+    entry = {"size": st.st_size, "sha256": digest.hexdigest()}
+    return {**entry, "block_bytes": BLOCK_BYTES, "blocks": block_hashes} if blocks else entry
 
 
 def verify_faiss(index_dir: str, entry: dict, force: bool = False) -> None:

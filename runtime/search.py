@@ -327,8 +327,9 @@ class Index:
         for k, part in enumerate(self.parts):
             local = rows[(rows >= self.starts[k]) & (rows < self.starts[k + 1])] - self.starts[k]
             if len(local):
-                part.check(*(f"{a}.npy" for a in arrays))  # its SHA-256, the first time (runtime.indexdir)
                 n = np.diff(part["offsets"])[local]
+                for a in arrays:  # the SHA-256 of the blocks read, the first time (runtime.indexdir)
+                    part.check_rows(f"{a}.npy", part["offsets"][local], n)
                 for a in arrays:
                     flat[a].append(read_rows(part[a], part["offsets"][local], n, part["files"][f"{a}.npy"]))
                 counts.append(n)

@@ -533,8 +533,8 @@ def test_a_full_disk_during_an_append_leaves_no_part_file(image_index, tmp_path,
 
     real_init = indexdir._HashedFile.__init__
 
-    def init(self, path):
-        real_init(self, path)
+    def init(self, path, *args):
+        real_init(self, path, *args)
         if path.endswith("global.npy"):
             self.file = FullDisk(self.file)
     monkeypatch.setattr(indexdir._HashedFile, "__init__", init)
@@ -544,6 +544,21 @@ def test_a_full_disk_during_an_append_leaves_no_part_file(image_index, tmp_path,
     assert_error_line(code, out, err, ["no space left on the device"])
     assert index_files(copy) == before
 
+
+def test_a_search_checks_the_sha256_of_the_blocks_it_reads(tmp_path, tiny_model_dir, split, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(indexdir, "BLOCK_BYTES", 4096)  # several blocks in a tiny part
+    idx = tmp_path / "idx"
+    build(idx, split[2], tiny_model_dir, device="cpu", threads=1)
+    entry = indexdir.read_manifest(str(idx))["parts"][0]["files"]["embs.npy"]
+    assert entry["block_bytes"] == 4096 and len(entry["blocks"]) == -(-entry["size"] // 4096) > 2
+    path = idx / f"{indexdir.read_manifest(str(idx))['parts'][0]['name']}.embs.npy"
+    data = bytearray(path.read_bytes())
+    data[-8:] = np.float32([1.5, 2.5]).tobytes()  # the last item's last values: the last block
+    path.write_bytes(bytes(data))
+    index = Index(idx, device="cpu", threads=1)
+    assert index.gather(np.array([0]))[0].shape[0] == 1  # the first item's blocks are intact
+    with pytest.raises(indexdir.IndexDirError, match=r"embs\.npy: block \d+'s SHA-256"):
+        index.gather(np.array([N_TEST_IMAGES - 1]))
 
 @pytest.mark.parametrize("case", ["part_listed_twice", "embs_swapped", "embs_symlink_out", "manifest_fifo",
                                   "ids_fifo", "embs_fifo", "ids_dev_zero", "manifest_dev_zero", "manifest_too_big",
