@@ -137,7 +137,12 @@ class ResultsPage:
         self.stream.write(body + "</section>\n")
 
     def caption_query(self, number: int, text: str, matches: Iterable[Match], notes: Iterable[str] = ()) -> None:
-        """A caption and its best items (pictures when known, else ids), best first."""
+        """A caption and its best items (pictures when known, else a list of ids), best first."""
+        matches = list(matches)
+        if all(m.picture is None for m in matches):  # region features: ids and scores
+            items = "".join(f"<li><span class=\"score\">{m.score:.4f}</span> {esc(m.label)}</li>" for m in matches)
+            self._section(number, esc(text), f"<ol class=\"captions\">{items}</ol>\n", notes)
+            return
         figures = []
         for rank, m in enumerate(matches, 1):
             uri = self._thumb(m.picture)
@@ -148,8 +153,7 @@ class ResultsPage:
     def picture_query(self, number: int, label: str, picture: str | None, matches: Iterable[Match],
                       notes: Iterable[str] = ()) -> None:
         """A picture (or a features row: picture None) and its best captions, best first."""
-        uri = self._thumb(picture)
-        query = self._figure(uri, "", "" if picture is None else "picture not readable")  # named in the heading
+        query = "" if picture is None else self._figure(self._thumb(picture), "", "picture not readable")
         items = "".join(f"<li><span class=\"score\">{m.score:.4f}</span> {esc(m.label)}</li>" for m in matches)
         self._section(number, esc(label), f"<div class=\"querypic\">{query}<ol class=\"captions\">{items}</ol></div>\n",
                       notes)
