@@ -469,6 +469,9 @@ def main(argv=None) -> int:
         if args.hash_only:
             report["hash cost"] = r = hash_cost(work, args.hash_items, args.hash_d)
             print(f"5. SHA-256 check of a {args.hash_items} x 36 x {args.hash_d} float32 part\n   {r}", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=1)
             return 0
         model, data = tiny_model_dir(work)
         ims = np.load(os.path.join(data, "test_ims.npy"))
