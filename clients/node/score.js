@@ -299,6 +299,12 @@ function runCommand(mainFn, argv) {
     if (e.code !== 'EPIPE') throw e;
     process.exit(1);
   });
+  // Ctrl-C, SIGTERM, SIGHUP: one line and runtime.cli's exit status (the output is written and
+  // renamed in one synchronous step, so no temporary file is ever left behind)
+  process.on('SIGINT', () => { process.stderr.write('error: interrupted\n'); process.exit(130); });
+  for (const [signal, number] of [['SIGTERM', 15], ['SIGHUP', 1]]) {
+    process.on(signal, () => { process.stderr.write(`error: stopped by signal ${signal}\n`); process.exit(128 + number); });
+  }
   mainFn(argv).catch((e) => {
     let message = e.message;
     if (e.code === 'ENOSPC' || e.code === 'EDQUOT') {
