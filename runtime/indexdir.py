@@ -510,6 +510,9 @@ def read_manifest(index_dir: str, versions: tuple[int, ...] = (FORMAT_VERSION,))
     try:
         manifest = _read_json_bounded(path, MAX_MANIFEST_BYTES)
     except PartMissing:
+        if os.path.lexists(os.path.join(index_dir, LOCK_FILE)):
+            raise IndexDirError(f"{path}: missing; the index is being built, or its build was interrupted "
+                                f"(python -m runtime.index)") from None
         raise IndexDirError(f"{path}: missing; not an index folder written by python -m runtime.index") from None
     problem = _manifest_problem(manifest, versions, index_dir)
     if problem:

@@ -560,6 +560,12 @@ def test_a_search_checks_the_sha256_of_the_blocks_it_reads(tmp_path, tiny_model_
     with pytest.raises(indexdir.IndexDirError, match=r"embs\.npy: block \d+'s SHA-256"):
         index.gather(np.array([N_TEST_IMAGES - 1]))
 
+def test_a_search_of_an_index_being_built_says_so(tmp_path, split, capsys):
+    with indexdir.writer_lock(str(tmp_path / "new")):  # a new build holds the lock, no manifest yet
+        code, out, err = run_cli(search_main, [tmp_path / "new", split[1], "--quiet"], capsys)
+    assert_error_line(code, out, err, ["manifest.json: missing; the index is being built, or its build was "
+                                       "interrupted"])
+
 @pytest.mark.parametrize("case", ["part_listed_twice", "embs_swapped", "embs_symlink_out", "manifest_fifo",
                                   "ids_fifo", "embs_fifo", "ids_dev_zero", "manifest_dev_zero", "manifest_too_big",
                                   "ids_longer", "not_npy", "huge_header", "nan_global", "pickle_npy", "format_1"])
