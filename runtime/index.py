@@ -112,10 +112,9 @@ def build(index_dir: str | os.PathLike, items, model_dir: str | os.PathLike | No
 
     items: captions (a list of str) with ``captions``, else region features (n, n_region,
     img_dim) or a list of picture paths. model_dir: None for DEFAULT_MODEL_DIR, or with
-    ``append`` or ``overwrite`` the index's own. dtype: "float32" or "float16" for the embeddings (None: float32, or
-    the index's). ids: one str per item (default: the caption, the picture path, "row I", I the item's
-row in the index).
-    name: what error messages call the items. store_projections: also store each region's (word's)
+    ``append`` or ``overwrite`` the index's own. dtype: "float32" or "float16" for the embeddings
+    (None: float32, or the index's). ids: one str per item (default: the caption, the picture path,
+    "row I", I the item's row in the index). name: what error messages call the items. store_projections: also store each region's (word's)
     projections, the matcher's per-item inputs (None: False, or with ``append`` the index's choice);
     the model's matcher must take them. faiss: a FAISS index_factory string (runtime.faiss_stage):
     also build an approximate first stage (None: none, or with ``append`` the index's, extended);
@@ -133,14 +132,14 @@ row in the index).
     if append and overwrite:
         raise ValueError("overwrite replaces an index, append adds to it: give one of them")
     _check_target(index_dir, append)  # before the lock creates anything
-    with writer_lock(index_dir, wait, note):
+    with writer_lock(index_dir, wait, note) as created:
         try:
             return _build_locked(index_dir, items, model_dir, captions, append, dtype, ids, name, store_projections,
                                  faiss, faiss_params, device, threads, image_batch, progress, overwrite, skip_existing,
                                  note or (lambda text: None), scorer, {} if report is None else report)
         except BaseException:
             if not os.path.lexists(os.path.join(index_dir, MANIFEST_FILE)):
-                _remove_unfinished(index_dir)  # a failed new build leaves nothing
+                _remove_unfinished(index_dir, created)  # a failed new build leaves nothing
             raise
 
 
@@ -338,13 +337,14 @@ def _existing(index_dir: str, append: bool, overwrite: bool) -> dict | None:
         return BROKEN
 
 
-def _remove_unfinished(index_dir: str) -> None:
-    """Holding the lock, after a failed new build: remove its files, the lock file and the folder
-    if nothing else is in it (a waiting writer then takes the lock anew: writer_lock)."""
+def _remove_unfinished(index_dir: str, created: bool) -> None:
+    """Holding the lock, after a failed new build: remove its files, the lock file and, if this build
+    created it, the folder (a waiting writer then takes the lock anew: writer_lock)."""
     remove_strays(index_dir, None)
     try:
         os.remove(os.path.join(index_dir, LOCK_FILE))
-        os.rmdir(index_dir)
+        if created:
+            os.rmdir(index_dir)
     except OSError:
         pass
 

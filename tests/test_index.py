@@ -234,6 +234,10 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_model_dir, split, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "new", split[2], tiny_model_dir, device="cpu", threads=1)
     assert os.listdir(tmp_path) == []
+    (tmp_path / "empty").mkdir()  # a folder made for the index stays, empty
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "empty", split[2], tiny_model_dir, device="cpu", threads=1)
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
 
 
 def test_rebuild_replaces_the_old_parts(tmp_path, tiny_model_dir, split):  # noqa: F811
