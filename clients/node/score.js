@@ -14,7 +14,7 @@
 // Bad input: one line "error: ..." on stderr, exit status 2, no file written.
 const fs = require('node:fs');
 const path = require('node:path');
-const { loadModel, ModelDirError } = require('./lib/model');
+const { loadModel, closeMatchers, ModelDirError } = require('./lib/model');
 const { openNpy, writeNpy, NpyError } = require('./lib/npy');
 const tokenizer = require('./lib/tokenizer');
 const captions = require('./lib/captions');
@@ -299,13 +299,20 @@ function runCommand(mainFn, argv) {
     if (e.code !== 'EPIPE') throw e;
     process.exit(1);
   });
-  // Ctrl-C, SIGTERM, SIGHUP: one line and runtime.cli's exit status (the output is written and
-  // renamed in one synchronous step, so no temporary file is ever left behind)
-  process.on('SIGINT', () => { process.stderr.write('error: interrupted\n'); process.exit(130); });
-  for (const [signal, number] of [['SIGTERM', 15], ['SIGHUP', 1]]) {
-    process.on(signal, () => { process.stderr.write(`error: stopped by signal ${signal}\n`); process.exit(128 + number); });
-  }
+  // Ctrl-C, SIGTERM, SIGHUP: one line and runtime.cli's exit status, once the matcher threads
+  // are stopped (the output is written and renamed in one synchronous step: no temporary file is left)
+  let stopping = false;
+  const stop = (line, status) => {
+    if (stopping) return;
+    stopping = true;
+    process.stderr.write(`${line}\n`);
+    closeMatchers().finally(() => process.exit(status));
+  };
+  process.on('SIGINT', () => stop('error: interrupted', 130));
+  process.on('SIGTERM', () => stop('error: stopped by signal SIGTERM', 143));
+  process.on('SIGHUP', () => stop('error: stopped by signal SIGHUP', 129));
   mainFn(argv).catch((e) => {
+    if (stopping) return;
     let message = e.message;
     if (e.code === 'ENOSPC' || e.code === 'EDQUOT') {
       message = `no space left on the device${e.path ? ` writing ${e.path}` : ''}; nothing was written`;

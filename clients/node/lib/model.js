@@ -17,6 +17,8 @@
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
+const os = require('node:os');
+const { Worker } = require('node:worker_threads');
 const ort = require('onnxruntime-node');
 
 const FORMAT = 'imram-min-onnx';
@@ -97,12 +99,82 @@ function shardSize(nRegion, nWord, embedSize) {
   return Math.max(1, Math.min(side, MAX_SHARD));
 }
 
+/**
+ * Matcher calls side by side: `size` worker threads (lib/matcher_worker.js), each with its own
+ * single-threaded matcher session; run(feeds) resolves to the call's scores. close() waits for
+ * the calls in flight, then ends the threads (never in the middle of ONNX Runtime's work).
+ */
+const openPools = new Set(); // closed by closeMatchers() on Ctrl-C / SIGTERM
+
+class MatcherPool {
+  constructor(file, size) {
+    openPools.add(this);
+    this.closed = false;
+    this.idle = [];
+    this.waiting = []; // [feeds, resolve, reject]
+    this.calls = new Set(); // promises of the calls not yet settled
+    this.workers = Array.from({ length: size }, () => {
+      const worker = new Worker(path.join(__dirname, 'matcher_worker.js'), { workerData: { file } });
+      worker.ready = new Promise((resolve, reject) => {
+        worker.on('message', ({ ready, sims, error }) => {
+          if (ready) return resolve();
+          const [done, fail] = worker.call;
+          this.idle.push(worker);
+          this.dispatch();
+          if (error === undefined) done(sims);
+          else fail(new Error(error));
+        });
+        worker.on('error', (e) => (worker.call ? worker.call[1](e) : reject(e)));
+      });
+      this.idle.push(worker);
+      return worker;
+    });
+  }
+
+  run(feeds) {
+    const call = new Promise((resolve, reject) => {
+      if (this.closed) return reject(new Error('the matcher threads were stopped'));
+      this.waiting.push([feeds, resolve, reject]);
+      this.dispatch();
+    });
+    this.calls.add(call);
+    const settle = () => this.calls.delete(call);
+    call.then(settle, settle);
+    return call;
+  }
+
+  dispatch() {
+    while (this.idle.length && this.waiting.length) {
+      const worker = this.idle.pop();
+      const [feeds, ...call] = this.waiting.shift();
+      worker.call = call;
+      worker.postMessage(feeds);
+    }
+  }
+
+  async close() {
+    if (!this.closing) {
+      this.closed = true;
+      for (const [, , reject] of this.waiting.splice(0)) reject(new Error('the matcher threads were stopped'));
+      this.closing = Promise.allSettled([...this.calls, ...this.workers.map((w) => w.ready)])
+        .then(() => Promise.all(this.workers.map((w) => w.terminate())))
+        .then(() => openPools.delete(this));
+    }
+    return this.closing;
+  }
+}
+
+/** Stop every matcher thread once its call in flight is done (a thread ended in the middle of
+ * ONNX Runtime's work aborts the process). */
+const closeMatchers = () => Promise.all([...openPools].map((pool) => pool.close()));
+
 const f32 = (data, dims) => new ort.Tensor('float32', data, dims);
 const i64 = (values, dims) => new ort.Tensor('int64', BigInt64Array.from(values, BigInt), dims);
 
 class Model {
   constructor(modelDir, manifest, projected, sessions) {
     this.modelDir = modelDir;
+    this.pool = null; // matcher worker threads while score() runs
     this.manifest = manifest;
     this.projected = projected;
     this.sessions = sessions;
@@ -154,7 +226,10 @@ class Model {
       feeds.region_proj = f32(regionProj, [nImg, nRegion, regionProj.length / (nImg * nRegion)]);
       feeds.word_proj = f32(wordProj, [nCap, nWord, wordProj.length / (nCap * nWord)]);
     }
-    return (await this.run('matcher', feeds)).data;
+    if (!this.pool) return (await this.run('matcher', feeds)).data;
+    const plain = {}; // to a worker: each array copied out of the larger one it may be a view of
+    for (const [name, t] of Object.entries(feeds)) plain[name] = { type: t.type, data: t.data.slice(), dims: t.dims };
+    return this.pool.run(plain);
   }
 
   /**
@@ -163,10 +238,24 @@ class Model {
    * Tiled as runtime.score tiles (tiling is optional: it changes nothing but memory and speed):
    * captions sorted by length (longest first) into shards of `step`, each padded to its own
    * longest and encoded once; images read a group at a time, encoded and projected, and every
-   * group x caption shard scored in matcher calls of `step` images x `step` captions.
-   * check(block, firstImage, captionIndices) is called on each call's scores (e.g. to refuse NaN).
+   * group x caption shard scored in matcher calls of `step` images x `step` captions, run side by
+   * side on one worker thread per CPU (each call on one thread, as runtime/scorer.py runs them;
+   * the scores are those of calls on the main thread, bit for bit) while the next caption shard is
+   * projected. check(block, firstImage, captionIndices) is called on each call's scores (e.g. to
+   * refuse NaN).
    */
   async score(features, tokenLists, check = () => {}) {
+    const cpus = os.availableParallelism ? os.availableParallelism() : os.cpus().length;
+    if (cpus > 1) this.pool = new MatcherPool(path.join(this.modelDir, this.manifest.graphs.matcher.file), cpus);
+    try {
+      return await this.scoreTiles(features, tokenLists, check);
+    } finally {
+      if (this.pool) await this.pool.close();
+      this.pool = null;
+    }
+  }
+
+  async scoreTiles(features, tokenLists, check) {
     const [nImg, nRegion] = features.shape;
     const nCap = tokenLists.length;
     const d = this.embedSize;
@@ -190,18 +279,30 @@ class Model {
       }
       const proj = await this.project('region', embs, n, nRegion);
       const P = proj ? proj.length / (n * nRegion) : 0;
-      for (const shard of shards) {
-        const wordProj = await this.project('word', shard.embs, shard.idx.length, shard.nWord);
-        for (let i = 0; i < n; i += step) {
-          const m = Math.min(step, n - i);
-          const rows = (a, size) => a && a.subarray(i * nRegion * size, (i + m) * nRegion * size);
-          const block = await this.match(rows(embs, d), rows(proj, P), m, nRegion, shard.embs, wordProj, shard.lengths, shard.nWord);
+      const collect = async ({ shard, calls }) => { // a shard's calls, as they finish, into sims
+        for (const [i, call] of calls) {
+          const block = await call;
           check(block, g + i, shard.idx);
-          for (let r = 0; r < m; r++) {
+          for (let r = 0; r < block.length / shard.idx.length; r++) {
             shard.idx.forEach((j, c) => { sims[(g + i + r) * nCap + j] = block[r * shard.idx.length + c]; });
           }
         }
+      };
+      let running = null; // the previous shard's calls: the next shard is projected while they run
+      for (const shard of shards) {
+        const wordProj = await this.project('word', shard.embs, shard.idx.length, shard.nWord);
+        const calls = [];
+        for (let i = 0; i < n; i += step) {
+          const m = Math.min(step, n - i);
+          const rows = (a, size) => a && a.subarray(i * nRegion * size, (i + m) * nRegion * size);
+          const call = this.match(rows(embs, d), rows(proj, P), m, nRegion, shard.embs, wordProj, shard.lengths, shard.nWord);
+          call.catch(() => {}); // a failure is seen where it is awaited; later ones are not left unhandled
+          calls.push([i, call]);
+        }
+        if (running) await collect(running);
+        running = { shard, calls };
       }
+      await collect(running);
     }
     return sims;
   }
@@ -241,4 +342,4 @@ async function loadModel(modelDir, { supportedVersions = [3] } = {}) {
   return new Model(modelDir, manifest, projected, sessions);
 }
 
-module.exports = { loadModel, readManifest, shardSize, ModelDirError, Model };
+module.exports = { loadModel, readManifest, shardSize, closeMatchers, ModelDirError, Model };
