@@ -74,7 +74,7 @@ from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weight
     mean_pooled_similarity, word_mask
 
 
-# --------------------------------------------------------------------------- per-item weights and projections
+# --------------------------------------------------------------------------- the MDU weights and the per-vector projections
 def mdu_weights(mdu: MemoryDistillation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [x^(k) | c^(k)].
 
@@ -110,8 +110,8 @@ def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Te
     """
     if not weights:
         return None
-    parts = [(w_c, b) if direction == CONTEXT_OF[side] else (w_q, torch.zeros_like(b))
-             for direction, (w_q, w_c, b) in weights.items()]
+    parts = [(w_c, b) if direction == CONTEXT_OF[side] else (w_x, torch.zeros_like(b))
+             for direction, (w_x, w_c, b) in weights.items()]
     return torch.cat([w for w, _ in parts], 0), torch.cat([b for _, b in parts], 0)
 
 
