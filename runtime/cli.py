@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
+import re
 import signal
 import sys
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -227,3 +230,61 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out", overwrite:
         if held:
             refuse_replacing(flag, path, held)
     return path
+
+
+# --------------------------------------------------------------------------- progress and output lines
+class Progress:
+    """A small tqdm-like bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, desc: str, stream=None, enabled: bool = True):
+        self.desc, self.stream, self.enabled = desc, stream or sys.stderr, enabled
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.start = self.last = time.perf_counter()
+        self.done, self.total, self.drawn = 0, 0, False
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= (0.1 if self.tty else 10.0) or done == total):
+            self.last = now
+            self._draw(end="\n" if done == total or not self.tty else "")
+
+    def _draw(self, end: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        frac = self.done / self.total if self.total else 1.0
+        bar = "#" * int(20 * frac) + " " * (20 - int(20 * frac))
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = (f"{self.desc}: {100 * frac:3.0f}%|{bar}| {self.done}/{self.total} blocks "
+                f"[{_clock(elapsed)}<{_clock(left)}, {rate:.1f} blocks/s]")
+        self.stream.write(("\r" if self.tty else "") + line + end)
+        self.stream.flush()
+        self.drawn = end == ""
+
+    def close(self) -> None:
+        if self.enabled and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps escapes only \x00-\x1f
+
+
+def json_line(obj) -> str:
+    """One exact JSON line, with every control character (C0, DEL, C1) and line separator escaped."""
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False)) + "\n"
+
+
+def note_unknown_words(unknown: dict[int, list[str]], texts: list[str], what: str, first: int = 0) -> None:
+    """One "note:" line on stderr per caption with words the vocabulary lacks (it is still scored:
+    such words are read as <unk>, as in training). unknown: {index in texts: words}; first: the
+    number of texts[0] in the messages."""
+    for i, words in unknown.items():
+        text = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
+        print(printable(f"note: {what} {first + i} ({text!r}): the model's vocabulary lacks "
+                        f"{', '.join(words)}; read as <unk>"), file=sys.stderr)

@@ -133,6 +133,17 @@ def available_cpus() -> int:
 
 
 # --------------------------------------------------------------------------- the engine
+def mean_global_vectors(embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """The first stage's vector of each item: the mean of its embeddings, l2-normalised, float32.
+    embs (n, n_vec, d) (zeros past each length), lengths (n,) (None: all n_vec)."""
+    embs = np.asarray(embs, dtype=np.float32)
+    if lengths is None:
+        mean = embs.mean(1)
+    else:
+        mean = embs.sum(1) / np.asarray(lengths, dtype=np.float32)[:, None]
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
+
+
 class Engine:
     """The ONNX graphs of a model dir: tokenisation, encoders, projections and matcher calls.
 
@@ -365,8 +376,7 @@ class Engine:
         head's (image_global / text_global) when the model dir has it, else the mean of the item's
         embeddings. embs (n, n_vec, d) (zeros past each length); lengths (n,) for captions, None for images."""
         if not self.has_global_head:
-            from .search import global_vectors  # the mean embeddings
-            return global_vectors(embs, lengths)
+            return mean_global_vectors(embs, lengths)
         embs = self.float32(embs)
         if len(embs) == 0:
             return np.zeros((0, self.global_size), np.float32)

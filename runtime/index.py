@@ -50,12 +50,12 @@ from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PROJ, IndexDirError, PartWriter,
-                       commit, hash_file, model_dir_of, open_part, owned_name, part_file, part_suffixes, read_ids,
-                       read_manifest, relative_model_dir, remove_strays, verify_faiss, writer_lock)
-from .inputs import check_captions, check_region_feats, image_paths_or_none
-from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
+                       check_model, commit, first_stage_name, hash_file, model_dir_of, open_part, owned_name, part_file,
+                       part_suffixes, read_ids, read_manifest, relative_model_dir, remove_strays, verify_faiss,
+                       writer_lock)
+from .inputs import check_captions, check_region_feats, image_paths_or_none, open_images, read_captions
+from .modeldir import DEFAULT_MODEL_DIR, ModelDirError, model_manifest_sha256
 from .scorer import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError, InputError, Scorer
-from .search import check_model, first_stage_name, model_manifest_sha256
 
 BATCH_BYTES = 64 << 20  # features + embeddings of one batch of images, at most
 CAPTION_BATCH = 1024  # captions encoded at a time
@@ -454,7 +454,6 @@ def _note(text: str) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .score import Progress, open_images, read_captions
     args = parse_args(argv)
     if args.verify or args.upgrade:
         print(verify(args.verify) if args.verify else upgrade(args.upgrade, args.wait, _note))
@@ -466,7 +465,7 @@ def _main(argv: Sequence[str] | None) -> None:
     else:  # a .txt is a list of pictures, as runtime.score's IMAGES; captions need --captions
         items, names = open_images(args.items)
         ids = names or [f"{os.path.basename(args.items)}:{i}" for i in range(len(items))]
-    progress = Progress("indexing", enabled=not args.quiet)
+    progress = cli.Progress("indexing", enabled=not args.quiet)
     manifest = build(args.out, items, args.model, captions=args.captions, append=args.append, dtype=args.dtype,
                      ids=ids, name=args.items, store_projections=args.store_projections, faiss=args.faiss,
                      faiss_params=args.faiss_params, device=args.device, threads=args.threads, image_batch=args.image_batch,

@@ -90,6 +90,7 @@ from typing import Callable
 import numpy as np
 
 from . import atomic
+from .modeldir import model_manifest_sha256
 
 FORMAT, FORMAT_VERSION = "imram-min-index", 2
 MANIFEST_FILE = "manifest.json"
@@ -533,6 +534,23 @@ def model_dir_of(index_dir: str, manifest: dict) -> str:
     """The model dir an index was built with: the manifest's path, read relative to INDEX_DIR
     (an absolute one, as indexes before this recorded, stays as it is)."""
     return os.path.normpath(os.path.join(index_dir, manifest["model"]["dir"]))
+
+
+def check_model(model_dir: str, manifest: dict, index_dir: str) -> None:
+    """IndexDirError unless MODEL_DIR is the model the index was built with (its manifest's SHA-256)."""
+    recorded = manifest["model"]
+    if model_manifest_sha256(model_dir) != recorded["manifest_sha256"]:
+        raise IndexDirError(
+            f"{model_dir}: not the model {index_dir} was built with (the index records model manifest "
+            f"SHA-256 {recorded['manifest_sha256'][:12]}..., from {model_dir_of(index_dir, manifest)}); search "
+            f"with that model or rebuild the index")
+
+
+def first_stage_name(scorer) -> str:
+    """What the first stage's vectors are, as an index manifest records it."""
+    if scorer.has_global_head:
+        return f"the model's global head (image_global / text_global), {scorer.global_size} values"
+    return "mean of the item's embeddings, l2-normalised"
 
 
 def _is_int(value, low: int = 0) -> bool:

@@ -1,4 +1,6 @@
-"""Checks of what the user gives the engine: region features, captions, image paths, counts.
+"""Checks of what the user gives the engine: region features, captions, image paths, counts; and
+the readers of the commands' input files (IMAGES: a .npy, a folder, a .txt list or a picture;
+CAPTIONS: a text file or standard input), which raise runtime.cli.UserError.
 
 Limits (input beyond them is refused with InputError, never attempted):
   * MAX_WORDS tokens per caption (runtime.text's tokenisation, without <start> / <end>): the
@@ -11,9 +13,16 @@ Limits (input beyond them is refused with InputError, never attempted):
 from __future__ import annotations
 
 import os
+import stat
+import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from .cli import UserError
+from .images import IMAGE_EXTENSIONS, LIST_EXTENSIONS, ImageError, check_image_files, list_images
+from .text import tokenize
 
 CHECK_BYTES = 64 << 20  # features read per chunk by the NaN/Inf scan
 MAX_WORDS = 256  # tokens per caption, at most (see the module docstring)
@@ -117,3 +126,150 @@ def list_some(items: Sequence[int], n: int = 10) -> str:
     shown = ", ".join(str(i) for i in items[:n])
     return shown if len(items) <= n else f"{shown}, ... ({len(items)} in all)"
 
+
+# --------------------------------------------------------------------------- the commands' input files
+def open_features(path: str) -> np.ndarray:
+    """IMAGES.npy memory-mapped read-only, after checking it is a plain (non-pickled) .npy array."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, expected a .npy file of region features")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if magic[:2] == b"PK":
+        raise UserError(f"{path}: is an .npz archive, expected a single .npy array")
+    if magic != b"\x93NUMPY":
+        raise UserError(f"{path}: not a .npy file (no NumPy header)")
+    try:
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "object" in str(e).lower() or "pickle" in str(e).lower():
+            raise UserError(f"{path}: holds pickled Python objects; expected a plain float array") from None
+        raise UserError(f"{path}: cannot read as a .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read as a .npy array ({e})") from None
+    return feats
+
+
+def open_images(path: str):
+    """IMAGES -> (region features memmap, None) for a .npy, or (picture paths, display names) for a
+    folder, a .txt list of paths or a single picture. Every picture's header is checked here,
+    before any model is loaded, so a missing or non-picture file is named at once."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or folder")
+    is_list = not os.path.isdir(path) and path.lower().endswith(LIST_EXTENSIONS)
+    if not (os.path.isdir(path) or is_list or path.lower().endswith(IMAGE_EXTENSIONS)):
+        return open_features(path), None
+    try:
+        paths = list_images([path])
+        if not paths:
+            raise UserError(f"{path}: lists no image paths (one a line)")
+        check_image_files(paths)
+    except FileNotFoundError as e:
+        hint = f" ({path}, the first argument, is read as a list of image paths, one a line)" if is_list else ""
+        raise UserError(f"{e}{hint}") from None
+    except ImageError as e:
+        raise UserError(str(e)) from None
+    if os.path.isdir(path) or is_list:  # names relative to the folder / the list file's folder
+        base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        names = [os.path.relpath(os.path.abspath(p), os.path.abspath(base)).replace(os.sep, "/") for p in paths]
+    else:
+        names = [os.path.basename(path)]
+    return paths, names
+
+
+STDIN = "-"  # CAPTIONS (runtime.score) or QUERIES (runtime.search) read from standard input
+
+
+def caption_lines(f, name: str):
+    """Yield (line number from 1, caption) of a binary file of captions, one a line: UTF-8 (a BOM
+    is allowed), whitespace stripped, at most MAX_WORDS words (tokens) a line (UserError naming
+    the line otherwise). Blank lines are yielded as "" (``read_captions`` refuses them)."""
+    for number, raw in enumerate(f, 1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            caption = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{name}: line {number} is not UTF-8 text (byte {e.start + 1}: "
+                             f"{raw[e.start:e.start + 1]!r})") from None
+        words = len(raw.split(maxsplit=MAX_WORDS))  # <= tokens: a cheap bound before tokenising
+        # a token is at least one character: a caption of at most MAX_WORDS characters needs no tokenising
+        if words > MAX_WORDS or (len(caption) > MAX_WORDS and len(tokenize(caption)) > MAX_WORDS):
+            n = f"{len(raw.split())} words" if words > MAX_WORDS else f"{len(tokenize(caption))} words (tokens)"
+            raise UserError(f"{name}: line {number} has {n}; captions may have at most {MAX_WORDS} (MAX_WORDS)")
+        yield number, caption
+
+
+def check_caption_lines(lines, name: str) -> int:
+    """The number of captions of ``caption_lines`` (consumed); UserError for a file with none or
+    with blank lines (all of them named)."""
+    n, blank = 0, []
+    for n, caption in lines:
+        if not caption:
+            blank.append(n)
+    if n == 0:
+        raise UserError(f"{name}: no captions (the {'input' if name == STDIN_NAME else 'file'} is empty)")
+    if blank:
+        raise UserError(f"{name}: blank line{'s' if len(blank) > 1 else ''} {list_some(blank)} "
+                         f"(one caption a line, no blank lines)")
+    return n
+
+
+STDIN_NAME = "standard input"
+
+
+def open_caption_file(path: str):
+    """CAPTIONS (a path, or "-": standard input) -> (binary file at its start, its name for
+    messages). Standard input, a pipe or any other file that is not a regular one is copied to a
+    temporary file first, so that it can be checked whole and then read again."""
+    if path == STDIN:
+        return _spooled(sys.stdin.buffer, STDIN_NAME), STDIN_NAME
+    try:
+        f = open(path, "rb")
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe (<(...)), a FIFO: read once
+            with f:
+                return _spooled(f, path), path
+        return f, path
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a text file of captions") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _spooled(stream, name: str):
+    """The rest of a binary stream, copied to an anonymous temporary file (returned at its start)."""
+    spool = tempfile.TemporaryFile()
+    try:
+        while True:
+            block = stream.read(1 << 20)
+            if not block:
+                break
+            spool.write(block)
+    except (OSError, ValueError) as e:  # closed or unreadable
+        spool.close()
+        raise UserError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    spool.seek(0)
+    return spool
+
+
+def read_captions(path: str) -> list[str]:
+    """CAPTIONS.txt ("-": standard input): UTF-8 (a BOM is allowed), one caption a line, whitespace
+    stripped, no blank lines, at most MAX_WORDS words a line (the scorer checks the tokens too)."""
+    f, name = open_caption_file(path)
+    with f:
+        try:
+            captions = [caption for _, caption in caption_lines(f, name)]
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a folder, expected a text file of captions") from None
+        except OSError as e:
+            raise UserError(f"{name}: cannot read ({e.strerror})") from None
+    check_caption_lines(enumerate(captions, 1), name)
+    return captions

@@ -219,3 +219,13 @@ def takes_projections(manifest: dict) -> bool:
 def has_global_head(manifest: dict) -> bool:
     """Whether the model dir has the first stage's global head graphs (image_global, text_global)."""
     return isinstance(manifest.get("graphs"), dict) and all(g in manifest["graphs"] for g in GLOBAL_GRAPHS)
+
+
+def model_manifest_sha256(model_dir: str) -> str:
+    """SHA-256 of MODEL_DIR/manifest.json (which lists the SHA-256 of every model file)."""
+    path = os.path.join(model_dir, MANIFEST_FILE)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise ModelDirError(f"{path}: cannot read the model's manifest ({e.strerror})") from None

@@ -51,13 +51,9 @@ from __future__ import annotations
 import argparse
 import errno
 import io
-import json
 import os
-import re
-import stat
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -65,165 +61,15 @@ import onnxruntime as ort
 
 from . import cli
 from .atomic import FILE_MODE
-from .cli import UserError, printable
-from .images import IMAGE_EXTENSIONS, LIST_EXTENSIONS, ImageError, check_image_files, list_images
-from .text import tokenize
-from .scorer import (CUDA, DEFAULT_MODEL_DIR, DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_SHARD, MAX_THREADS, MAX_WORDS,
-                     DeviceError, InputError, ModelDirError, Scorer, check_region_feats, list_some)
+from .cli import Progress, UserError, json_line, note_unknown_words, printable
+from .engine import CUDA, DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_SHARD, MAX_THREADS, DeviceError
+from .images import ImageError
+from .inputs import STDIN, InputError, check_region_feats, open_images, read_captions
+from .modeldir import DEFAULT_MODEL_DIR, ModelDirError
+from .scorer import Scorer
 
 DEFAULT_TOP_K = 5
 RANK_ROWS = 1024  # sims rows read at a time when ranking (the matrix may be a memmap)
-
-
-UsageError = UserError  # anything the user can fix: one 'error: ...' line, exit status 2 (runtime.cli)
-
-
-# --------------------------------------------------------------------------- inputs
-def open_features(path: str) -> np.ndarray:
-    """IMAGES.npy memory-mapped read-only, after checking it is a plain (non-pickled) .npy array."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: is a folder, expected a .npy file of region features")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if magic[:2] == b"PK":
-        raise UsageError(f"{path}: is an .npz archive, expected a single .npy array")
-    if magic != b"\x93NUMPY":
-        raise UsageError(f"{path}: not a .npy file (no NumPy header)")
-    try:
-        feats = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        if "object" in str(e).lower() or "pickle" in str(e).lower():
-            raise UsageError(f"{path}: holds pickled Python objects; expected a plain float array") from None
-        raise UsageError(f"{path}: cannot read as a .npy array ({e})") from None
-    except (OSError, EOFError) as e:
-        raise UsageError(f"{path}: cannot read as a .npy array ({e})") from None
-    return feats
-
-
-def open_images(path: str):
-    """IMAGES -> (region features memmap, None) for a .npy, or (picture paths, display names) for a
-    folder, a .txt list of paths or a single picture. Every picture's header is checked here,
-    before any model is loaded, so a missing or non-picture file is named at once."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file or folder")
-    is_list = not os.path.isdir(path) and path.lower().endswith(LIST_EXTENSIONS)
-    if not (os.path.isdir(path) or is_list or path.lower().endswith(IMAGE_EXTENSIONS)):
-        return open_features(path), None
-    try:
-        paths = list_images([path])
-        if not paths:
-            raise UsageError(f"{path}: lists no image paths (one a line)")
-        check_image_files(paths)
-    except FileNotFoundError as e:
-        hint = f" ({path}, the first argument, is read as a list of image paths, one a line)" if is_list else ""
-        raise UsageError(f"{e}{hint}") from None
-    except ImageError as e:
-        raise UsageError(str(e)) from None
-    if os.path.isdir(path) or is_list:  # names relative to the folder / the list file's folder
-        base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        names = [os.path.relpath(os.path.abspath(p), os.path.abspath(base)).replace(os.sep, "/") for p in paths]
-    else:
-        names = [os.path.basename(path)]
-    return paths, names
-
-
-STDIN = "-"  # CAPTIONS (runtime.score) or QUERIES (runtime.search) read from standard input
-
-
-def caption_lines(f, name: str):
-    """Yield (line number from 1, caption) of a binary file of captions, one a line: UTF-8 (a BOM
-    is allowed), whitespace stripped, at most MAX_WORDS words (tokens) a line (UsageError naming
-    the line otherwise). Blank lines are yielded as "" (``read_captions`` refuses them)."""
-    for number, raw in enumerate(f, 1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            caption = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{name}: line {number} is not UTF-8 text (byte {e.start + 1}: "
-                             f"{raw[e.start:e.start + 1]!r})") from None
-        words = len(raw.split(maxsplit=MAX_WORDS))  # <= tokens: a cheap bound before tokenising
-        # a token is at least one character: a caption of at most MAX_WORDS characters needs no tokenising
-        if words > MAX_WORDS or (len(caption) > MAX_WORDS and len(tokenize(caption)) > MAX_WORDS):
-            n = f"{len(raw.split())} words" if words > MAX_WORDS else f"{len(tokenize(caption))} words (tokens)"
-            raise UsageError(f"{name}: line {number} has {n}; captions may have at most {MAX_WORDS} (MAX_WORDS)")
-        yield number, caption
-
-
-def check_caption_lines(lines, name: str) -> int:
-    """The number of captions of ``caption_lines`` (consumed); UsageError for a file with none or
-    with blank lines (all of them named)."""
-    n, blank = 0, []
-    for n, caption in lines:
-        if not caption:
-            blank.append(n)
-    if n == 0:
-        raise UsageError(f"{name}: no captions (the {'input' if name == STDIN_NAME else 'file'} is empty)")
-    if blank:
-        raise UsageError(f"{name}: blank line{'s' if len(blank) > 1 else ''} {list_some(blank)} "
-                         f"(one caption a line, no blank lines)")
-    return n
-
-
-STDIN_NAME = "standard input"
-
-
-def open_caption_file(path: str):
-    """CAPTIONS (a path, or "-": standard input) -> (binary file at its start, its name for
-    messages). Standard input, a pipe or any other file that is not a regular one is copied to a
-    temporary file first, so that it can be checked whole and then read again."""
-    if path == STDIN:
-        return _spooled(sys.stdin.buffer, STDIN_NAME), STDIN_NAME
-    try:
-        f = open(path, "rb")
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe (<(...)), a FIFO: read once
-            with f:
-                return _spooled(f, path), path
-        return f, path
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, expected a text file of captions") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _spooled(stream, name: str):
-    """The rest of a binary stream, copied to an anonymous temporary file (returned at its start)."""
-    spool = tempfile.TemporaryFile()
-    try:
-        while True:
-            block = stream.read(1 << 20)
-            if not block:
-                break
-            spool.write(block)
-    except (OSError, ValueError) as e:  # closed or unreadable
-        spool.close()
-        raise UsageError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    spool.seek(0)
-    return spool
-
-
-def read_captions(path: str) -> list[str]:
-    """CAPTIONS.txt ("-": standard input): UTF-8 (a BOM is allowed), one caption a line, whitespace
-    stripped, no blank lines, at most MAX_WORDS words a line (the scorer checks the tokens too)."""
-    f, name = open_caption_file(path)
-    with f:
-        try:
-            captions = [caption for _, caption in caption_lines(f, name)]
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a folder, expected a text file of captions") from None
-        except OSError as e:
-            raise UsageError(f"{name}: cannot read ({e.strerror})") from None
-    check_caption_lines(enumerate(captions, 1), name)
-    return captions
 
 
 def check_output(path: str, inputs=()) -> None:
@@ -235,7 +81,7 @@ def check_output(path: str, inputs=()) -> None:
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise UsageError(f"--output {path}: cannot write in {folder} ({e.strerror})") from None
+        raise UserError(f"--output {path}: cannot write in {folder} ({e.strerror})") from None
 
 
 def allocate_npy(path: str, shape: tuple[int, int]) -> tuple[str, np.ndarray]:
@@ -261,7 +107,7 @@ def allocate_npy(path: str, shape: tuple[int, int]) -> tuple[str, np.ndarray]:
                     os.write(fd, zeros[:size - start])
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise UsageError(f"--output {path}: no space left for its {size:,} bytes "
+                raise UserError(f"--output {path}: no space left for its {size:,} bytes "
                                  f"({e.strerror}); nothing was written") from None
             raise
         finally:
@@ -270,46 +116,6 @@ def allocate_npy(path: str, shape: tuple[int, int]) -> tuple[str, np.ndarray]:
     except BaseException:
         os.remove(tmp)
         raise
-
-
-# --------------------------------------------------------------------------- progress
-class Progress:
-    """A small tqdm-like bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
-
-    def __init__(self, desc: str, stream=None, enabled: bool = True):
-        self.desc, self.stream, self.enabled = desc, stream or sys.stderr, enabled
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = self.last = time.perf_counter()
-        self.done, self.total, self.drawn = 0, 0, False
-
-    def __call__(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= (0.1 if self.tty else 10.0) or done == total):
-            self.last = now
-            self._draw(end="\n" if done == total or not self.tty else "")
-
-    def _draw(self, end: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(20 * frac) + " " * (20 - int(20 * frac))
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else 0.0
-        line = (f"{self.desc}: {100 * frac:3.0f}%|{bar}| {self.done}/{self.total} blocks "
-                f"[{_clock(elapsed)}<{_clock(left)}, {rate:.1f} blocks/s]")
-        self.stream.write(("\r" if self.tty else "") + line + end)
-        self.stream.flush()
-        self.drawn = end == ""
-
-    def close(self) -> None:
-        if self.enabled and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
 
 # --------------------------------------------------------------------------- rankings
@@ -338,14 +144,6 @@ def top_k_images(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(-val, axis=0, kind="stable")[:k]  # earlier rows (lower indices) win ties
         best_idx, best = np.take_along_axis(idx, order, 0), np.take_along_axis(val, order, 0)
     return best_idx.T, best.T
-
-
-_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")  # json.dumps escapes only \x00-\x1f
-
-
-def json_line(obj) -> str:
-    """One exact JSON line, with every control character (C0, DEL, C1) and line separator escaped."""
-    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False)) + "\n"
 
 
 def print_rankings(sims: np.ndarray, captions: list[str], k: int, as_json: bool, out=None,
@@ -482,16 +280,6 @@ def run(args: argparse.Namespace) -> np.ndarray:
         write_html(args, sims, captions, feats if names is not None else None, names, unknown)
     print_rankings(sims, captions, args.top_k, args.json, names=names, unknown=unknown)
     return sims
-
-
-def note_unknown_words(unknown: dict[int, list[str]], texts: list[str], what: str, first: int = 0) -> None:
-    """One "note:" line on stderr per caption with words the vocabulary lacks (it is still scored:
-    such words are read as <unk>, as in training). unknown: {index in texts: words}; first: the
-    number of texts[0] in the messages."""
-    for i, words in unknown.items():
-        text = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
-        print(printable(f"note: {what} {first + i} ({text!r}): the model's vocabulary lacks "
-                        f"{', '.join(words)}; read as <unk>"), file=sys.stderr)
 
 
 def write_html(args: argparse.Namespace, sims: np.ndarray, captions: list[str], paths: list[str] | None,

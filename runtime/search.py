@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import mmap
 import os
@@ -69,45 +68,18 @@ import numpy as np
 from . import cli, faiss_stage
 from .faiss_stage import FaissError
 from .images import ImageError
-from .indexdir import (IndexDirError, PartMissing, allow_open_files, model_dir_of, open_part, read_manifest,
-                       verify_faiss)
-from .inputs import check_captions, check_region_feats, image_paths_or_none
+from .indexdir import (IndexDirError, PartMissing, allow_open_files, check_model, model_dir_of, open_part,
+                       read_manifest, verify_faiss)
+from .inputs import (STDIN, caption_lines, check_caption_lines, check_captions, check_region_feats, image_paths_or_none,
+                     open_caption_file, open_images)
 from .memory import retain_freed_memory
-from .modeldir import MANIFEST_FILE, ModelDirError
+from .modeldir import ModelDirError
 from .scorer import DEVICES, MAX_THREADS, DeviceError, InputError, Scorer
 
 CHUNK_BYTES = 32 << 20  # first stage: global vectors scored per chunk
 EXHAUSTIVE_ITEMS = 1024  # exhaustive: items scored per call of Scorer.score_embeddings
 DEFAULT_TOP_K, DEFAULT_SHORTLIST = 10, 100
 FIRST_STAGES = ("exact", "faiss")  # exact: the numpy scan; faiss: the index's FAISS index (runtime.faiss_stage)
-
-
-def model_manifest_sha256(model_dir: str) -> str:
-    """SHA-256 of MODEL_DIR/manifest.json (which lists the SHA-256 of every model file)."""
-    path = os.path.join(model_dir, MANIFEST_FILE)
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError as e:
-        raise ModelDirError(f"{path}: cannot read the model's manifest ({e.strerror})") from None
-
-
-def global_vectors(embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
-    """The first stage's vector of each item: the mean of its embeddings, l2-normalised, float32.
-    embs (n, n_vec, d) (zeros past each length), lengths (n,) (None: all n_vec)."""
-    embs = np.asarray(embs, dtype=np.float32)
-    if lengths is None:
-        mean = embs.mean(1)
-    else:
-        mean = embs.sum(1) / np.asarray(lengths, dtype=np.float32)[:, None]
-    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-8)
-
-
-def first_stage_name(scorer) -> str:
-    """What the first stage's vectors are, as an index manifest records it."""
-    if scorer.has_global_head:
-        return f"the model's global head (image_global / text_global), {scorer.global_size} values"
-    return "mean of the item's embeddings, l2-normalised"
 
 
 def best_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -421,16 +393,6 @@ def check_positive(value, name: str) -> int:
     return int(value)
 
 
-def check_model(model_dir: str, manifest: dict, index_dir: str) -> None:
-    """IndexDirError unless MODEL_DIR is the model the index was built with (its manifest's SHA-256)."""
-    recorded = manifest["model"]
-    if model_manifest_sha256(model_dir) != recorded["manifest_sha256"]:
-        raise IndexDirError(
-            f"{model_dir}: not the model {index_dir} was built with (the index records model manifest "
-            f"SHA-256 {recorded['manifest_sha256'][:12]}..., from {model_dir_of(index_dir, manifest)}); search "
-            f"with that model or rebuild the index")
-
-
 # --------------------------------------------------------------------------- CLI
 QUERY_BATCH = 256  # queries read, encoded, searched and printed at a time (memory flat in their number)
 FIRST_BATCH = 8  # the first batch: the first results come at once; each next one is twice as large, up to --batch
@@ -512,7 +474,6 @@ class Queries:
     batches of ``batch_sizes(size)``."""
 
     def __init__(self, args: argparse.Namespace, kind: str):
-        from .score import STDIN, caption_lines, check_caption_lines, open_caption_file, open_images
         self.file = None
         self.texts = self.feats = self.paths = self.names = None
         if kind == "images":  # captions are the queries
@@ -618,7 +579,6 @@ def _html_page(stream, args: argparse.Namespace, index: "Index", queries: Querie
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from .score import json_line, note_unknown_words
     args = parse_args(argv)
     retain_freed_memory()
     manifest = read_manifest(args.index)
@@ -652,15 +612,15 @@ def _main(argv: Sequence[str] | None) -> None:
         out = sys.stdout
         for first, batch, labels, pictures in queries.batches(args.batch):
             unknown = index.scorer.unknown_words(batch) if queries.kind == "captions" else {}
-            note_unknown_words(unknown, labels, "query", first)
+            cli.note_unknown_words(unknown, labels, "query", first)
             rows, scores = index.search(batch, args.top_k, args.shortlist, args.exhaustive, name=queries.name)
             for i, (r, s) in enumerate(zip(rows, scores)):
                 q, label = first + i, labels[i]
                 if args.json:
                     extra = {"unknown_words": unknown[i]} if i in unknown else {}
-                    out.write(json_line({"query": q, "text" if queries.kind == "captions" else "file": label,
-                                         "matches": [{"row": int(j), "id": index.ids[j], "score": float(v)}
-                                                     for j, v in zip(r, s)], **extra}))
+                    out.write(cli.json_line({"query": q, "text" if queries.kind == "captions" else "file": label,
+                                             "matches": [{"row": int(j), "id": index.ids[j], "score": float(v)}
+                                                         for j, v in zip(r, s)], **extra}))
                 else:
                     out.write(f"query {q}: {cli.printable(label)}\n")
                     out.writelines(f"  {n}. row {j} ({v:.6f}) {cli.printable(index.ids[j])}\n"

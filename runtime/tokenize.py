@@ -23,7 +23,7 @@ from typing import Sequence
 
 from . import cli
 from .modeldir import ModelDirError, load_manifest, load_tokenizer
-from .score import read_captions
+from .inputs import read_captions
 from .text import Tokenizer, TokenizerError, Vocabulary, VocabularyError
 
 

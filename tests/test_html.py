@@ -113,7 +113,7 @@ def picture_indexes(picture_model_dir, pictures, tmp_path_factory):
     """(an index of the 5 pictures, an index of the 3 captions), both of the picture model."""
     folder, captions = pictures
     out = tmp_path_factory.mktemp("html_indexes")
-    from runtime.score import open_images
+    from runtime.inputs import open_images
     paths, names = open_images(os.fspath(folder))
     build(out / "images", paths, picture_model_dir, ids=names, device="cpu", threads=1)
     build(out / "captions", CAPTIONS, picture_model_dir, captions=True, device="cpu", threads=1)

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from fixtures import IMG_DIM, ROOT, run_cli, tiny_checkpoint, tiny_data, tiny_model_dir  # noqa: F401
-from runtime.inputs import MAX_WORDS
-from runtime.score import main as score_main, print_rankings, read_captions
+from runtime.inputs import MAX_WORDS, read_captions
+from runtime.score import main as score_main, print_rankings
 from runtime.scorer import Scorer
 
 NODE_DIR = ROOT / "clients" / "node"

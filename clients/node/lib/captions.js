@@ -1,5 +1,5 @@
 'use strict';
-// A captions file read with runtime.score's rules (runtime/score.py: open_caption_file,
+// A captions file read with runtime.score's rules (runtime/inputs.py: open_caption_file,
 // caption_lines, check_caption_lines), with the same error texts:
 //   UTF-8 (a BOM at the start is allowed), one caption a line (lines end at \n only), each stripped
 //   of whitespace (Python's str.strip: the characters of str.isspace), no blank lines, at most
