@@ -15,7 +15,7 @@
 const fs = require('node:fs');
 const path = require('node:path');
 const { loadModel, closeMatchers, ModelDirError } = require('./lib/model');
-const { openNpy, writeNpy, NpyError } = require('./lib/npy');
+const { openNpy, writeNpy, npyHeader, NpyError } = require('./lib/npy');
 const tokenizer = require('./lib/tokenizer');
 const captions = require('./lib/captions');
 
@@ -204,7 +204,7 @@ function checkFeatures(feats, imgDim) {
       if (x <= MAX_FEATURE) continue;
       const image = i + Math.floor(v / (nRegion * dim));
       if (!Number.isFinite(x)) throw new UserError(`${file}: image ${image} has NaN or Inf features${as32}`);
-      const big = Math.max(...chunk.subarray((image - i) * nRegion * dim, (image - i + 1) * nRegion * dim).map(Math.abs));
+      const big = chunk.subarray((image - i) * nRegion * dim, (image - i + 1) * nRegion * dim).reduce((m, y) => Math.max(m, Math.abs(y)), 0);
       throw new UserError(`${file}: image ${image} has a feature of magnitude ${big.toPrecision(3).replace(/\.?0+(e|$)/, '$1')}, ` +
         `over 1e+12 (float32 arithmetic would overflow)`);
     }
@@ -238,6 +238,20 @@ function checkOutput(out, inputs) {
   }
 }
 
+/** A progress line on stderr, redrawn in place, when stderr is a terminal (nothing otherwise). */
+let barOpen = false;
+function progressBar(label) {
+  const start = Date.now();
+  let last = 0;
+  return (done, total) => {
+    if (!process.stderr.isTTY || (Date.now() - last < 100 && done < total)) return;
+    last = Date.now();
+    const seconds = Math.round((last - start) / 1000);
+    process.stderr.write(`\r${label}: ${String(Math.floor((100 * done) / total)).padStart(3)}% ${done}/${total} blocks [${seconds} s]${done === total ? '\n' : ''}`);
+    barOpen = done < total;
+  };
+}
+
 // --------------------------------------------------------------------------- main
 async function main(argv) {
   const args = parseArgs(argv);
@@ -263,7 +277,7 @@ async function main(argv) {
       throw new UserError(`the score of image ${first + Math.floor(bad / idx.length)} and caption ${idx[bad % idx.length]} ` +
         `is ${value} (features of too large a magnitude, or a broken model); no scores were kept`);
     }
-  });
+  }, progressBar('scoring'));
   feats.close();
   const unknown = unknownWords(texts, tokenLists, rules, vocab);
   if (args.output) {
@@ -271,7 +285,8 @@ async function main(argv) {
       writeNpy(args.output, [feats.shape[0], texts.length], sims);
     } catch (e) {
       if (e.code === 'ENOSPC' || e.code === 'EDQUOT' || e.code === 'EFBIG') {
-        throw new UserError(`--output ${args.output}: no space left for its ${sims.byteLength} bytes (${e.code}); nothing was written`);
+        throw new UserError(`--output ${args.output}: no space left for its ${(npyHeader([feats.shape[0], texts.length]).length + sims.byteLength).toLocaleString('en-US')} bytes ` +
+          `(${e.code}); nothing was written`);
       }
       throw e;
     }
@@ -305,7 +320,7 @@ function runCommand(mainFn, argv) {
   const stop = (line, status) => {
     if (stopping) return;
     stopping = true;
-    process.stderr.write(`${line}\n`);
+    process.stderr.write(`${barOpen ? '\n' : ''}${line}\n`);
     closeMatchers().finally(() => process.exit(status));
   };
   process.on('SIGINT', () => stop('error: interrupted', 130));
@@ -319,7 +334,7 @@ function runCommand(mainFn, argv) {
     } else if (!userErrors.some((cls) => e instanceof cls) && !(e.path && ['ENOENT', 'EACCES', 'EISDIR', 'ENOTDIR', 'EROFS', 'EPERM'].includes(e.code))) {
       throw e;
     }
-    process.stderr.write(`error: ${oneLine(message)}\n`);
+    process.stderr.write(`${barOpen ? '\n' : ''}error: ${oneLine(message)}\n`);
     process.exitCode = 2;
   });
 }

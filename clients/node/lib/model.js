@@ -242,20 +242,20 @@ class Model {
    * side on one worker thread per CPU (each call on one thread, as runtime/scorer.py runs them;
    * the scores are those of calls on the main thread, bit for bit) while the next caption shard is
    * projected. check(block, firstImage, captionIndices) is called on each call's scores (e.g. to
-   * refuse NaN).
+   * refuse NaN), then progress(calls done, calls in all).
    */
-  async score(features, tokenLists, check = () => {}) {
+  async score(features, tokenLists, check = () => {}, progress = () => {}) {
     const cpus = os.availableParallelism ? os.availableParallelism() : os.cpus().length;
     if (cpus > 1) this.pool = new MatcherPool(path.join(this.modelDir, this.manifest.graphs.matcher.file), cpus);
     try {
-      return await this.scoreTiles(features, tokenLists, check);
+      return await this.scoreTiles(features, tokenLists, check, progress);
     } finally {
       if (this.pool) await this.pool.close();
       this.pool = null;
     }
   }
 
-  async scoreTiles(features, tokenLists, check) {
+  async scoreTiles(features, tokenLists, check, progress) {
     const [nImg, nRegion] = features.shape;
     const nCap = tokenLists.length;
     const d = this.embedSize;
@@ -270,6 +270,8 @@ class Model {
     const perImage = 4 * nRegion * (this.imgDim + d + (this.projected ? 4 * d : 0));
     const group = Math.max(step, Math.floor(Math.min(1024, Math.floor(GROUP_BYTES / perImage)) / step) * step);
     const sims = new Float32Array(nImg * nCap);
+    const total = shards.length * (Math.floor(nImg / group) * Math.ceil(group / step) + Math.ceil((nImg % group) / step));
+    let done = 0;
     for (let g = 0; g < nImg; g += group) {
       const n = Math.min(group, nImg - g);
       const embs = new Float32Array(n * nRegion * d);
@@ -286,6 +288,7 @@ class Model {
           for (let r = 0; r < block.length / shard.idx.length; r++) {
             shard.idx.forEach((j, c) => { sims[(g + i + r) * nCap + j] = block[r * shard.idx.length + c]; });
           }
+          progress(++done, total);
         }
       };
       let running = null; // the previous shard's calls: the next shard is projected while they run
