@@ -11,7 +11,8 @@ import torch
 
 from imram_min import train
 from imram_min.data import (DataError, PrecompDataset, captions_per_image, collate, encode_captions_batch, load_captions,
-                            load_features, load_vocab, main)
+                            load_features, load_vocab)
+from imram_min.data.__main__ import main
 from runtime.text import SPECIAL_TOKENS, Vocabulary, VocabularyError, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

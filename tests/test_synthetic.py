@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from imram_min import data
 from imram_min.data import PrecompDataset, load_captions, load_features, load_vocab
+from imram_min.data.__main__ import main as data_main
 from imram_min.synthetic import DEFAULT_TRAIN_SETTINGS, grammar_tokens, main, make_synthetic
 from runtime.text import Vocabulary, tokenize
 
@@ -93,7 +93,7 @@ def test_command_writes_the_folder(tmp_path):
 
 def test_data_command_without_a_command_still_writes_the_synthetic_folder(tmp_path):
     args = ["--out", str(tmp_path / "d"), "--n-train", "5", "--n-dev", "1", "--n-test", "2", "--img-dim", "8"]
-    assert data.main(args) == 0 and data.main(["synthetic", *args[:2], *args[2:]]) == 0
+    assert data_main(args) == 0 and data_main(["synthetic", *args[:2], *args[2:]]) == 0
     assert load_features(tmp_path / "d", "dev").shape == (1, 36, 8)
 
 
