@@ -23,7 +23,7 @@ ratios are the ideal speed-ups. A loop may score a slice of the shard (--slice N
 pairs/s is then the slice's. --rounds N runs the scorers N times in turn (loop, plain, fast, ...,
 loop, ...) so that on a machine whose speed drifts all meet the same phases: each is shown at its
 best, and the ratios to the loop within each round are printed too. Every scorer runs with glibc
-keeping freed memory for reuse (imram_min.schedule.retain_freed_memory), as training and evaluation.
+keeping freed memory for reuse (runtime.memory.retain_freed_memory), as training and evaluation.
 
 Inputs are synthetic: random weights (IMRAMConfig defaults but d, mode, K; torch.manual_seed(--seed)),
 l2-normalised Gaussian embeddings with a shared component (mean pairwise cosine ~0.2, so that the
@@ -51,6 +51,7 @@ from imram_min import schedule  # noqa: E402
 from imram_min.fast import FLOP_FORMS, flops_per_pair  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402
+from runtime.memory import retain_freed_memory  # noqa: E402
 
 SIZES = {"full": {"embed_size": 1024, "n_img": 32, "n_cap": 40}, "small": {"embed_size": 256, "n_img": 48, "n_cap": 64}}
 LOOP_CUDA_PAIRS = 100_000  # default slice of loop-cuda; the CPU loop scores the preset shard's pairs at most
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact float32
-    schedule.retain_freed_memory()
+    retain_freed_memory()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"machine: {load_line()}, GPU {gpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"onnxruntime {ort.__version__}; scorers {','.join(names)}", flush=True)

@@ -53,6 +53,7 @@ from imram_min import schedule  # noqa: E402
 from imram_min.distributed import BatchLoss, Context, join, rank_slice, teardown  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402
+from runtime.memory import retain_freed_memory  # noqa: E402
 from score import load_line, shape_parser  # noqa: E402  (benchmarks/score.py)
 
 SCORERS = ("original", "fast", "fast-nockpt", "support", "plain", "fast-bf16", "ddp-2", "ddp-4")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact float32
-    schedule.retain_freed_memory()
+    retain_freed_memory()
     print(f"machine: {load_line()}, GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)\ntrain step on {device.type}: batch "
           f"{a.batch_size}, d = {a.embed_size}, {a.n_region} regions, caption lengths {a.min_len}..{a.max_len}, "

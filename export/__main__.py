@@ -29,9 +29,9 @@ from runtime import cli
 
 from .conformance import FILES as CONFORMANCE_FILES
 from .global_head import GLOBAL_FILES, add_global_head, choose_global_head
-from .onnx_export import (DEFAULT_MATCHER, DEFAULT_OPSET, FEATURE_EXTRACTOR,
-                          FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MATCHER_FORMS, MAX_OPSET, MIN_OPSET,
-                          PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
+from .graphs import DEFAULT_MATCHER, MATCHER_FORMS
+from .onnx_export import (DEFAULT_OPSET, FEATURE_EXTRACTOR, FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MAX_OPSET,
+                          MIN_OPSET, PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
 
 MAX_FEATURE_SIZE, MAX_GRID = 2048, 64  # as python -m imram_min.features
 

@@ -48,13 +48,12 @@ import torch
 import torch.nn as nn
 
 from imram_min.model import IMRAM
-from runtime.scorer import sha256_file
 from runtime.images import FEATURE_DIM, FEATURES_JSON, check_feature_spec, feature_spec
+from runtime.modeldir import sha256_file
 from runtime.text import PAD, RULES_FILE, TOKENIZER_FILE, Tokenizer, Vocabulary
 
 from .conformance import manifest_entry, onnxruntime_version, verify_conformance, write_conformance
-from .graphs import (DEFAULT_MATCHER, MATCHER_FORMS, ImageEncoderGraph, ProjectionGraph, TextEncoderGraph,  # noqa: F401
-                     build_matcher, projection_size)
+from .graphs import DEFAULT_MATCHER, ImageEncoderGraph, ProjectionGraph, TextEncoderGraph, build_matcher, projection_size
 
 FORMAT = "imram-min-onnx"
 FORMAT_VERSION = 3  # 2: the fast matcher takes per-item projections from two more graphs; 3: tokenizer.json

@@ -45,6 +45,7 @@ from imram_min.data import PrecompDataset, whole_images_captions
 from imram_min import checks, distributed, schedule
 from imram_min.model import IMRAM
 from runtime import atomic, cli
+from runtime.memory import retain_freed_memory
 
 
 # --------------------------------------------------------------------------- encoding
@@ -321,7 +322,7 @@ def _main(argv: list[str] | None) -> dict:
                             f"takes img_dim {model.cfg.img_dim}")
     head = shortlist.load_global_head(args.global_head, model) if args.global_head else None
 
-    schedule.retain_freed_memory()
+    retain_freed_memory()
     dataset = PrecompDataset(args.data, args.split, vocab, max_captions=args.max_captions)
     if ctx.is_main:
         print(f"{args.checkpoint}: mode={model.cfg.mode}, {args.split}: {dataset.n_images} images, "

@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from runtime import tiles
-from runtime.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, retain_freed_memory  # noqa: F401 (imram_min.schedule's names)
 
 from .fast import FastMatcher, direction_weights, projections
 from .model import IMRAM

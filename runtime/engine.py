@@ -28,11 +28,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .images import ImageError, load_and_preprocess
-from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_captions, check_count,  # noqa: F401
-                     check_image_paths, check_region_feats, image_paths_or_none, list_some, too_long)
-from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GLOBAL_GRAPHS, GRAPHS, MANIFEST_FILE,  # noqa: F401
-                       PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, has_global_head, load_manifest,
-                       load_tokenizer, sha256_file, takes_projections)
+from .inputs import MAX_WORDS, InputError, check_captions, check_count, check_image_paths, check_region_feats, too_long
+from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, GLOBAL_GRAPHS, GRAPHS, MANIFEST_FILE, PROJECTIONS,
+                       ModelDirError, has_global_head, load_manifest, load_tokenizer, takes_projections)
 from .text import Vocabulary, VocabularyError
 from .tiles import block_sizes, caption_blocks
 

@@ -47,15 +47,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import cli, faiss_stage
+from .engine import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError
 from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import (DTYPES, FORMAT, FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, PROJ, IndexDirError, PartWriter,
                        check_model, commit, first_stage_name, hash_file, model_dir_of, open_part, owned_name, part_file,
                        part_suffixes, read_ids, read_manifest, relative_model_dir, remove_strays, verify_faiss,
                        writer_lock)
-from .inputs import check_captions, check_region_feats, image_paths_or_none, open_images, read_captions
+from .inputs import InputError, check_captions, check_region_feats, image_paths_or_none, open_images, read_captions
 from .modeldir import DEFAULT_MODEL_DIR, ModelDirError, model_manifest_sha256
-from .scorer import DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH, MAX_THREADS, DeviceError, InputError, Scorer
+from .scorer import Scorer
 
 BATCH_BYTES = 64 << 20  # features + embeddings of one batch of images, at most
 CAPTION_BATCH = 1024  # captions encoded at a time

@@ -1,5 +1,5 @@
-"""glibc allocator settings for a scoring or serving process (standard library only; the training side
-imports it too, through imram_min.schedule).
+"""glibc allocator settings for a scoring or serving process (standard library only; evaluation and
+the benchmarks call it too).
 
     from runtime.memory import retain_freed_memory
     retain_freed_memory()          # once, at the start of a process that scores many blocks / queries

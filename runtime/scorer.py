@@ -9,8 +9,7 @@
     scorer.unknown_words(["a zebra on a sofa"])                  # {0: ["zebra"]}: words read as <unk>
 
 ``Scorer`` is the all-pairs scorer on top of ``runtime.engine.Engine`` (model dir, sessions,
-tokenisation, encoders, projections, one matcher call); every name this module had before the
-engine was split off is still importable from here.
+tokenisation, encoders, projections, one matcher call).
 
 Bounded memory (``score``): captions are tokenised exactly as in training (runtime.text, at most
 MAX_WORDS tokens each), sorted by length and cut into shards of ``shard`` captions
@@ -35,14 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engine import (CPU, CUDA, CUDA_PAIR_BUDGET, DEVICES, IMAGE_BATCH, MAX_IMAGE_BATCH,  # noqa: F401
-                     MAX_PAIR_VALUES, MAX_SHARD, MAX_THREADS, PAIR_BUDGET, DeviceError, Engine, available_cpus,
-                     resolve_providers, session_options)
-from .inputs import (CHECK_BYTES, MAX_FEATURE, MAX_WORDS, InputError, check_captions,  # noqa: F401
-                     check_image_paths, check_region_feats, image_paths_or_none, list_some)
-from .modeldir import (DEFAULT_MODEL_DIR, FEATURE_EXTRACTOR, FORMAT, GRAPHS, MANIFEST_FILE,  # noqa: F401
-                       PROJECTIONS, SUPPORTED_FORMAT_VERSIONS, ModelDirError, load_manifest, sha256_file,
-                       takes_projections)
+from .engine import Engine
+from .inputs import InputError, check_captions, check_image_paths, check_region_feats, image_paths_or_none
 from .text import UNK
 from .tiles import caption_blocks
 

@@ -66,15 +66,16 @@ from typing import Sequence
 import numpy as np
 
 from . import cli, faiss_stage
+from .engine import DEVICES, MAX_THREADS, DeviceError
 from .faiss_stage import FaissError
 from .images import ImageError
 from .indexdir import (IndexDirError, PartMissing, allow_open_files, check_model, model_dir_of, open_part,
                        read_manifest, verify_faiss)
-from .inputs import (STDIN, caption_lines, check_caption_lines, check_captions, check_region_feats, image_paths_or_none,
-                     open_caption_file, open_images)
+from .inputs import (STDIN, InputError, caption_lines, check_caption_lines, check_captions, check_region_feats,
+                     image_paths_or_none, open_caption_file, open_images)
 from .memory import retain_freed_memory
 from .modeldir import ModelDirError
-from .scorer import DEVICES, MAX_THREADS, DeviceError, InputError, Scorer
+from .scorer import Scorer
 
 CHUNK_BYTES = 32 << 20  # first stage: global vectors scored per chunk
 EXHAUSTIVE_ITEMS = 1024  # exhaustive: items scored per call of Scorer.score_embeddings

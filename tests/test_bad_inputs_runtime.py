@@ -39,7 +39,9 @@ from fixtures import (IMG_DIM, ROOT, assert_one_error_line, run_cli, tiny_checkp
 from runtime.images import MAX_PIXELS
 from runtime.inputs import MAX_FEATURE, MAX_WORDS
 from runtime.score import main
-from runtime.scorer import MAX_IMAGE_BATCH, MAX_SHARD, MAX_THREADS, InputError, Scorer
+from runtime.engine import MAX_IMAGE_BATCH, MAX_SHARD, MAX_THREADS
+from runtime.inputs import InputError
+from runtime.scorer import Scorer
 
 OUT = "sims.npy"  # the --output of every case, in the case's folder: it must never appear
 

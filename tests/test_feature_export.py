@@ -35,7 +35,8 @@ from imram_min.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from runtime.images import (FEATURES_JSON, check_feature_spec, feature_spec, preprocess, load_image,  # noqa: E402
                             read_feature_spec, write_feature_spec)
 from runtime.score import main as score_main  # noqa: E402
-from runtime.scorer import ModelDirError, Scorer, load_manifest  # noqa: E402
+from runtime.modeldir import ModelDirError, load_manifest  # noqa: E402
+from runtime.scorer import Scorer  # noqa: E402
 from runtime.text import Vocabulary  # noqa: E402
 
 PARITY_TOL = 1e-4  # ONNX Runtime vs PyTorch / training features, max abs (features are in [0, 6])
