@@ -22,8 +22,6 @@ this module, which the data set builders import):
                                                   DIR/vocab.json from DIR/train_caps.txt (words seen >= N times, 4)
     python -m imram_min.data synthetic --out DIR  the built-in synthetic data (= python -m imram_min.synthetic)
     python -m imram_min.data emoji --out DIR      a small real-picture data set (imram_min.emoji; needs npm)
-
-``python -m imram_min.data --out DIR`` (no command) is the synthetic one, as before it had its own module.
 """
 from __future__ import annotations
 

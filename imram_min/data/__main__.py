@@ -41,9 +41,6 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["synthetic", *argv]  # no command: the synthetic data, as this command always made
     args = build_parser().parse_args(argv)
     if args.command == "prepare":
         return prepare.run_from_args(args)
