@@ -143,21 +143,6 @@ def vocab_from_dict(d: dict) -> Vocabulary:
 
 
 # --------------------------------------------------------------------------- save / load
-RENAMED_PREFIXES = {"t2i.": "text_mdu.", "i2t.": "image_mdu."}  # imram-min's older names of the two MDUs
-
-
-def upgrade_state_dict(state: dict) -> dict:
-    """A model state dict with the parameter names of older imram-min checkpoints upgraded:
-    ``t2i.*`` -> ``text_mdu.*`` (Text-IMRAM's MDU), ``i2t.*`` -> ``image_mdu.*`` (Image-IMRAM's).
-    Other keys, and current names, are kept as they are."""
-    def upgraded(key: str) -> str:
-        for old, new in RENAMED_PREFIXES.items():
-            if key.startswith(old):
-                return new + key[len(old):]
-        return key
-    return {upgraded(k): v for k, v in state.items()}
-
-
 def make_checkpoint(model: IMRAM, vocab: Vocabulary, meta: dict | None = None,
                     train_state: dict | None = None) -> dict:
     """The checkpoint dict of ``model`` (weights copied to CPU)."""
@@ -249,7 +234,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"checkpoint vocabulary has {len(vocab)} words but config.vocab_size={cfg.vocab_size}")
     model = IMRAM(cfg)
     try:
-        model.load_state_dict(upgrade_state_dict(ckpt["model"]))  # strict: missing/unexpected keys raise
+        model.load_state_dict(ckpt["model"])  # strict: missing/unexpected keys raise
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError("checkpoint weights do not fit its config: " + " ".join(str(e).split())[:600]) from None
     return model.to(device).eval(), vocab

@@ -323,9 +323,7 @@ class IMRAM(nn.Module):
     """Encoders + the two MDUs: ``forward(region_feats, tokens, lengths)`` -> pair scores (n_img, n_cap).
 
     ``text_mdu``: Text-IMRAM's MDU (words attend regions), present in modes "full" and "text";
-    ``image_mdu``: Image-IMRAM's (regions attend words), in "full" and "image". (Checkpoints of
-    imram-min before this naming hold them as ``t2i.*`` / ``i2t.*``: ``imram_min.checkpoint``
-    upgrades those keys.)
+    ``image_mdu``: Image-IMRAM's (regions attend words), in "full" and "image".
     """
 
     def __init__(self, cfg: IMRAMConfig):

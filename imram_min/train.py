@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from imram_min import checks, distributed, evaluate, schedule
 from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
-                                  remove_stale_temps, save_checkpoint, upgrade_state_dict)
+                                  remove_stale_temps, save_checkpoint)
 from imram_min.data import PrecompDataset, collate
 from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
@@ -285,7 +285,7 @@ def _main(argv: list[str] | None) -> dict:
     if tcfg.precision == "fp64":  # float64 weights and arithmetic throughout the step
         model = model.double()
         if state is not None:
-            model.load_state_dict(upgrade_state_dict(ckpt["model"]))  # the stored float64 values, not rounded
+            model.load_state_dict(ckpt["model"])  # the stored float64 values, not rounded
     train_set = PrecompDataset(tcfg.data, "train", vocab)
     dev_set = PrecompDataset(tcfg.data, "dev", vocab, max_captions=max_dev)
     # the global batches of one process's DataLoader(shuffle=True); each process loads its slice of each

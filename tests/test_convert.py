@@ -154,18 +154,3 @@ def test_a_checkpoint_pickling_another_class_is_refused_unrun(tmp_path):
     with pytest.raises(convert.ConvertError, match="refused"):
         convert.convert(tmp_path / "evil.pth.tar", write_vocab(tmp_path), tmp_path / "c.pt")
     assert not marker.exists() and not (tmp_path / "c.pt").exists()
-
-
-@pytest.mark.parametrize("mode", ["full", "text", "image"])
-def test_checkpoint_with_the_older_mdu_names_loads_into_text_mdu_and_image_mdu(tmp_path, mode):
-    from imram_min.checkpoint import make_checkpoint, upgrade_state_dict
-    model = make_model(mode)
-    ckpt = make_checkpoint(model, Vocabulary(WORDS))
-    old = {k.replace("text_mdu.", "t2i.").replace("image_mdu.", "i2t."): v for k, v in ckpt["model"].items()}
-    assert any(k.startswith(("t2i.", "i2t.")) for k in old) and not any("_mdu." in k for k in old)
-    assert upgrade_state_dict(old) == ckpt["model"]  # same keys, same tensors
-    torch.save({**ckpt, "model": old}, tmp_path / "old.pt")
-    loaded, _, _ = load_model(tmp_path / "old.pt")
-    assert torch.equal(scores(loaded), scores(model))
-    for name, p in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], p), name
