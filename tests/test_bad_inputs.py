@@ -38,7 +38,9 @@ import torch
 from fixtures import ROOT, assert_error_line, run_cli, tiny_checkpoint, tiny_data, write_picture  # noqa: F401
 
 from export.__main__ import main as export_main
-from imram_min import convert, evaluate, features, train
+from imram_min import convert, features, train
+from imram_min.evaluate.__main__ import main as evaluate_main
+from runtime import atomic
 
 CPU = ["--device", "cpu"]
 TINY_TRAIN = ["--embed-size", "8", "--word-dim", "8", "--batch-size", "16", *CPU]
@@ -223,40 +225,40 @@ CASES = [
     Case("train-resume-missing", train.main,
          lambda w: ["--resume", w.path("nosuch.pt"), *CPU], ("nosuch.pt", "no such checkpoint")),
     # ---- evaluate
-    Case("evaluate-split-nosuch", evaluate.main, lambda w: ev(w, "--split", "nosuch"),
+    Case("evaluate-split-nosuch", evaluate_main, lambda w: ev(w, "--split", "nosuch"),
          ("--split nosuch", "splits there: dev, test, train")),
-    Case("evaluate-json-is-a-folder", evaluate.main, lambda w: ev(w, "--json", w.data), ("--json", "folder")),
-    Case("evaluate-json-folder-missing", evaluate.main, lambda w: ev(w, "--json", w.path("no/r.json")),
+    Case("evaluate-json-is-a-folder", evaluate_main, lambda w: ev(w, "--json", w.data), ("--json", "folder")),
+    Case("evaluate-json-folder-missing", evaluate_main, lambda w: ev(w, "--json", w.path("no/r.json")),
          ("--json", "does not exist")),
-    Case("evaluate-json-is-the-checkpoint", evaluate.main, lambda w: ev(w, "--json", w.ckpt),
+    Case("evaluate-json-is-the-checkpoint", evaluate_main, lambda w: ev(w, "--json", w.ckpt),
          ("--json", "refusing to overwrite an input")),
-    Case("evaluate-sims-symlink-to-features", evaluate.main,
+    Case("evaluate-sims-symlink-to-features", evaluate_main,
          lambda w: setup(lambda: os.symlink(w.data / "test_ims.npy", w.path("s.npy")), ev(w, "--save-sims", w.path("s.npy"))),
          ("--save-sims", "test_ims.npy", "is the input")),
-    Case("evaluate-sims-hard-link-to-checkpoint", evaluate.main,
+    Case("evaluate-sims-hard-link-to-checkpoint", evaluate_main,
          lambda w: setup(lambda: os.link(w.ckpt, w.path("h.npy")), ev(w, "--save-sims", w.path("h.npy"))),
          ("--save-sims", "is the input")),
-    Case("evaluate-json-and-sims-same-file", evaluate.main,
+    Case("evaluate-json-and-sims-same-file", evaluate_main,
          lambda w: ev(w, "--json", w.path("o"), "--save-sims", w.path("o")), ("--json and --save-sims", "same file")),
-    Case("evaluate-truncated-checkpoint", evaluate.main, lambda w: ev(w, ckpt=w.truncated()),
+    Case("evaluate-truncated-checkpoint", evaluate_main, lambda w: ev(w, ckpt=w.truncated()),
          ("trunc.pt", "truncated")),
-    Case("evaluate-malicious-checkpoint", evaluate.main, lambda w: ev(w, ckpt=w.malicious()),
+    Case("evaluate-malicious-checkpoint", evaluate_main, lambda w: ev(w, ckpt=w.malicious()),
          ("evil.pt", "refused to load", "mkdir", "not plain tensors/containers")),
-    Case("evaluate-checkpoint-extra-state-keys", evaluate.main, lambda w: ev(w, ckpt=w.with_extra_keys()),
+    Case("evaluate-checkpoint-extra-state-keys", evaluate_main, lambda w: ev(w, ckpt=w.with_extra_keys()),
          ("extra.pt", "extra.weight")),
-    Case("evaluate-checkpoint-missing", evaluate.main, lambda w: ev(w, ckpt=w.path("nosuch.pt")),
+    Case("evaluate-checkpoint-missing", evaluate_main, lambda w: ev(w, ckpt=w.path("nosuch.pt")),
          ("nosuch.pt", "no such checkpoint")),
-    Case("evaluate-random-file-as-checkpoint", evaluate.main, lambda w: ev(w, ckpt=w.write("r.pt", os.urandom(256))),
+    Case("evaluate-random-file-as-checkpoint", evaluate_main, lambda w: ev(w, ckpt=w.write("r.pt", os.urandom(256))),
          ("r.pt", "cannot load")),
-    Case("evaluate-4-captions-per-image", evaluate.main,
+    Case("evaluate-4-captions-per-image", evaluate_main,
          lambda w: setup(lambda: w.captions("test", 4), ev(w)), ("test_caps.txt", "5 or 1 captions per image")),
-    Case("evaluate-feature-size-differs-from-model", evaluate.main,
+    Case("evaluate-feature-size-differs-from-model", evaluate_main,
          lambda w: setup(lambda: w.features("test", 7), ev(w)), ("test_ims.npy", "img_dim")),
-    Case("evaluate-fold5-not-5-equal-folds", evaluate.main, lambda w: ev(w, "--fold5"), ("--fold5", "5 equal folds")),
-    Case("evaluate-batch-size-0", evaluate.main, lambda w: ev(w, "--batch-size", "0"), ("--batch-size",)),
-    Case("evaluate-max-captions-not-whole-images", evaluate.main, lambda w: ev(w, "--max-captions", "3"),
+    Case("evaluate-fold5-not-5-equal-folds", evaluate_main, lambda w: ev(w, "--fold5"), ("--fold5", "5 equal folds")),
+    Case("evaluate-batch-size-0", evaluate_main, lambda w: ev(w, "--batch-size", "0"), ("--batch-size",)),
+    Case("evaluate-max-captions-not-whole-images", evaluate_main, lambda w: ev(w, "--max-captions", "3"),
          ("--max-captions", "multiple of 5")),
-    Case("evaluate-device-cuda-without-cuda", evaluate.main, lambda w: ev(w, "--device", "cuda"),
+    Case("evaluate-device-cuda-without-cuda", evaluate_main, lambda w: ev(w, "--device", "cuda"),
          ("--device", "CUDA"), skip=None if NO_CUDA else "this machine has CUDA"),
     # ---- convert
     Case("convert-random-file", convert.main,
@@ -354,8 +356,8 @@ def test_a_full_disk_is_an_error_line(tmp_path, tiny_data, tiny_checkpoint, caps
     def full(path, *_):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
 
-    monkeypatch.setattr(evaluate.atomic, "write_json", full)
-    code, out, err = run_cli(evaluate.main, ev(w, "--json", w.path("r.json")), capsys)
+    monkeypatch.setattr(atomic, "write_json", full)
+    code, out, err = run_cli(evaluate_main, ev(w, "--json", w.path("r.json")), capsys)
     last = err.splitlines()[-1].split("\r")[-1]  # after the progress lines of the evaluation
     assert code == 2 and last.startswith("error: no space left on the device") and "r.json" in last
     assert "Traceback" not in err

@@ -17,6 +17,7 @@ from test_train import TINY, WORDS, make_data
 
 from imram_min import distributed as D
 from imram_min import evaluate, schedule, train
+from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint, save_checkpoint
 from imram_min.data import DataError, PrecompDataset, caption_layout
 from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
@@ -141,9 +142,9 @@ def test_evaluate_on_the_scan_layout_is_the_same_with_or_without_a_sidecar(tmp_p
     make_variable_split(tmp_path, "test", [5] * 10)
     ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
     args = [ckpt, "--data", str(tmp_path), "--device", "cpu", *(["--fold5"] if fold5 else [])]
-    with_sidecar = evaluate.main(args)
+    with_sidecar = evaluate_main(args)
     os.remove(tmp_path / "test_cap2img.txt")
-    without = evaluate.main(args)
+    without = evaluate_main(args)
     assert with_sidecar == without and without["caps_per_image"] == 5 and without["n_captions"] == 50
 
 
@@ -151,7 +152,7 @@ def test_evaluate_a_sidecar_layout_counts_every_caption_once(tmp_path):
     make_variable_split(tmp_path, "test", [2, 1, 3, 5, 1, 4, 2, 2, 1, 3])
     ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
     sims_path = tmp_path / "sims.npy"
-    result = evaluate.main([ckpt, "--data", str(tmp_path), "--device", "cpu", "--save-sims", str(sims_path)])
+    result = evaluate_main([ckpt, "--data", str(tmp_path), "--device", "cpu", "--save-sims", str(sims_path)])
     sims = np.load(sims_path)
     assert sims.shape == (10, 24) and result["n_captions"] == 24 and result["caps_per_image"] is None
     rows = np.loadtxt(tmp_path / "test_cap2img.txt", dtype=np.int64)
@@ -246,7 +247,7 @@ def test_training_on_a_sidecar_layout_passes_the_pictures_to_the_loss(tmp_path, 
 def test_a_full_shortlist_of_a_sidecar_layout_gives_the_exhaustive_metrics(tmp_path):
     make_variable_split(tmp_path, "test", [2, 1, 3, 5, 1, 4])
     ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
-    result = evaluate.main([ckpt, "--data", str(tmp_path), "--device", "cpu", "--shortlist", "100%"])
+    result = evaluate_main([ckpt, "--data", str(tmp_path), "--device", "cpu", "--shortlist", "100%"])
     (full,) = result["shortlists"]
     assert result["n_captions"] == 16 and full["hit_i2t"] == full["hit_t2i"] == 100.0
     assert full["i2t"] == pytest.approx(result["exhaustive"]["i2t"]) and full["rsum"] > 0

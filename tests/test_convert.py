@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min import convert, evaluate
+from imram_min import convert
+from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_model
 from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary
@@ -119,7 +120,7 @@ def test_converted_checkpoint_is_accepted_by_evaluate(tmp_path):
     rng = np.random.default_rng(0)
     np.save(data / "test_ims.npy", rng.random((2, 4, 12), dtype=np.float32))
     (data / "test_caps.txt").write_text("".join(" ".join(rng.choice(WORDS, 4)) + "\n" for _ in range(10)))
-    result = evaluate.main([str(tmp_path / "c.pt"), "--data", str(data), "--device", "cpu"])
+    result = evaluate_main([str(tmp_path / "c.pt"), "--data", str(data), "--device", "cpu"])
     assert result["n_images"] == 2 and np.isfinite(result["rsum"])
 
 

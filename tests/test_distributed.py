@@ -23,7 +23,8 @@ from fixtures import random_feats, random_tokens, tiny_checkpoint, tiny_data, ti
 from test_train import TINY as TRAIN_TINY, make_data, read_log
 
 from imram_min import distributed as D
-from imram_min import evaluate, schedule, train
+from imram_min import schedule, train
+from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint
 from imram_min.model import contrastive_loss
 
@@ -268,7 +269,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path):
 def test_torchrun_evaluate_gives_the_one_process_metrics(tmp_path, tiny_data, tiny_checkpoint):
     json_one, json_two = tmp_path / "one.json", tmp_path / "two.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        evaluate.main([str(tiny_checkpoint), "--data", str(tiny_data), "--device", "cpu", "--json", str(json_one),
+        evaluate_main([str(tiny_checkpoint), "--data", str(tiny_data), "--device", "cpu", "--json", str(json_one),
                        "--save-sims", str(tmp_path / "one.npy")])
     done = torchrun("imram_min.evaluate", [tiny_checkpoint, "--data", tiny_data, "--device", "cpu",
                                            "--json", json_two, "--save-sims", tmp_path / "two.npy"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from imram_min import evaluate, schedule
+from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import save_checkpoint
 from imram_min.data import PrecompDataset
 from imram_min.model import IMRAM, IMRAMConfig
@@ -115,7 +116,7 @@ def test_cli_writes_json_and_float32_sims(tmp_path, capsys):
     data, vocab = make_data(tmp_path / "data", n_img=5)
     make_checkpoint(tmp_path / "m.pt", vocab)
     out_json, out_sims = tmp_path / "r.json", tmp_path / "sims.npy"
-    evaluate.main([str(tmp_path / "m.pt"), "--data", data, "--split", "test", "--json", str(out_json),
+    evaluate_main([str(tmp_path / "m.pt"), "--data", data, "--split", "test", "--json", str(out_json),
                    "--save-sims", str(out_sims), "--device", "cpu", "--batch-size", "2"])
     result = json.load(open(out_json))
     assert {"i2t", "t2i", "rsum", "split", "n_images", "n_captions"} <= set(result)
@@ -129,7 +130,7 @@ def test_cli_writes_json_and_float32_sims(tmp_path, capsys):
 def test_one_caption_per_image_is_evaluated_as_such(tmp_path):
     data, vocab = make_data(tmp_path / "data", n_img=6, caps_per_image=1)
     make_checkpoint(tmp_path / "m.pt", vocab, mode="text")
-    result = evaluate.main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
+    result = evaluate_main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
     assert result["n_images"] == result["n_captions"] == 6 and result["caps_per_image"] == 1
 
 
@@ -140,6 +141,6 @@ def test_non_finite_features_are_refused_naming_file_and_row(tmp_path, capsys):
     feats[3, 0, 0] = np.nan
     np.save(os.path.join(data, "test_ims.npy"), feats)
     with pytest.raises(SystemExit) as e:
-        evaluate.main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
+        evaluate_main([str(tmp_path / "m.pt"), "--data", data, "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "test_ims.npy: image 3 has NaN or Inf features" in err[0]

@@ -98,7 +98,7 @@ def test_index_stores_the_head_vectors_and_exhaustive_equals_runtime_score(tmp_p
 
 def test_cli_writes_a_head_that_evaluate_and_export_take(tmp_path, tiny_checkpoint, tiny_data, capsys):  # noqa: F811
     from export.__main__ import main as export_main
-    from imram_min.evaluate import main as evaluate_main
+    from imram_min.evaluate.__main__ import main as evaluate_main
     from imram_min.global_head import load_head
     from imram_min.global_head import main as head_main
     out = tmp_path / "head.pt"
@@ -116,7 +116,7 @@ def test_cli_writes_a_head_that_evaluate_and_export_take(tmp_path, tiny_checkpoi
 
 
 def test_bad_head_file_is_one_error_line(tmp_path, tiny_checkpoint, tiny_data, capsys):  # noqa: F811
-    from imram_min.evaluate import main as evaluate_main
+    from imram_min.evaluate.__main__ import main as evaluate_main
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a head")
     code, out, err = run_cli(evaluate_main, [tiny_checkpoint, "--data", tiny_data, "--device", "cpu",

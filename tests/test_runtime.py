@@ -280,11 +280,11 @@ def test_cli_device_auto_says_which_provider_on_stderr(tiny_model_dir, test_spli
 
 def test_rankings_equal_those_of_evaluate_save_sims(tiny_checkpoint, tiny_data, tiny_model_dir, test_split,  # noqa: F811
                                                     tmp_path, capsys):
-    evaluate = pytest.importorskip("imram_min.evaluate")
+    evaluate_cli = pytest.importorskip("imram_min.evaluate.__main__")
     ims, caps, _, captions = test_split
     ref = tmp_path / "eval_sims.npy"
-    evaluate.main([os.fspath(tiny_checkpoint), "--data", os.fspath(tiny_data), "--split", "test",
-                   "--save-sims", os.fspath(ref), "--device", "cpu"])
+    evaluate_cli.main([os.fspath(tiny_checkpoint), "--data", os.fspath(tiny_data), "--split", "test",
+                       "--save-sims", os.fspath(ref), "--device", "cpu"])
     capsys.readouterr()
     code, stdout, _ = run_cli(main, [ims, caps, "--model", tiny_model_dir, "--top-k", "5", "--json",
                                  "--output", tmp_path / "sims.npy"], capsys)
