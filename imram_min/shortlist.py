@@ -36,7 +36,7 @@ from imram_min.model import IMRAM
 
 def global_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """(n, n_vec, d) embeddings (zeros past each length) -> (n, d): their mean, l2-normalised (as
-    runtime.search.global_vectors)."""
+    runtime.engine.mean_global_vectors)."""
     mean = embs.mean(1) if lengths is None else embs.sum(1) / lengths.to(embs.dtype)[:, None]
     return mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
