@@ -60,6 +60,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -491,6 +492,9 @@ class Queries:
             if args.queries.lower().endswith(".npy"):
                 raise cli.UserError(f"{args.queries}: an image index is searched with captions (a text file, "
                                     f"one a line, or --query TEXT)")
+            if args.queries != "-" and not os.path.lexists(args.queries):
+                raise cli.UserError(f"{args.queries}: no such file (to search with this text, give it as "
+                                    f"--query {shlex.quote(args.queries)})")
             self.file, self.name = open_caption_file(args.queries)
             try:
                 self.count = check_caption_lines(caption_lines(self.file, self.name), self.name)

@@ -173,7 +173,7 @@ def test_read_queries_returns_every_query(image_index, split):
                                   "stdin_of_blank_lines", "query_for_a_caption_index", "stdin_for_a_caption_index",
                                   "batch_0", "npy_for_image_index",
                                   "html_exists", "html_missing_folder", "html_is_the_queries", "pictures_without_html",
-                                  "pictures_missing", "overwrite_without_html", "nan_feature_query"])
+                                  "pictures_missing", "overwrite_without_html", "nan_feature_query", "text_instead_of_a_file"])
 def test_bad_input_is_one_line_and_writes_nothing(case, image_index, caption_index, split, tmp_path, capsys,
                                                   monkeypatch):
     q = tmp_path / "q.txt"
@@ -203,6 +203,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, image_index, caption_ind
         "overwrite_without_html": ([image_index, q, "--overwrite"], ["--overwrite", "--html"]),
         "nan_feature_query": ([caption_index, tmp_path / "nan.npy", "--batch", "1", "--html", page],
                               ["nan.npy", "image 2", "NaN"]),
+        "text_instead_of_a_file": ([image_index, "a red dog"], ["a red dog: no such file", "--query 'a red dog'"]),
     }[case]
     before = sorted(os.listdir(tmp_path))
     code, out, err = search(args, capsys, stdin, monkeypatch)
