@@ -25,7 +25,6 @@ HIT of the queries), the fastest FAISS setting reaching it, its p50 and the rati
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -153,8 +152,9 @@ def table(rows: list[dict]) -> None:
         print(f"| {r['d']} | {r['n']:,} | {r['exact_ms']:.2f} ms | " + " | ".join(cells) + " |")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    from runtime.cli import ArgumentParser  # a bad flag or an existing --json: one error line, exit 2
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dims", default="256,64")
     p.add_argument("--sizes", default="100000,300000,1000000,3000000")
     p.add_argument("--factories", default="IVF,HNSW32", help="IVF (nlist from N) or index_factory strings")
@@ -165,8 +165,10 @@ def main() -> None:
     p.add_argument("--cluster-size", type=int, default=0, help="items a cluster (0: uniform random vectors)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (else refused)")
     p.add_argument("--table", metavar="JSON", help="print the table of a saved run and stop")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    p.check_output_file(args.json, "--json", args.overwrite)
     if args.table:
         with open(args.table) as f:
             return table(json.load(f))

@@ -26,7 +26,6 @@ every case's record.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -45,6 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from runtime import indexdir  # noqa: E402
+from runtime.cli import ArgumentParser  # noqa: E402  (a bad flag or an existing --json: one error line, exit 2)
 from runtime.index import build, verify  # noqa: E402
 from runtime.search import Index  # noqa: E402
 
@@ -450,7 +450,7 @@ def hash_cost(work: str, n: int, d: int, n_region: int = 36) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--waiting-trials", type=int, default=10)
     p.add_argument("--rebuilds", type=int, default=10)
@@ -459,9 +459,11 @@ def main(argv=None) -> int:
     p.add_argument("--hash-items", type=int, default=100000)
     p.add_argument("--hash-d", type=int, default=64)
     p.add_argument("--json", metavar="OUT.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (else refused)")
     p.add_argument("--work", metavar="DIR", help="working folder (default: a temporary one, removed)")
     p.add_argument("--hash-only", action="store_true", help="only 5. (the SHA-256 check's cost)")
     args = p.parse_args(argv)
+    p.check_output_file(args.json, "--json", args.overwrite)
     work = args.work or tempfile.mkdtemp(prefix="index_faults_")
     report = {}
     try:

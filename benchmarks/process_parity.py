@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from runtime.cli import ArgumentParser  # noqa: E402  (a bad flag: one error line, exit 2)
+from runtime.cli import ArgumentParser, UserError, check_output_folder  # noqa: E402  (a bad flag: one line, exit 2)
 
 
 # One process, the first weight moved by one unit in the last place of its precision (float32, or
@@ -83,13 +83,20 @@ def main(argv: list[str] | None = None) -> int:
                    "moved by one unit in the last place: how far rounding alone carries a run")
     p.add_argument("--out", help="keep both runs here (default: a temporary folder)")
     p.add_argument("--json", help="also write the comparison as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json, and the runs already in --out")
     a, extra = p.parse_known_args(argv)  # anything else goes to both training runs
+    if a.nudge:
+        a.processes = "1+ulp"
+    p.check_output_file(a.json, "--json", a.overwrite)
+    if a.out:
+        try:
+            check_output_folder(a.out, "--out", overwrite=a.overwrite, outputs=["1proc", f"{a.processes}proc"])
+        except UserError as e:
+            p.error(str(e))
     args = ["--data", os.path.abspath(a.data), "--num-epochs", str(a.epochs), "--precision", a.precision,
-            "--device", "cpu", *extra]
+            "--device", "cpu", *extra, *(["--overwrite"] if a.overwrite else [])]
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.abspath(a.out) if a.out else tmp
-        if a.nudge:
-            a.processes = "1+ulp"
         runs = {1: os.path.join(base, "1proc"), a.processes: os.path.join(base, f"{a.processes}proc")}
         seconds = {n: train(args, 1 if a.nudge else n, run, nudge=a.nudge and n != 1) for n, run in runs.items()}
         logs = {n: read_log(run) for n, run in runs.items()}

@@ -51,6 +51,7 @@ from imram_min import schedule  # noqa: E402
 from imram_min.fast import FLOP_FORMS, flops_per_pair  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402
+from runtime.cli import ArgumentParser  # noqa: E402  (a bad flag or an existing --json: one error line, exit 2)
 from runtime.memory import retain_freed_memory  # noqa: E402
 
 SIZES = {"full": {"embed_size": 1024, "n_img": 32, "n_cap": 40}, "small": {"embed_size": 256, "n_img": 48, "n_cap": 64}}
@@ -61,8 +62,8 @@ SHARED, TOL = 0.5, 1e-5
 
 def shape_parser(doc: str, embed_help: str) -> argparse.ArgumentParser:
     """The parser of this benchmark and train_step.py, with their shared model and input shape flags."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embed-size", type=int, help=embed_help)
     p.add_argument("--mode", choices=["full", "text", "image"], default="full", help="(full)")
     p.add_argument("--steps", type=int, default=3, help="matching steps K (3)")
@@ -75,6 +76,7 @@ def shape_parser(doc: str, embed_help: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime intra-op threads (default: theirs)")
     p.add_argument("--seed", type=int, default=0, help="(0)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (else refused)")
     return p
 
 
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed calls per scorer and round, the best counts (1)")
     p.add_argument("--rounds", type=int, default=1, help="every scorer this many times in turn (1)")
     a = p.parse_args(argv)
+    p.check_output_file(a.json, "--json", a.overwrite)
     a.slices = dict(s.split("=", 1) for s in a.slice)
     a.repeat, a.rounds = max(1, a.repeat), max(1, a.rounds)
     if not 1 <= a.min_len <= a.max_len:

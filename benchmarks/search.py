@@ -238,7 +238,7 @@ def paired(p50: dict) -> str:
     return f"{ms(p50['onnxruntime'])} / {ms(p50['numpy'])} ({p50['numpy'] / p50['onnxruntime']:.2f})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="default,full", help="NAME[+proj][:DTYPE], comma-separated")
     p.add_argument("--sizes", default="10000,30000,100000")
@@ -252,13 +252,15 @@ def main() -> None:
     p.add_argument("--captions", default=os.path.join(ROOT, "data", "synthetic", "test_caps.txt"))
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file (else refused)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--index", help=argparse.SUPPRESS)
     p.add_argument("--shortlist", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--exhaustive", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    p.check_output_file(args.json, "--json", args.overwrite)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-batch", type=int, help="samples of the gradient-check step (default: the batch size)")
     p.add_argument("--max-seconds", type=float, default=900, help="per scorer: no new step after this long (900)")
     a = p.parse_args(argv)
+    p.check_output_file(a.json, "--json", a.overwrite)
     device = torch.device(schedule.resolve_device(a.device))
     a.batch_size = a.batch_size or SIZES[device.type][0]
     a.embed_size = a.embed_size or SIZES[device.type][1]

@@ -1,6 +1,6 @@
 """Convert an original IMRAM checkpoint (model_best.pth.tar) to this project's checkpoint format.
 
-    python -m imram_min.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt
+    python -m imram_min.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt [--overwrite]
 
 The original file is ``torch.save({"model": ..., "opt": argparse.Namespace, "epoch": ..., ...})``.
 It is read with ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra
@@ -241,11 +241,12 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("checkpoint", help="original model_best.pth.tar / checkpoint.pth.tar")
     p.add_argument("--vocab", required=True, help="the SCAN vocabulary JSON it was trained with")
     p.add_argument("--out", required=True, help="imram-min checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     for flag, path in (("checkpoint", args.checkpoint), ("--vocab", args.vocab)):
         if not os.path.isfile(path):
             raise cli.UserError(f"{flag} {path}: no such file")
-    cli.check_output_file(args.out, [args.checkpoint, args.vocab], "--out")
+    cli.check_output_file(args.out, [args.checkpoint, args.vocab], "--out", overwrite=args.overwrite)
     meta = convert(args.checkpoint, args.vocab, args.out)
     print(f"wrote {args.out} ({meta})")
     return meta

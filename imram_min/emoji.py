@@ -1,6 +1,6 @@
 """A small real-picture data set: emoji images with their names, in the SCAN precomp layout.
 
-    build_emoji_dataset(out_dir)   (CLI: python -m imram_min.data emoji --out DIR)
+    build_emoji_dataset(out_dir)   (CLI: python -m imram_min.data emoji --out DIR [--overwrite])
 
 Sources, fetched with ``npm pack`` (tarballs cached, checked against their SHA-1):
 
@@ -49,6 +49,11 @@ from runtime.modeldir import file_digest
 from runtime.text import Vocabulary, tokenize
 
 SPLITS = ("train", "dev", "test")
+# what build_emoji_dataset writes into its folder: python -m imram_min.data emoji refuses a folder
+# holding one of them unless --overwrite is given
+OUTPUTS = [f"{split}_{kind}" for split in SPLITS for kind in ("ims.npy", "caps.txt", "images.txt")] + \
+    ["metadata.jsonl", "vocab.json", FEATURES_JSON, "train_defaults.json", "README.txt", "images",
+     "LICENSE-emoji-datasource-google.txt", "LICENSE-emojibase-data.txt"]
 CAPTIONS_PER_IMAGE = 5
 # Words seen at least this often in the train captions enter the vocabulary. Not SCAN's 4:
 # most emoji names are used by one emoji only (a group), so a name word appears a few times

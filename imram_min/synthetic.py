@@ -1,6 +1,6 @@
 """The built-in data set: a synthetic world of scenes, written in the precomp layout of ``imram_min.data``.
 
-    python -m imram_min.synthetic --out DIR [--seed 0 --n-train 1000 --n-dev 200 --n-test 500 ...]
+    python -m imram_min.synthetic --out DIR [--overwrite] [--seed 0 --n-train 1000 --n-dev 200 --n-test 500 ...]
 
 Each "image" is a scene of 2-4 objects (category, colour, size) in the cells of a 3 x 3 grid; its
 regions are feature vectors that a fixed random renderer makes from a hidden description of each
@@ -316,6 +316,12 @@ def make_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 100
     return {"n_images": sizes, "vocab_size": len(vocab), "seconds": round(time.perf_counter() - t0, 2)}
 
 
+# the files make_synthetic writes into its folder: the command refuses a folder holding one of them
+# unless --overwrite is given
+OUTPUTS = [f"{split}_{kind}" for split in SPLITS for kind in ("ims.npy", "caps.txt", "scenes.json")] + \
+    ["vocab.json", "train_defaults.json", "README.txt"]
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m imram_min.synthetic",
                            description="Write the built-in synthetic data folder (features, captions, vocab.json).")
@@ -337,6 +343,7 @@ SETTINGS = (  # flag, type, default, help: the knobs of make_synthetic
 def add_arguments(p) -> None:
     """The flags of the synthetic data command (also ``python -m imram_min.data synthetic``)."""
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the synthetic data files already in --out")
     for flag, kind, default, text in SETTINGS:
         p.add_argument(flag, type=kind, default=default, help=text)
 
@@ -351,6 +358,7 @@ def write_from_args(args) -> int:
         raise cli.UserError(f"--noise must be >= 0, got {args.noise}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise cli.UserError(f"--out {args.out} is a file; give a folder")
+    cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=OUTPUTS)
     summary = make_synthetic(args.out, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
                              img_dim=args.img_dim, twin_fraction=args.twin_fraction, noise=args.noise)
     print(f"wrote synthetic data to {args.out}: {summary}")

@@ -51,6 +51,15 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
         sys.exit(USAGE)
 
+    def check_output_file(self, path: str | os.PathLike | None, flag: str, overwrite: bool) -> None:
+        """For a script not run through ``run`` (the benchmarks): ``check_output_file`` of an optional
+        output, its refusal as this parser's one error line and exit status 2."""
+        if path is not None:
+            try:
+                check_output_file(path, (), flag, overwrite=overwrite)
+            except UserError as e:
+                self.error(str(e))
+
 
 class _Terminated(BaseException):
     """Raised by the SIGTERM / SIGHUP handler: unwinds like KeyboardInterrupt."""

@@ -1,7 +1,7 @@
 """Score every image against every caption with an exported model, and show the best matches.
 
     python -m runtime.score IMAGES CAPTIONS.txt|- [--model MODEL_DIR] [--output SIMS.npy]
-                            [--top-k K] [--json] [--html PAGE.html [--overwrite]]
+                            [--top-k K] [--json] [--html PAGE.html] [--overwrite]
                             [--device auto|cpu|cuda] [--shard N] [--image-batch N]
 
 IMAGES, always the first argument, is one of:
@@ -23,7 +23,8 @@ as in training, and named once scored: one "note: caption J (...): the model's v
 Writes the (n_img, n_cap) float32 similarity matrix to --output (a .npy, written to a temporary
 file next to it and renamed into place, so a reader never sees half of it; the temporary file is
 allocated in full before scoring starts, so a full disk is one error line up front, and it is
-removed on every exit path, Ctrl-C and SIGTERM included), and prints for each
+removed on every exit path, Ctrl-C and SIGTERM included; an existing file is replaced only with
+--overwrite, refused up front otherwise), and prints for each
 image its top-K captions, then for each caption its top-K images: text, or one JSON object a
 line with --json ({"image": i, "top": [{"caption": j, "score": s, "text": ...}, ...]} then
 {"caption": j, "text": ..., "top": [{"image": i, "score": s}, ...]}). For pictures each image
@@ -39,10 +40,10 @@ Bad input (missing or unreadable file, not a plain float .npy of the right shape
 features over MAX_FEATURE in magnitude, a folder without pictures, a file that is not a picture or
 has more than runtime.images.MAX_PIXELS pixels, empty / non-UTF-8 / blank-line / over-long
 captions, an altered model dir or one without feature_extractor.onnx for pictures, an --output
-that is one of the inputs or cannot be written, a full disk, a flag out of range (--threads
-1..MAX_THREADS, --shard 1..MAX_SHARD, --image-batch 1..MAX_IMAGE_BATCH), an unavailable device,
-scores that come out NaN or Inf): one "error: ..." line on stderr, exit status 2, no file
-written or changed. The bad-input specification is tests/test_bad_inputs_runtime.py.
+that is one of the inputs or cannot be written, an --output or --html that exists (without
+--overwrite), a full disk, a flag out of range (--threads 1..MAX_THREADS, --shard 1..MAX_SHARD,
+--image-batch 1..MAX_IMAGE_BATCH), an unavailable device, scores that come out NaN or Inf): one
+"error: ..." line on stderr, exit status 2, no file written or changed. The bad-input specification is tests/test_bad_inputs_runtime.py.
 
 numpy, onnxruntime, Pillow and the standard library only: no torch, no nltk (runtime.text owns the tokeniser).
 """
@@ -72,9 +73,10 @@ DEFAULT_TOP_K = 5
 RANK_ROWS = 1024  # sims rows read at a time when ranking (the matrix may be a memmap)
 
 
-def check_output(path: str, inputs=()) -> None:
-    """Fail now, before any scoring, if ``path`` is (or links to) one of ``inputs`` or cannot be written."""
-    cli.check_output_file(path, inputs)
+def check_output(path: str, inputs=(), overwrite: bool = False) -> None:
+    """Fail now, before any scoring, if ``path`` is (or links to) one of ``inputs``, cannot be written,
+    or already exists and ``overwrite`` is False (cli.refuse_replacing)."""
+    cli.check_output_file(path, inputs, overwrite=overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=folder)
@@ -201,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--html", metavar="PAGE.html",
                    help="also write the top-K as one self-contained web page: each caption with its best "
                         "pictures (thumbnails inlined), each picture with its best captions")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --html page")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file or --html page")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: CUDA when onnxruntime offers it, else CPU (default: %(default)s)")
     p.add_argument("--shard", type=int, default=None, metavar="N",
@@ -239,7 +241,7 @@ def run(args: argparse.Namespace) -> np.ndarray:
     inputs = [args.images, *(feats if names is not None else ()), *model_files(args.model),
               *([args.captions] if args.captions != STDIN else [])]
     if args.output:
-        check_output(args.output, inputs)
+        check_output(args.output, inputs, overwrite=args.overwrite)
     if args.html:
         cli.check_output_file(args.html, inputs, flag="--html", overwrite=args.overwrite)
         if args.output:

@@ -195,14 +195,14 @@ main() {
     run_part "b-score-flickr" 250 100 "$PY" benchmarks/score.py --size full --n-img 1000 --n-cap 5000 \
         --embed-size 1024 --mode full --steps 3 --scorers loop,loop-cuda,fast-cuda,onnx-cuda \
         --slice loop=200x5 --slice loop-cuda=100 \
-        --json "$RESULTS/score_flickr.json"
+        --json "$RESULTS/score_flickr.json" --overwrite
 
     run_part "c-train-step" 150 0 "$PY" benchmarks/train_step.py --device cuda --batch-size 128 \
         --embed-size 1024 --steps 3 --mode full --check-batch 32 --iters 3 --max-seconds 70 \
-        --json "$RESULTS/train_step.json"
+        --json "$RESULTS/train_step.json" --overwrite
 
     run_part "d-search-cuda" 420 0 "$PY" benchmarks/search.py --configs full+proj:float16,full \
-        --sizes 10000,100000 --queries 10 --work /tmp --json "$RESULTS/search_cuda.json"
+        --sizes 10000,100000 --queries 10 --work /tmp --json "$RESULTS/search_cuda.json" --overwrite
 
     echo
     echo "=== summary ($(( $(date +%s) - START ))s)"

@@ -1,6 +1,6 @@
 """A small real example of "your own pictures": 50 pictures and a TSV of 1-5 captions each.
 
-    .venv/bin/python scripts/make_example_pictures.py --out examples/my_pictures
+    .venv/bin/python scripts/make_example_pictures.py --out examples/my_pictures [--overwrite]
     -> examples/my_pictures/pictures/{photos,crops,shapes}/*.png|jpg   (50 pictures)
        examples/my_pictures/captions.tsv                              (path<TAB>caption, 1-5 per picture)
 
@@ -13,12 +13,13 @@ pictures").
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from runtime import cli
 
 # name in skimage.data -> (file, captions). Grey pictures are saved as they are (the features take any mode).
 PHOTOS = {
@@ -165,11 +166,20 @@ def make_example(out: str, seed: int = 0) -> tuple[int, int]:
     return len(PHOTOS) + len(CROPS) + N_SHAPES, len(rows)
 
 
+OUTPUTS = ["pictures", "captions.tsv"]  # in --out: refused when there, unless --overwrite
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write (pictures/ and captions.tsv)")
+    p.add_argument("--overwrite", action="store_true", help="replace the pictures/ and captions.tsv already in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn shapes (0)")
     args = p.parse_args(argv)
+    cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=OUTPUTS)
     n_pictures, n_captions = make_example(args.out, args.seed)
     print(f"wrote {n_pictures} pictures to {os.path.join(args.out, 'pictures')} and {n_captions} captions to "
           f"{os.path.join(args.out, 'captions.tsv')}")

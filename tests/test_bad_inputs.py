@@ -1,6 +1,7 @@
 """The bad-input specification of the training-side commands.
 
     python -m imram_min.train | imram_min.evaluate | imram_min.convert | imram_min.features | export
+              | imram_min.synthetic | imram_min.data synthetic / emoji
 
 Every case below is a user error. Each must end with exit status 2, nothing on stdout, exactly
 one line ``error: ...`` on stderr that names the file or flag and what was expected (no
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -38,11 +40,15 @@ import torch
 from fixtures import ROOT, assert_error_line, run_cli, tiny_checkpoint, tiny_data, write_picture  # noqa: F401
 
 from export.__main__ import main as export_main
-from imram_min import convert, features, train
+from imram_min import convert, features, synthetic, train
+from imram_min.data.__main__ import main as data_main
 from imram_min.evaluate.__main__ import main as evaluate_main
 from runtime import atomic
 
 CPU = ["--device", "cpu"]
+_spec = importlib.util.spec_from_file_location("make_example_pictures", ROOT / "scripts" / "make_example_pictures.py")
+make_example_pictures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_example_pictures)
 TINY_TRAIN = ["--embed-size", "8", "--word-dim", "8", "--batch-size", "16", *CPU]
 NO_CUDA = not torch.cuda.is_available()
 
@@ -238,6 +244,10 @@ CASES = [
     Case("evaluate-sims-hard-link-to-checkpoint", evaluate_main,
          lambda w: setup(lambda: os.link(w.ckpt, w.path("h.npy")), ev(w, "--save-sims", w.path("h.npy"))),
          ("--save-sims", "is the input")),
+    Case("evaluate-json-exists", evaluate_main, lambda w: ev(w, "--json", w.write("r.json", "old")),
+         ("--json", "r.json", "already exists: add --overwrite")),
+    Case("evaluate-save-sims-exists", evaluate_main, lambda w: ev(w, "--save-sims", w.write("s.npy", "old")),
+         ("--save-sims", "s.npy", "already exists: add --overwrite")),
     Case("evaluate-json-and-sims-same-file", evaluate_main,
          lambda w: ev(w, "--json", w.path("o"), "--save-sims", w.path("o")), ("--json and --save-sims", "same file")),
     Case("evaluate-truncated-checkpoint", evaluate_main, lambda w: ev(w, ckpt=w.truncated()),
@@ -276,6 +286,9 @@ CASES = [
     Case("convert-out-is-the-vocabulary", convert.main,
          lambda w: [w.ckpt, "--vocab", w.data / "vocab.json", "--out", w.data / "vocab.json"],
          ("--out", "is the input")),
+    Case("convert-out-exists", convert.main,
+         lambda w: [w.ckpt, "--vocab", w.data / "vocab.json", "--out", w.write("c.pt", "old")],
+         ("--out", "c.pt", "already exists: add --overwrite")),
     Case("convert-vocabulary-missing", convert.main,
          lambda w: [w.ckpt, "--vocab", w.path("nosuch.json"), "--out", w.path("c.pt")], ("--vocab", "nosuch.json")),
     Case("convert-vocabulary-without-unk", convert.main,
@@ -323,6 +336,17 @@ CASES = [
     Case("export-out-holds-a-model-dir", export_main,
          lambda w: setup(lambda: w.write("m/manifest.json", "{}"), [w.ckpt, "--out", w.path("m")]),
          ("--out", "already holds manifest.json", "--overwrite")),
+    # ---- the data builders: a folder already holding their files
+    Case("synthetic-out-holds-a-data-folder", synthetic.main, lambda w: ["--out", w.data, "--n-train", "5"],
+         ("--out", "already holds train_ims.npy", "and 8 more", "--overwrite")),
+    Case("data-synthetic-out-holds-its-vocab", data_main,
+         lambda w: ["synthetic", "--out", w.write("d/vocab.json", "old").parent],
+         ("--out", "already holds vocab.json", "--overwrite")),
+    Case("data-emoji-out-holds-a-data-folder", data_main, lambda w: ["emoji", "--out", w.data],
+         ("--out", "already holds train_ims.npy", "--overwrite")),
+    Case("example-pictures-out-holds-captions", make_example_pictures.main,
+         lambda w: ["--out", w.write("ex/captions.tsv", "old").parent],
+         ("--out", "already holds captions.tsv", "--overwrite")),
 ]
 
 
@@ -348,6 +372,34 @@ def test_overwrite_replaces_the_old_run_as_a_whole(tmp_path, tiny_data, tiny_che
     assert train.main([os.fspath(a) for a in t(w, "--num-epochs", "0", "--overwrite")]) == {}
     assert sorted(os.listdir(run)) == ["config.json", "log.jsonl", "notes.txt"]  # old checkpoints gone, notes kept
     assert (run / "log.jsonl").read_text() == "" and json.loads((run / "config.json").read_text())["model"]
+
+
+def test_overwrite_replaces_evaluate_outputs(tmp_path, tiny_data, tiny_checkpoint, capsys):  # noqa: F811
+    w = Work(tmp_path, tiny_data, tiny_checkpoint)
+    out_json, sims = w.write("r.json", "old"), w.write("s.npy", "old")
+    result = evaluate_main([os.fspath(a) for a in ev(w, "--json", out_json, "--save-sims", sims, "--overwrite")])
+    assert json.loads(out_json.read_text())["rsum"] == result["rsum"]
+    assert np.load(sims).shape == (result["n_images"], result["n_captions"])
+
+
+@pytest.mark.parametrize("command", ["synthetic", "data-synthetic"])
+def test_overwrite_replaces_the_synthetic_data_files(command, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "vocab.json").write_text("old")
+    (folder / "mine.txt").write_text("mine\n")
+    args = ["--out", os.fspath(folder), "--n-train", "5", "--n-dev", "1", "--n-test", "1", "--img-dim", "8",
+            "--overwrite"]
+    assert (synthetic.main(args) if command == "synthetic" else data_main(["synthetic", *args])) == 0
+    assert json.loads((folder / "vocab.json").read_text())["word2idx"]["<unk>"] == 3
+    assert (folder / "mine.txt").read_text() == "mine\n" and np.load(folder / "test_ims.npy").shape == (1, 36, 8)
+
+
+def test_overwrite_replaces_the_example_pictures(tmp_path):
+    (tmp_path / "captions.tsv").write_text("old")
+    assert make_example_pictures.main(["--out", os.fspath(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "captions.tsv").read_text().startswith("photos/astronaut.jpg\t")
+    assert len(list((tmp_path / "pictures").rglob("*.*"))) == 50
 
 
 def test_a_full_disk_is_an_error_line(tmp_path, tiny_data, tiny_checkpoint, capsys, monkeypatch):  # noqa: F811

@@ -195,6 +195,9 @@ CASES = {  # name: (argv(ctx) after making the bad input, words the error line m
     "image_batch_100000": (lambda c: argv(c, None, None, "--image-batch", "100000"),
                            ["--image-batch", f"1..{MAX_IMAGE_BATCH}"]),
     "top_k_negative": (lambda c: argv(c, None, None, "--top-k", "-1"), ["--top-k"]),
+    # --output: never replaces a file without --overwrite (refused before scoring)
+    "output_exists_without_overwrite": (lambda c: argv(c, output=c.write("old.npy", "old")),
+                                        ["--output", "old.npy", "already exists", "--overwrite"]),
     # --html: never replaces a file without --overwrite, never an input, never the --output
     "html_exists_without_overwrite": (lambda c: argv(c, None, None, "--html", c.write("page.html", "old")),
                                       ["--html", "page.html", "already exists", "--overwrite"]),
@@ -246,6 +249,14 @@ def test_bad_input_is_one_error_line_and_changes_no_file(case, ctx, capsys):
     code, stdout, err = run_cli(main, args, capsys)
     assert_one_error_line(code, stdout, err, ctx.dir / OUT, words)  # no output, no temporaries
     assert snapshot(ctx.dir) == before  # no input changed, no file appeared
+
+
+def test_an_existing_output_is_replaced_with_overwrite(ctx, capsys):
+    old = ctx.write("old.npy", "old")
+    code, _, err = run_cli(main, argv(ctx, None, None, "--overwrite", "--quiet", "--top-k", "0", output=old), capsys)
+    assert code == 0 and "error" not in err
+    assert np.load(old).shape == (3, 2)  # the 3 images x 2 captions, where the old bytes were
+    assert sorted(p.name for p in ctx.dir.iterdir()) == ["caps.txt", "feats.npy", "model", "old.npy"]  # no temporary
 
 
 # --------------------------------------------------------------------------- the same limits in the Python API

@@ -20,14 +20,17 @@ CPU_SCORERS = ("loop", "plain", "fast", "onnx-cpu")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{script: (exit status, output, JSON report)} of score.py in 2 rounds and train_step.py, at tiny sizes."""
+    """{script: (exit status, output, JSON report)} of score.py in 2 rounds and train_step.py, at tiny sizes,
+    each replacing an old --json file (--overwrite)."""
     tmp = tmp_path_factory.mktemp("bench")
     args = {"score.py": ["--size", "small", "--n-img", "3", "--n-cap", "4", "--scorers", ",".join(CPU_SCORERS),
                          "--rounds", "2"],
             "train_step.py": ["--device", "cpu", "--batch-size", "4", "--iters", "1",
                               "--scorers", "original,fast,fast-nockpt,fast-bf16,ddp-2"]}
+    for script in args:
+        (tmp / f"{script}.json").write_text("old")
     procs = {script: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *extra, *TINY_MODEL,
-                                       "--json", str(tmp / f"{script}.json")], cwd=ROOT, text=True,
+                                       "--json", str(tmp / f"{script}.json"), "--overwrite"], cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for script, extra in args.items()}
     out = {script: p.communicate(timeout=600)[0] for script, p in procs.items()}
@@ -113,10 +116,11 @@ def test_first_stage_benchmark_sweeps_faiss_up_to_the_exact_top_n(tmp_path):
     """benchmarks/first_stage.py at a tiny size: an IVF index probing more lists returns a superset, so its
     recall of the exact top-N never falls, and the sweep ends at recall >= 0.99."""
     pytest.importorskip("faiss")
+    (tmp_path / "first_stage.json").write_text("old")  # replaced: --overwrite
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_stage.py"), "--dims", "16", "--sizes", "3000",
                           "--factories", "IVF", "--queries", "5", "--shortlist", "10", "--work", str(tmp_path),
-                          "--json", str(tmp_path / "first_stage.json")], cwd=ROOT, text=True, capture_output=True,
-                         timeout=600)
+                          "--json", str(tmp_path / "first_stage.json"), "--overwrite"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     (row,) = json.loads((tmp_path / "first_stage.json").read_text())
     assert (row["d"], row["n"], row["queries"], row["shortlist"]) == (16, 3000, 5, 10)
@@ -137,3 +141,24 @@ def test_benchmark_bad_flags_are_one_error_line_and_exit_2(tmp_path, script, arg
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"error: {script}: ")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script, args", [
+    ("score.py", ["--json", "old.json"]),
+    ("train_step.py", ["--json", "old.json"]),
+    ("search.py", ["--json", "old.json"]),
+    ("first_stage.py", ["--json", "old.json"]),
+    ("index_faults.py", ["--json", "old.json"]),
+    ("process_parity.py", ["--data", "x", "--json", "old.json"]),
+    ("process_parity.py", ["--data", "x", "--out", "."]),
+], ids=["score", "train_step", "search", "first_stage", "index_faults", "process_parity-json", "process_parity-out"])
+def test_benchmark_refuses_to_replace_its_outputs_without_overwrite(tmp_path, script, args):
+    (tmp_path / "old.json").write_text("old")
+    (tmp_path / "1proc").mkdir()
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    held = "--json old.json already exists" if "--json" in args else "--out . already holds 1proc"
+    assert out.stderr.startswith(f"error: {script}: {held}") and "--overwrite" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["1proc", "old.json"] and (tmp_path / "old.json").read_text() == "old"

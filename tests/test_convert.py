@@ -100,6 +100,20 @@ def test_converted_checkpoint_scores_exactly_as_the_mapped_model(tmp_path, layou
     assert torch.equal(scores(loaded), scores(model))
 
 
+def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, capsys):
+    model = make_model()
+    src = save_original(tmp_path / "model_best.pth.tar", original_layout(model, "list"), original_opt(model))
+    out = tmp_path / "c.pt"
+    out.write_text("old")
+    args = [src, "--vocab", write_vocab(tmp_path), "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        convert.main(args)
+    assert stop.value.code == 2 and out.read_text() == "old"
+    assert capsys.readouterr().err == f"error: --out {out} already exists: add --overwrite to replace it\n"
+    convert.main([*args, "--overwrite"])
+    assert torch.equal(scores(load_model(out)[0]), scores(model))
+
+
 def test_missing_options_are_read_off_the_weights_or_take_the_original_defaults(tmp_path):
     model = make_model()
     opt = argparse.Namespace(model_mode="full_IMRAM", iteration_step=2, lambda_softmax=4.0)

@@ -92,6 +92,14 @@ def test_awkward_captions_are_read_and_printed_as_runtime_score_does(as_json, ti
     assert result.stdout == expected
 
 
+def test_an_existing_output_is_replaced_with_overwrite(tiny_model_dir, split, tmp_path):  # noqa: F811
+    out = tmp_path / "sims.npy"
+    out.write_text("old")
+    result = node("score.js", tiny_model_dir, *split, "--output", out, "--overwrite", "--top-k", "0")
+    assert result.returncode == 0, result.stderr
+    assert np.load(out).shape == (6, 30) and sorted(p.name for p in tmp_path.iterdir()) == ["sims.npy"]
+
+
 def test_numbers_are_formatted_as_python_formats_them():
     rng = np.random.default_rng(0)
     values = np.concatenate([
@@ -162,6 +170,9 @@ BAD = {
     "output_is_a_model_file": (lambda d, f, c, m: (m, f, c, "--output", m / "vocab.json"), ["is the input", "vocab.json"],
                                True),
     "output_in_a_missing_folder": (lambda d, f, c, m: (m, f, c, "--output", d / "no" / "s.npy"), ["does not exist"], True),
+    "output_exists_without_overwrite": (lambda d, f, c, m: (m, f, c, "--output", (d / "old.npy").write_text("old") and
+                                                            d / "old.npy"),
+                                        ["--output", "old.npy", "already exists: add --overwrite to replace it"], True),
     "unknown_flag": (lambda d, f, c, m: (m, f, c, "--frobnicate"), ["unrecognized arguments", "--frobnicate"], False),
     "top_k_negative": (lambda d, f, c, m: (m, f, c, "--top-k", "-1"), ["--top-k must be >= 0, got -1"], False),
     "top_k_not_a_number": (lambda d, f, c, m: (m, f, c, "--top-k", "x"), ["--top-k", "invalid int value: 'x'"], False),

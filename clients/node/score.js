@@ -3,12 +3,13 @@
 // Score every image against every caption with an exported model folder: the Node.js reference
 // client of `python -m runtime.score`, with its caption rules, output and errors.
 //
-//   node clients/node/score.js MODEL_DIR IMAGES.npy CAPTIONS.txt [--output SIMS.npy] [--top-k K] [--json]
+//   node clients/node/score.js MODEL_DIR IMAGES.npy CAPTIONS.txt [--output SIMS.npy] [--overwrite] [--top-k K] [--json]
 //
 // IMAGES.npy: region features (n_img, n_region, img_dim), little-endian float16/32/64, C order.
 // CAPTIONS.txt: UTF-8, one caption a line, no blank lines, at most 256 tokens a line (lib/captions.js).
-// Writes the (n_img, n_cap) float32 similarities to --output (a temporary file renamed into place,
-// replacing an existing file as runtime.score does), then prints each image's top-K captions and
+// Writes the (n_img, n_cap) float32 similarities to --output (a temporary file renamed into place;
+// an existing file is replaced only with --overwrite, refused before scoring otherwise, as
+// runtime.score does), then prints each image's top-K captions and
 // each caption's top-K images, as text or (--json) one JSON object a line, exactly as runtime.score
 // prints them. Rank order: score descending, ties by index ascending.
 // Bad input: one line "error: ..." on stderr, exit status 2, no file written.
@@ -22,7 +23,7 @@ const captions = require('./lib/captions');
 const PROG = 'score.js';
 const DEFAULT_TOP_K = 5;
 const MAX_FEATURE = 1e12; // |region feature| at most (runtime/inputs.py): float32 arithmetic would overflow
-const USAGE = `usage: node ${PROG} MODEL_DIR IMAGES.npy CAPTIONS.txt [--output SIMS.npy] [--top-k K] [--json]`;
+const USAGE = `usage: node ${PROG} MODEL_DIR IMAGES.npy CAPTIONS.txt [--output SIMS.npy] [--overwrite] [--top-k K] [--json]`;
 
 class UserError extends Error {}
 
@@ -148,7 +149,7 @@ function noteUnknownWords(unknown, texts) {
 
 // --------------------------------------------------------------------------- arguments and checks
 function parseArgs(argv) {
-  const args = { positional: [], output: null, topK: DEFAULT_TOP_K, json: false };
+  const args = { positional: [], output: null, overwrite: false, topK: DEFAULT_TOP_K, json: false };
   for (let a = 0; a < argv.length; a++) {
     const [flag, inline] = argv[a].startsWith('--') ? argv[a].split(/=(.*)/s) : [argv[a]];
     const value = () => {
@@ -160,6 +161,9 @@ function parseArgs(argv) {
     if (flag === '--json') {
       if (inline !== undefined) throw new UserError(`${PROG}: argument --json: ignored explicit argument '${inline}'`);
       args.json = true;
+    } else if (flag === '--overwrite') {
+      if (inline !== undefined) throw new UserError(`${PROG}: argument --overwrite: ignored explicit argument '${inline}'`);
+      args.overwrite = true;
     } else if (flag === '--output') {
       args.output = value();
     } else if (flag === '--top-k') {
@@ -221,8 +225,9 @@ function sameFile(a, b) {
 }
 
 /** Refuse, before any scoring, an --output that is one of `inputs` (or a link to one), a folder,
- * or in a missing or unwritable folder. */
-function checkOutput(out, inputs) {
+ * in a missing or unwritable folder, or (without --overwrite) one that exists: runtime.cli's
+ * check_output_file and refuse_replacing, word for word. */
+function checkOutput(out, inputs, overwrite) {
   for (const src of inputs) {
     if (fs.existsSync(src) && fs.existsSync(out) && sameFile(out, src)) {
       throw new UserError(`--output ${out} is the input ${src}: refusing to overwrite an input`);
@@ -236,6 +241,13 @@ function checkOutput(out, inputs) {
   } catch {
     throw new UserError(`--output ${out}: the folder ${folder} is not writable`);
   }
+  let exists = true;
+  try {
+    fs.lstatSync(out);
+  } catch {
+    exists = false;
+  }
+  if (!overwrite && exists) throw new UserError(`--output ${out} already exists: add --overwrite to replace it`);
 }
 
 /** A progress line on stderr, redrawn in place, when stderr is a terminal (nothing otherwise). */
@@ -265,7 +277,7 @@ async function main(argv) {
   const texts = captions.readCaptions(args.captions, rules);
   if (args.output) {
     const modelFiles = fs.readdirSync(args.model).map((f) => path.join(args.model, f));
-    checkOutput(args.output, [args.images, args.captions, ...modelFiles]);
+    checkOutput(args.output, [args.images, args.captions, ...modelFiles], args.overwrite);
   }
   checkFeatures(feats, model.imgDim);
   const vocab = JSON.parse(fs.readFileSync(path.join(args.model, model.manifest.vocab.file), 'utf8')).word2idx;

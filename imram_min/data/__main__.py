@@ -2,8 +2,8 @@
 
     python -m imram_min.data prepare PICTURES CAPTIONS --out DIR   your pictures + captions (imram_min.prepare)
     python -m imram_min.data vocab DIR [--min-count N]              DIR/vocab.json from DIR/train_caps.txt
-    python -m imram_min.data synthetic --out DIR                    the built-in synthetic data (imram_min.synthetic)
-    python -m imram_min.data emoji --out DIR                        emoji pictures (imram_min.emoji; needs npm)
+    python -m imram_min.data synthetic --out DIR [--overwrite]      the built-in synthetic data (imram_min.synthetic)
+    python -m imram_min.data emoji --out DIR [--overwrite]          emoji pictures (imram_min.emoji; needs npm)
 
 The dispatcher lives here, apart from imram_min.data (the loaders), because the builders import the
 loaders: imram_min.data imports none of them, so there is no import cycle.
@@ -35,8 +35,9 @@ def build_parser() -> cli.ArgumentParser:
                             "as SCAN; small data: 1 or 2)")
     vocab.add_argument("--overwrite", action="store_true", help="replace an existing DIR/vocab.json")
     synthetic.add_arguments(commands.add_parser("synthetic", help="the built-in synthetic data (the default)"))
-    commands.add_parser("emoji", help="emoji pictures with their names (imram_min.emoji; needs npm)").add_argument(
-        "--out", required=True, help="folder to write")
+    emoji_command = commands.add_parser("emoji", help="emoji pictures with their names (imram_min.emoji; needs npm)")
+    emoji_command.add_argument("--out", required=True, help="folder to write")
+    emoji_command.add_argument("--overwrite", action="store_true", help="replace the emoji data files already in --out")
     return p
 
 
@@ -54,6 +55,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"wrote {os.path.join(args.dir, 'vocab.json')}: {len(vocab)} words (4 special tokens and the words "
               f"of train_caps.txt seen >= {args.min_count} times)")
     elif args.command == "emoji":
+        cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=emoji.OUTPUTS)
         emoji.build_emoji_dataset(args.out)
         print(f"wrote the emoji dataset to {args.out}")
     else:

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a split: cross-modal retrieval with the SCAN protocol.
 
     python -m imram_min.evaluate RUN/best.pt --data DIR --split test [--fold5] [--json OUT.json]
-                                             [--save-sims SIMS.npy] [--device auto] [--batch-size 128]
+                                             [--save-sims SIMS.npy] [--overwrite] [--device auto] [--batch-size 128]
 
 (the command is imram_min/evaluate/__main__.py; this module is the protocol it runs)
 

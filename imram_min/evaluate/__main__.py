@@ -1,7 +1,7 @@
 """``python -m imram_min.evaluate CHECKPOINT --data DIR``: the command (see imram_min.evaluate).
 
     python -m imram_min.evaluate RUN/best.pt --data DIR --split test [--fold5] [--json OUT.json]
-                                             [--save-sims SIMS.npy] [--device auto] [--batch-size 128]
+                                             [--save-sims SIMS.npy] [--overwrite] [--device auto] [--batch-size 128]
                                              [--shortlist K[,K...] [--global-head HEAD.pt]]
 
 The command lives here, apart from imram_min.evaluate (the protocol), because its --shortlist
@@ -38,6 +38,7 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("--fold5", action="store_true", help="mean over 5 folds of the images (COCO 1K)")
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON")
     p.add_argument("--save-sims", metavar="OUT.npy", help="write the (n_img, n_cap) float32 similarity matrix")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --save-sims file")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
@@ -61,7 +62,7 @@ def _main(argv: list[str] | None) -> dict:
     outputs = [("--json", args.json), ("--save-sims", args.save_sims)]
     for flag, path in outputs:
         if path is not None:
-            cli.check_output_file(path, inputs, flag)
+            cli.check_output_file(path, inputs, flag, overwrite=args.overwrite)
     cli.check_outputs_distinct(outputs, inputs)
     if args.shortlist:
         if args.fold5 or args.save_sims:

@@ -45,10 +45,13 @@ test('rank order: score descending, ties by lower index', () => {
 
 test('flags: values inline or after, and one line for each mistake', () => {
   const args = parseArgs(['m', 'i.npy', 'c.txt', '--top-k=2', '--json', '--output', 'o.npy']);
-  assert.deepEqual([args.model, args.images, args.captions, args.topK, args.json, args.output], ['m', 'i.npy', 'c.txt', 2, true, 'o.npy']);
+  assert.deepEqual([args.model, args.images, args.captions, args.topK, args.json, args.output, args.overwrite],
+    ['m', 'i.npy', 'c.txt', 2, true, 'o.npy', false]);
+  assert.equal(parseArgs(['m', 'i', 'c', '--output', 'o.npy', '--overwrite']).overwrite, true);
   for (const [argv, words] of [[['m', 'i'], 'required: CAPTIONS.txt'], [['m', 'i', 'c', '--top-k', '-3'], 'got -3'],
     [['m', 'i', 'c', '--top-k', '1.5'], "invalid int value: '1.5'"], [['m', 'i', 'c', '--nope'], 'unrecognized arguments: --nope'],
-    [['m', 'i', 'c', 'd'], 'unrecognized arguments: d'], [['m', 'i', 'c', '--output'], 'expected one argument']]) {
+    [['m', 'i', 'c', 'd'], 'unrecognized arguments: d'], [['m', 'i', 'c', '--output'], 'expected one argument'],
+    [['m', 'i', 'c', '--overwrite=yes'], "argument --overwrite: ignored explicit argument 'yes'"]]) {
     assert.throws(() => parseArgs(argv), (e) => e instanceof UserError && e.message.includes(words), words);
   }
 });
@@ -87,7 +90,8 @@ test('score.js scores the conformance features and captions as the vectors expec
     // a blank line: one error line, exit 2, the earlier output left as it was
     fs.writeFileSync(path.join(dir, 'caps.txt'), `${texts[0]}\n\n${texts[1]}\n`);
     const before = fs.readFileSync(path.join(dir, 'sims.npy'));
-    const bad = node('score.js', MODEL_DIR, path.join(dir, 'feats.npy'), path.join(dir, 'caps.txt'), '--output', path.join(dir, 'sims.npy'));
+    const bad = node('score.js', MODEL_DIR, path.join(dir, 'feats.npy'), path.join(dir, 'caps.txt'),
+      '--output', path.join(dir, 'sims.npy'), '--overwrite');
     assert.equal(bad.status, 2);
     assert.equal(bad.stdout, '');
     assert.match(bad.stderr, /^error: .*caps\.txt: blank line 2 \(one caption a line, no blank lines\)\n$/);
