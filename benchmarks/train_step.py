@@ -15,12 +15,12 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
     fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False)
     support      what training does with hardest negatives: every pair scored by fast-nockpt without
                  autograd, then the loss and its gradient from the 3B pairs it depends on
-                 (imram_min.distributed.support_loss, (F10))
+                 (imram_min.loss.support_loss, (F10))
     plain        IMRAM.similarity (model.py), on request
     fast-bf16    fast-nockpt under torch.autocast(bfloat16) (train --precision bf16); its gradients
                  are bf16-rounded, so its check is reported, not required
     ddp-N        support on N processes (gloo on the CPU, one thread each; DistributedDataParallel
-                 around imram_min.distributed.BatchLoss, as torchrun -m imram_min.train): the same
+                 around imram_min.loss.BatchLoss, as torchrun -m imram_min.train): the same
                  global batch and gradients, timed per global step (e.g. ddp-2)
 
 Every scorer starts from the same weights (seed) and batch. Its first step is the gradient check:
@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from imram_min import schedule  # noqa: E402
-from imram_min.distributed import BatchLoss, Context, join, rank_slice, teardown  # noqa: E402
+from imram_min.distributed import Context, join, rank_slice, teardown  # noqa: E402
+from imram_min.loss import BatchLoss  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402
 from runtime.memory import retain_freed_memory  # noqa: E402

@@ -28,7 +28,7 @@ W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
     (F7) the l2norm after the last update folded into the raw scores it only enters (3):
              <x/(|x| + eps), y_j> = <x, y_j> / (|x| + eps)
     (F8), (F9): the derivatives, ``imram_min.fast_backward``; (F10), the loss that scores only the
-         pairs it depends on: ``imram_min.distributed.support_loss``.
+         pairs it depends on: ``imram_min.loss.support_loss``.
 
 The FLOP count (``flops_per_pair``). Counted: every matrix product, 2 FLOPs per multiply-add
 (what ``torch.utils.flop_counter.FlopCounterMode`` counts; the tests hold the formulas to it).
@@ -317,7 +317,7 @@ def zipped_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tens
     region_embs (n_pairs, n_region, d), word_embs (n_pairs, n_word, d), lengths (n_pairs,) ->
     (n_pairs,). The same loop as all pairs, each pair its own context set with a query of its own
     (training scores the few pairs its loss depends on this way:
-    ``imram_min.distributed.support_loss``).
+    ``imram_min.loss.support_loss``).
     """
     if model.cfg.mode == "mean":
         return mean_pooled_similarity(region_embs, word_embs, lengths).diagonal()

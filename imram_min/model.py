@@ -10,7 +10,8 @@ Chen, Ding, Liu, Lin, Liu and Han, CVPR 2020. The whole method in one file, top 
    routine for both directions: Text-IMRAM ("text": words attend regions) and Image-IMRAM
    ("image": regions attend words).
 6. ``IMRAM``: encoders + the two MDUs + the pair score, for all image x caption pairs at once.
-7. ``contrastive_loss``: the hinge triplet ranking loss (Sec. 3.4).
+7. The loss, (12) below (Sec. 3.4): ``imram_min.loss``, read next (``contrastive_loss``, and the
+   form training runs, which scores only the pairs the loss depends on).
 
 Symbols, used the same way in notebook 02, ``imram_min.fast`` and ``imram_min.reference`` (right:
 the name in the code):
@@ -58,7 +59,7 @@ refers to them.
     Loss:                                                                                    Sec. 3.4
     (12) L = sum_{(I,T)} [Delta - F(I,T) + F(I,T^)]_+ + [Delta - F(I,T) + F(I^,T)]_+
          over the matching pairs of a batch, T^ and I^ the hardest negatives in the batch
-         (or the sum over all negatives)
+         (or the sum over all negatives): ``imram_min.loss``
 
 Shapes: ``n_img`` images with ``n_region`` regions, ``n_cap`` captions padded to ``n_word``
 words, embedding size ``d``. Pair scores are always laid out ``(n_img, n_cap)``.
@@ -396,22 +397,3 @@ def mean_pooled_similarity(region_embs: torch.Tensor, word_embs: torch.Tensor, l
     image = l2norm(region_embs.mean(1))  # (n_img, d)
     caption = l2norm((word_embs * mask[..., None]).sum(1) / lengths.to(word_embs)[:, None])  # (n_cap, d)
     return image @ caption.T
-
-
-# --------------------------------------------------------------------------- loss (Sec. 3.4)
-def contrastive_loss(pair_scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True) -> torch.Tensor:
-    """(12): the hinge triplet ranking loss on a batch of matching pairs (the diagonal), margin Delta.
-
-    pair_scores (n, n), pair_scores[i, j] = F(image i, caption j). With ``max_violation`` only
-    the hardest negatives T^ (per image) and I^ (per caption) count (VSE++), else every negative
-    is summed. Returns a 0-d tensor.
-    """
-    positive = pair_scores.diag()  # F(I, T)
-    cost_cap = (margin + pair_scores - positive[:, None]).clamp(min=0)  # [Delta - F(I,T) + F(I,T')]_+, row I
-    cost_img = (margin + pair_scores - positive[None, :]).clamp(min=0)  # [Delta - F(I,T) + F(I',T)]_+, column T
-    eye = torch.eye(pair_scores.shape[0], dtype=torch.bool, device=pair_scores.device)
-    cost_cap = cost_cap.masked_fill(eye, 0)
-    cost_img = cost_img.masked_fill(eye, 0)
-    if max_violation:  # T^ = argmax_T' F(I, T'), I^ = argmax_I' F(I', T)
-        return cost_cap.max(1).values.sum() + cost_img.max(0).values.sum()
-    return cost_cap.sum() + cost_img.sum()

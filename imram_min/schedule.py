@@ -169,11 +169,11 @@ def needs_recomputation(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
 
 def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-    """THE single call site of pair scoring in training (distributed.BatchLoss): ``similarity`` on the
+    """THE single call site of pair scoring in training (loss.BatchLoss): ``similarity`` on the
     batch's device.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
-    With hardest negatives training calls it without autograd (``distributed.support_loss``
+    With hardest negatives training calls it without autograd (``loss.support_loss``
     re-scores the 3B pairs the loss depends on). With autograd (warm-up epochs, --no-max-violation)
     each block of pairs is recomputed in the backward pass instead of stored only when the step's
     activations would not fit (``needs_recomputation``): at batch 128, d = 1024 on a GPU of 80 GB

@@ -10,10 +10,11 @@ One epoch: shuffled batches of (image, caption) pairs, one item per caption as t
 (so a batch may hold the same image twice; in the SCAN layout, 5 or 1 captions per image, the
 loss treats the copy as a negative, as the original does; in another layout, any number of
 captions per image given by DIR/train_cap2img.txt, pairs of one picture are no negatives: see
-imram_min.distributed), scores of all pairs of the batch, the hinge ranking loss (hardest negatives
-by default), Adam, gradient-norm clipping. lr = lr0 * 0.1 ** (epoch // lr_update), epochs
-counted from 0. After each epoch: dev rsum (first ``max_dev_captions`` captions), RUN/best.pt
-if it is the best so far, RUN/last.pt with the whole training state, a line of RUN/log.jsonl.
+imram_min.loss), scores of all pairs of the batch, the hinge ranking loss (12) (hardest negatives
+by default; ``imram_min.loss.BatchLoss``), Adam, gradient-norm clipping. lr = lr0 * 0.1 **
+(epoch // lr_update), epochs counted from 0. After each epoch: dev rsum (first ``max_dev_captions``
+captions), RUN/best.pt if it is the best so far, RUN/last.pt with the whole training state, a line
+of RUN/log.jsonl.
 
 Outputs, all written atomically:
     RUN/config.json   {"model": IMRAMConfig, "train": TrainConfig, "from_defaults_file": [...]}
@@ -58,6 +59,7 @@ from imram_min import checks, distributed, evaluate, schedule
 from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
                                   remove_stale_temps, save_checkpoint)
 from imram_min.data import PrecompDataset, collate
+from imram_min.loss import BatchLoss
 from imram_min.model import IMRAM, IMRAMConfig
 from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
                                 build_parser, check_run_folder, check_settings, estimated_bytes, resolve_settings)
@@ -107,7 +109,7 @@ def train_epoch(step: torch.nn.Module, loader, optimizer, scaler, cfg: TrainConf
     same_image_negatives: True (the SCAN layout, the original) a repeat of an image in a batch is
     a negative; False (another layout) the batch's image ids go to the loss, which skips such pairs.
 
-    step: ``distributed.BatchLoss`` (in DistributedDataParallel on N processes): this process's
+    step: ``loss.BatchLoss`` (in DistributedDataParallel on N processes): this process's
     slice of a global batch -> its loss term. The autocast of ``cfg.precision`` covers the forward
     pass; fp16 scales the loss (``scaler``) and skips a step whose gradients overflowed."""
     model = step.module.model if isinstance(step, torch.nn.parallel.DistributedDataParallel) else step.model
@@ -293,7 +295,7 @@ def _main(argv: list[str] | None) -> dict:
                                              tcfg.batch_size, ctx.rank, ctx.world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tcfg.workers,
                                          generator=loader_generator, pin_memory=device.type == "cuda")
-    step = distributed.BatchLoss(model, schedule.score_pairs, ctx)
+    step = BatchLoss(model, schedule.score_pairs, ctx)
     if ctx.world > 1:
         step = torch.nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda"
                                                          else None)

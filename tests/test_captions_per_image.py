@@ -16,11 +16,13 @@ from fixtures import random_feats, random_tokens, tiny_model
 from test_train import TINY, WORDS, make_data
 
 from imram_min import distributed as D
+from imram_min import loss as L
 from imram_min import evaluate, schedule, train
 from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint, save_checkpoint
 from imram_min.data import DataError, PrecompDataset, caption_layout
-from imram_min.model import IMRAM, IMRAMConfig, contrastive_loss
+from imram_min.loss import contrastive_loss
+from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary
 
 
@@ -185,12 +187,12 @@ def masked_reference(sims: torch.Tensor, ids: list[int], margin: float, max_viol
 def test_pairs_of_one_picture_are_no_negatives_in_the_loss_and_its_slices(max_violation):
     sims = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ids = torch.tensor([0, 0, 1, 2, 2, 2, 3])
-    whole = float(D.hinge_terms(sims, sims, 0, 0.2, max_violation, ids))
+    whole = float(L.hinge_terms(sims, sims, 0, 0.2, max_violation, ids))
     assert whole == pytest.approx(masked_reference(sims, ids.tolist(), 0.2, max_violation), abs=1e-12)
-    parts = sum(float(D.hinge_terms(sims[own], sims[:, own], own.start, 0.2, max_violation, ids))
+    parts = sum(float(L.hinge_terms(sims[own], sims[:, own], own.start, 0.2, max_violation, ids))
                 for own in (D.rank_slice(7, 3, r) for r in range(3)))
     assert parts == pytest.approx(whole, abs=1e-12)
-    distinct = float(D.hinge_terms(sims, sims, 0, 0.2, max_violation, torch.arange(7)))  # every item its own picture
+    distinct = float(L.hinge_terms(sims, sims, 0, 0.2, max_violation, torch.arange(7)))  # every item its own picture
     assert distinct == pytest.approx(float(contrastive_loss(sims, 0.2, max_violation)), abs=1e-12)
 
 
@@ -206,7 +208,7 @@ def test_the_support_loss_with_pictures_gives_the_dense_loss_and_gradients():  #
     out = []
     for support, image_ids in ((False, ids), (True, ids), (True, None)):
         model = tiny_model(seed=0, n_steps=3).double().train()
-        loss = D.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, True, image_ids)
+        loss = L.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, True, image_ids)
         loss.backward()
         out.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}))
     (dense, dense_grads), (sparse, grads), (original, _) = out
@@ -233,12 +235,12 @@ def test_training_on_a_sidecar_layout_passes_the_pictures_to_the_loss(tmp_path, 
     data = make_data(tmp_path / "data")
     rows = make_variable_split(data, "train", [2, 3, 1, 4, 2, 2, 3, 1], seed=1)
     seen = []
-    forward = D.BatchLoss.forward
+    forward = L.BatchLoss.forward
 
     def spy(self, region_feats, tokens, lengths, max_violation, image_ids=None):
         seen.append(image_ids)
         return forward(self, region_feats, tokens, lengths, max_violation, image_ids)
-    monkeypatch.setattr(D.BatchLoss, "forward", spy)
+    monkeypatch.setattr(L.BatchLoss, "forward", spy)
     entry = train.main(["--data", data, "--out", str(tmp_path / "run"), "--num-epochs", "1", *TINY])
     assert len(seen) == 2 and sorted(torch.cat(seen).tolist()) == sorted(rows.tolist())  # 18 captions, batches of 10
     assert np.isfinite(entry["train_loss"]) and entry["rsum"] >= 0
@@ -262,7 +264,7 @@ def _masked_worker(rank: int, world: int, folder: str) -> None:
         feats, tokens, lengths = batch(6)
         own = D.rank_slice(6, world, rank)
         model = double_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(D.BatchLoss(model, schedule.score_pairs, ctx))
+        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, schedule.score_pairs, ctx))
         loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], True, PICTURES[own])
         loss.backward()
         total = D.all_reduce_sum(float(loss) / world, ctx)
@@ -282,10 +284,10 @@ def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     feats, tokens, lengths = batch(6)
     model = double_model()
-    loss = D.BatchLoss(model, schedule.score_pairs, support=False)(feats, tokens, lengths, True, PICTURES)
+    loss = L.BatchLoss(model, schedule.score_pairs, support=False)(feats, tokens, lengths, True, PICTURES)
     loss.backward()
     assert all(abs(r["loss"] - float(loss.detach())) <= 1e-12 * float(loss.detach()) for r in ranks)
-    original = D.BatchLoss(double_model(), schedule.score_pairs, support=False)(feats, tokens, lengths, True)
+    original = L.BatchLoss(double_model(), schedule.score_pairs, support=False)(feats, tokens, lengths, True)
     assert float(original.detach()) > float(loss.detach())  # the pictures matter in this batch
     for name, p in model.named_parameters():
         assert all(float((r["grads"][name] - p.grad).abs().max()) <= 1e-10 for r in ranks), name

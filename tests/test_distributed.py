@@ -23,10 +23,11 @@ from fixtures import random_feats, random_tokens, tiny_checkpoint, tiny_data, ti
 from test_train import TINY as TRAIN_TINY, make_data, read_log
 
 from imram_min import distributed as D
+from imram_min import loss as L
 from imram_min import schedule, train
 from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint
-from imram_min.model import contrastive_loss
+from imram_min.loss import contrastive_loss
 
 WORLD = 2
 
@@ -64,7 +65,7 @@ def test_hinge_terms_of_the_whole_batch_are_the_contrastive_loss():
     sims = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for max_violation in (True, False):
         want = contrastive_loss(sims, 0.2, max_violation)
-        assert abs(float(D.hinge_terms(sims, sims, 0, 0.2, max_violation) - want)) <= 1e-12
+        assert abs(float(L.hinge_terms(sims, sims, 0, 0.2, max_violation) - want)) <= 1e-12
 
 
 def test_hinge_terms_of_the_slices_sum_to_the_contrastive_loss():
@@ -73,7 +74,7 @@ def test_hinge_terms_of_the_slices_sum_to_the_contrastive_loss():
         total = 0.0
         for rank in range(3):
             own = D.rank_slice(7, 3, rank)
-            total += float(D.hinge_terms(sims[own], sims[:, own], own.start, 0.2, max_violation))
+            total += float(L.hinge_terms(sims[own], sims[:, own], own.start, 0.2, max_violation))
         assert abs(total - float(contrastive_loss(sims, 0.2, max_violation))) <= 1e-12
 
 
@@ -102,7 +103,7 @@ def _worker(rank: int, world: int, folder: str, n: int, max_violation: bool = Tr
         feats, tokens, lengths = batch(n)
         own = D.rank_slice(n, world, rank)
         model = double_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(D.BatchLoss(model, schedule.score_pairs, ctx))
+        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, schedule.score_pairs, ctx))
         loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], max_violation)
         loss.backward()
         grads = {n: p.grad.detach() for n, p in model.named_parameters()}
@@ -119,10 +120,10 @@ def run_two(tmp_path, n: int, max_violation: bool = True) -> list[dict]:
 
 def single_step(n: int, max_violation: bool = True, support: bool = False):
     """One process's loss, gradients and pair scores; by default the dense loss of every pair
-    (model.contrastive_loss with autograd through all n x n pairs): the reference."""
+    (loss.contrastive_loss with autograd through all n x n pairs): the reference."""
     feats, tokens, lengths = batch(n)
     model = double_model()
-    loss = D.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, max_violation)
+    loss = L.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, max_violation)
     loss.backward()
     with torch.no_grad():
         sims = schedule.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
@@ -140,7 +141,7 @@ def test_the_support_step_is_reproducible_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     feats, tokens = torch.randn(32, 36, 32, generator=g), torch.randint(4, 40, (32, 13), generator=g)
     lengths = torch.randint(5, 14, (32,), generator=g).sort(descending=True).values
-    loss_module = D.BatchLoss(model, schedule.score_pairs, support=True)
+    loss_module = L.BatchLoss(model, schedule.score_pairs, support=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from imram_min import reference as ref
-from imram_min.model import (
-    IMRAM,
-    MODES,
-    RAW_FEATURE_NORMS,
-    IMRAMConfig,
-    contrastive_loss,
-)
+from imram_min.loss import contrastive_loss
+from imram_min.model import IMRAM, MODES, RAW_FEATURE_NORMS, IMRAMConfig
 
 F64, F32 = torch.float64, torch.float32
 DIMS = dict(vocab_size=50, img_dim=12, word_dim=10, embed_size=16)
