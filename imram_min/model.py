@@ -13,8 +13,8 @@ Chen, Ding, Liu, Lin, Liu and Han, CVPR 2020. The whole method in one file, top 
 7. The loss, (12) below (Sec. 3.4): ``imram_min.loss``, read next (``contrastive_loss``, and the
    form training runs, which scores only the pairs the loss depends on).
 
-Symbols, used the same way in notebook 02, ``imram_min.fast`` and ``imram_min.reference`` (right:
-the name in the code):
+Symbols, used the same way in notebook 02, ``imram_min.loss``, ``imram_min.fast`` and
+``imram_min.reference`` (right: the name in the code):
 
     I, T             an image, a caption
     f_j              precomputed feature of region j                    region_feats (n_img, n_region, img_dim)
