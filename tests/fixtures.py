@@ -148,3 +148,18 @@ def write_picture(path, size=(40, 30), mode="RGB", seed=0, **save_args):
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, **save_args)
     return path
+
+
+def spawn_processes(worker, args: tuple, nprocs: int, seconds: float = 240.0) -> None:
+    """torch.multiprocessing.start_processes(worker, args, nprocs, "spawn"), bounded in time: processes
+    still running after ``seconds`` (a gloo hang) are killed and the test fails, instead of hanging the run."""
+    import time
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1.0):  # raises if a process failed
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{nprocs} processes of {worker.__name__} still running after {seconds:.0f} s: killed")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import random_feats, random_tokens, tiny_model
+from fixtures import random_feats, random_tokens, spawn_processes, tiny_model
 from test_train import TINY, WORDS, make_data
 
 from imram_min import distributed as D
@@ -279,8 +279,7 @@ PICTURES = torch.tensor([0, 1, 1, 2, 0, 3])  # pictures 0 and 1 each in both pro
 
 def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
     from test_distributed import batch, double_model
-    import torch.multiprocessing as mp
-    mp.start_processes(_masked_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn_processes(_masked_worker, (2, str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     feats, tokens, lengths = batch(6)
     model = double_model()

@@ -17,9 +17,8 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from fixtures import random_feats, random_tokens, tiny_checkpoint, tiny_data, tiny_model  # noqa: F401
+from fixtures import random_feats, random_tokens, spawn_processes, tiny_checkpoint, tiny_data, tiny_model  # noqa: F401
 from test_train import TINY as TRAIN_TINY, make_data, read_log
 
 from imram_min import distributed as D
@@ -114,7 +113,7 @@ def _worker(rank: int, world: int, folder: str, n: int, max_violation: bool = Tr
 
 
 def run_two(tmp_path, n: int, max_violation: bool = True) -> list[dict]:
-    mp.start_processes(_worker, args=(WORLD, str(tmp_path), n, max_violation), nprocs=WORLD, start_method="spawn")
+    spawn_processes(_worker, (WORLD, str(tmp_path), n, max_violation), WORLD)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -200,7 +199,7 @@ def _similarity_worker(rank: int, world: int, folder: str) -> None:
 
 
 def test_distributed_similarities_equal_one_process(tmp_path):
-    mp.start_processes(_similarity_worker, args=(WORLD, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    spawn_processes(_similarity_worker, (WORLD, str(tmp_path)), WORLD)
     feats, tokens, lengths = batch(7, seed=2)
     model = tiny_model(seed=1).eval()
     with torch.no_grad():
