@@ -112,6 +112,23 @@ def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> pathlib.Path:
     return _once("model_dir", make)
 
 
+@pytest.fixture(scope="module")
+def split(tiny_data) -> tuple:
+    """(test_ims.npy path, test_caps.txt path, features, captions) of the tiny data's test split."""
+    import numpy as np
+    ims, caps = tiny_data / "test_ims.npy", tiny_data / "test_caps.txt"
+    return ims, caps, np.load(ims), caps.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def image_index(tmp_path_factory, tiny_model_dir, split) -> pathlib.Path:
+    """An image index (runtime.index) of the tiny test split's features, made with the tiny model dir."""
+    from runtime.index import build
+    out = tmp_path_factory.mktemp("index") / "images"
+    build(out, split[2], tiny_model_dir, device="cpu", threads=1)
+    return out
+
+
 # --------------------------------------------------------------------------- shared helpers
 def run_cli(main, args, capsys):
     """A command's ``main`` in-process on ``args`` (paths allowed) -> (exit status, stdout, stderr)."""

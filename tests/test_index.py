@@ -8,28 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from fixtures import (N_TEST_IMAGES, assert_error_line, assert_one_error_line, run_cli, tiny_checkpoint,  # noqa: F401
-                      tiny_data, tiny_model_dir)
+from fixtures import (N_TEST_IMAGES, assert_error_line, assert_one_error_line, image_index, run_cli,  # noqa: F401
+                      split, tiny_checkpoint, tiny_data, tiny_model_dir)
 from runtime import indexdir
 from runtime.index import build, main as index_main
 from runtime.search import Index, TopK, main as search_main
 from runtime.scorer import Scorer
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def split(tiny_data):  # noqa: F811
-    """(test_ims.npy path, test_caps.txt path, features, captions)."""
-    ims, caps = tiny_data / "test_ims.npy", tiny_data / "test_caps.txt"
-    return ims, caps, np.load(ims), caps.read_text().splitlines()
-
-
-@pytest.fixture(scope="module")
-def image_index(tmp_path_factory, tiny_model_dir, split):  # noqa: F811
-    out = tmp_path_factory.mktemp("idx") / "images"
-    build(out, split[2], tiny_model_dir, device="cpu", threads=1)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from fixtures import assert_error_line, run_cli, tiny_checkpoint, tiny_data, tiny_model_dir  # noqa: F401
+from fixtures import assert_error_line, image_index, run_cli, split, tiny_checkpoint, tiny_data, tiny_model_dir  # noqa: F401
 from runtime import search as search_module
 from runtime.index import build
 from runtime.search import Index, main
 from runtime.scorer import Scorer
 
 UNKNOWN = "zzzqx qqqzv"  # no word of it is in the tiny vocabulary
-
-
-@pytest.fixture(scope="module")
-def split(tiny_data):  # noqa: F811
-    """(test_ims.npy path, test_caps.txt path, features, captions)."""
-    ims, caps = tiny_data / "test_ims.npy", tiny_data / "test_caps.txt"
-    return ims, caps, np.load(ims), caps.read_text().splitlines()
-
-
-@pytest.fixture(scope="module")
-def image_index(tmp_path_factory, tiny_model_dir, split):  # noqa: F811
-    out = tmp_path_factory.mktemp("search_cli") / "images"
-    build(out, split[2], tiny_model_dir, device="cpu", threads=1)
-    return out
 
 
 @pytest.fixture(scope="module")
