@@ -9,6 +9,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# chromium: the headless browser tests/test_html.py opens the --html result pages in (Debian's package).
+# Installed only when missing and running as root; where it cannot be, those checks are skipped (they say so).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (headless browser for tests/test_html.py)" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+        echo "setup: chromium could not be installed; tests/test_html.py skips its browser checks" >&2
+    fi
+fi
 if [ "${IMRAM_SKIP_NODE:-0}" != 1 ]; then
     if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
         echo "error: the test command needs node (>= 18) and npm for the Node.js client's tests;" \
