@@ -10,9 +10,9 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
 (lr 2e-4). Ways of scoring the B x B pairs:
     original     imram_min.reference.per_caption_similarity with autograd: the paper's loop, one
                  caption at a time against the batch's images (the baseline)
-    fast         imram_min.schedule.similarity(..., checkpoint=True): blocks recomputed in the
+    fast         imram_min.tiling.similarity(..., checkpoint=True): blocks recomputed in the
                  backward pass (what training does on a GPU)
-    fast-nockpt  imram_min.schedule.similarity(..., checkpoint=False)
+    fast-nockpt  imram_min.tiling.similarity(..., checkpoint=False)
     support      what training does with hardest negatives: every pair scored by fast-nockpt without
                  autograd, then the loss and its gradient from the 3B pairs it depends on
                  (imram_min.loss.support_loss, (F10))
@@ -49,7 +49,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from imram_min import schedule  # noqa: E402
+from imram_min import tiling  # noqa: E402
 from imram_min.distributed import Context, join, rank_slice, teardown  # noqa: E402
 from imram_min.loss import BatchLoss  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
@@ -81,10 +81,10 @@ def run_scorer(name: str, a, device: torch.device, batch, rank: int = 0, init: s
     model = IMRAM(cfg).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     feats, tokens, lengths = batch[0].to(device), batch[1].to(device), batch[2]  # lengths stay on the CPU
-    kw = {"max_elems": schedule.CUDA_MAX_ELEMS} if device.type == "cuda" else {}  # as training on each device
+    kw = {"max_elems": tiling.CUDA_MAX_ELEMS} if device.type == "cuda" else {}  # as training on each device
     score = {"original": per_caption_similarity, "plain": IMRAM.similarity,
-             "fast": lambda *x: schedule.similarity(*x, checkpoint=True, **kw)}.get(
-        name, lambda *x: schedule.similarity(*x, checkpoint=False, **kw))
+             "fast": lambda *x: tiling.similarity(*x, checkpoint=True, **kw)}.get(
+        name, lambda *x: tiling.similarity(*x, checkpoint=False, **kw))
     ctx, world = Context(), 1
     if name.startswith("ddp-"):
         world = int(name[4:])
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=900, help="per scorer: no new step after this long (900)")
     a = p.parse_args(argv)
     p.check_output_file(a.json, "--json", a.overwrite)
-    device = torch.device(schedule.resolve_device(a.device))
+    device = torch.device(tiling.resolve_device(a.device))
     a.batch_size = a.batch_size or SIZES[device.type][0]
     a.embed_size = a.embed_size or SIZES[device.type][1]
     a.check_batch = min(a.batch_size, a.check_batch or a.batch_size)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from imram_min import schedule
+from imram_min import tiling
 from imram_min.checkpoint import CheckpointError
 from imram_min.data import (DataError, caption_layout, cap2img_path, features_paths, load_captions, load_features,
                             load_vocab, whole_images_captions)
@@ -31,7 +31,7 @@ MAX_BATCH = 1 << 16  # items per batch: beyond it a batch is a memory hazard, no
 def device(name: str, flag: str = "--device") -> torch.device:
     """auto / cpu / cuda / cuda:N -> torch.device, refused unless it is present on this machine."""
     try:
-        dev = schedule.resolve_device(name)
+        dev = tiling.resolve_device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"{flag} {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":

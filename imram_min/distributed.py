@@ -160,7 +160,7 @@ def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tenso
     """All pair scores (n_img, n_cap) as one process's ``score_all`` would give them: process p scores
     its ``rank_slice`` of the images against every caption, and the rows are gathered on every
     process. score_all(model, region_embs, word_embs, lengths, **kwargs) -> (n, n_cap) numpy array
-    (schedule.similarities)."""
+    (tiling.similarities)."""
     if ctx.world == 1:
         return score_all(model, region_embs, word_embs, lengths, **kwargs)
     n_img = region_embs.shape[0]

@@ -168,7 +168,7 @@ class BatchLoss(nn.Module):
     pairs are scored without autograd and the loss is ``support_loss`` (F10): the same loss and
     gradients, back-propagated through 3 b pairs. Wrapped in DistributedDataParallel, its forward
     is the whole step. ``score_pairs(model, region_embs, word_embs, lengths)``: the scorer
-    (schedule.score_pairs). ``image_ids`` (this process's slice, (b,)): given in a layout other
+    (tiling.score_pairs). ``image_ids`` (this process's slice, (b,)): given in a layout other
     than SCAN's, so that pairs of one picture are no negatives (module docstring); None: the original.
     The multi-process scoring of ``rows`` / ``cols`` and the gathers: ``imram_min.distributed``.
     """

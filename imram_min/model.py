@@ -203,7 +203,7 @@ class TextEncoder(nn.Module):
 def word_mask(lengths: torch.Tensor, n_word: int, device: torch.device | None = None) -> torch.Tensor:
     """(n_cap, n_word) bool, True at the valid words of each caption: position < length.
 
-    lengths (n_cap,) int. THE one definition of the mask (model, fast, export, schedule and the
+    lengths (n_cap,) int. THE one definition of the mask (model, fast, export, tiling and the
     mean baseline use it). Traceable: ``n_word`` may be a traced size.
     """
     device = lengths.device if device is None else device
@@ -376,7 +376,7 @@ class IMRAM(nn.Module):
 
         region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,). The
         sum of the step scores over steps and directions (mode "mean": the baseline). Memory grows
-        with n_img x n_cap x max(n_region, n_word) x d: for many pairs, ``imram_min.schedule``
+        with n_img x n_cap x max(n_region, n_word) x d: for many pairs, ``imram_min.tiling``
         scores blocks. Traceable for ONNX.
         """
         if self.cfg.mode == "mean":

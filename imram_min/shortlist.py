@@ -9,7 +9,7 @@ The protocol, in both directions (t2i: each caption's images; i2t: each image's 
    its own region (word) embeddings, l2-normalised (the vectors runtime.index stores; no training
    change), or with ``--global-head HEAD.pt`` the vectors of that head (imram_min.global_head,
    distilled from the model); candidates are ranked by cosine and the top K kept (ties by lower index).
-2. Re-ranking: the K candidates are scored by ``schedule.score_pairs``, the exact scorer of the
+2. Re-ranking: the K candidates are scored by ``tiling.score_pairs``, the exact scorer of the
    exhaustive evaluation, and ranked by that score.
 
 The two-stage ranking is the K re-ranked candidates, then every other item in first-stage order.
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from imram_min import schedule
+from imram_min import tiling
 from imram_min.evaluate import encode_split, image_of_caption, metrics_from_sims, rank_metrics
 from imram_min.model import IMRAM
 
@@ -132,13 +132,13 @@ def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
     def rerank_t2i(j, cand):  # caption j against candidate images
         lens = lengths[j:j + 1]
         words = word_embs[j:j + 1, :int(lens[0])].to(device)
-        return schedule.score_pairs(model, regions[torch.from_numpy(cand).to(device)], words, lens)[:, 0].cpu().numpy()
+        return tiling.score_pairs(model, regions[torch.from_numpy(cand).to(device)], words, lens)[:, 0].cpu().numpy()
 
     def rerank_i2t(i, cand):  # image i against candidate captions
         idx = torch.from_numpy(cand)
         lens = lengths[idx]
         words = word_embs[idx, :int(lens.max())].to(device)
-        return schedule.score_pairs(model, regions[i:i + 1], words, lens)[0].cpu().numpy()
+        return tiling.score_pairs(model, regions[i:i + 1], words, lens)[0].cpu().numpy()
 
     rows = image_of_caption(caps_per_image, n_cap)  # caps_per_image: 5 / 1, or each caption's image row
     gt_t2i = [rows[j:j + 1] for j in range(n_cap)]
@@ -167,7 +167,7 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=No
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress=True)
     shortlists = parse_shortlists(spec, len(region_embs), len(word_embs))
     t0 = time.perf_counter()
-    sims = schedule.similarities(model, region_embs, word_embs, lengths, device, progress=True)
+    sims = tiling.similarities(model, region_embs, word_embs, lengths, device, progress=True)
     exhaustive = {**metrics_from_sims(sims, layout), "seconds": time.perf_counter() - t0}
     result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, layout,
                                                               shortlists, device, head),

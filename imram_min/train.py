@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import checks, distributed, evaluate, schedule
+from imram_min import checks, distributed, evaluate, tiling
 from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
                                   remove_stale_temps, save_checkpoint)
 from imram_min.data import PrecompDataset, collate
@@ -146,7 +146,7 @@ def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device:
     """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum. On N processes each scores its share of the images.
     Scored in float32, as evaluate does (a float32 copy of an fp64 model)."""
     model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
-    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
+    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=tiling.similarities)
     r = evaluate.evaluate_split(model, dataset, device, batch_size=cfg.batch_size, score_all=score_all)
     names = ("r1", "r5", "r10", "medr", "meanr")
     flat = {f"{d}_{k}": float(v) for d in ("i2t", "t2i") for k, v in zip(names, r[d])}
@@ -295,7 +295,7 @@ def _main(argv: list[str] | None) -> dict:
                                              tcfg.batch_size, ctx.rank, ctx.world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate, num_workers=tcfg.workers,
                                          generator=loader_generator, pin_memory=device.type == "cuda")
-    step = BatchLoss(model, schedule.score_pairs, ctx)
+    step = BatchLoss(model, tiling.score_pairs, ctx)
     if ctx.world > 1:
         step = torch.nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda"
                                                          else None)

@@ -17,7 +17,7 @@ from test_train import TINY, WORDS, make_data
 
 from imram_min import distributed as D
 from imram_min import loss as L
-from imram_min import evaluate, schedule, train
+from imram_min import evaluate, tiling, train
 from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint, save_checkpoint
 from imram_min.data import DataError, PrecompDataset, caption_layout
@@ -201,14 +201,14 @@ def test_the_support_loss_with_pictures_gives_the_dense_loss_and_gradients():  #
     tokens, lengths = random_tokens([3 + (7 * i) % 6 for i in range(8)], vocab_size=40, seed=0)
     with torch.no_grad():  # make image 0's hardest negative caption one of its own picture's
         model = tiny_model(seed=0, n_steps=3).double()
-        sims = schedule.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
+        sims = tiling.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
         hardest = int((sims[0] - 1e9 * torch.eye(8, dtype=sims.dtype)[0]).argmax())
     ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     ids[hardest] = 0
     out = []
     for support, image_ids in ((False, ids), (True, ids), (True, None)):
         model = tiny_model(seed=0, n_steps=3).double().train()
-        loss = L.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, True, image_ids)
+        loss = L.BatchLoss(model, tiling.score_pairs, support=support)(feats, tokens, lengths, True, image_ids)
         loss.backward()
         out.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}))
     (dense, dense_grads), (sparse, grads), (original, _) = out
@@ -264,7 +264,7 @@ def _masked_worker(rank: int, world: int, folder: str) -> None:
         feats, tokens, lengths = batch(6)
         own = D.rank_slice(6, world, rank)
         model = double_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, schedule.score_pairs, ctx))
+        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, tiling.score_pairs, ctx))
         loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], True, PICTURES[own])
         loss.backward()
         total = D.all_reduce_sum(float(loss) / world, ctx)
@@ -283,10 +283,10 @@ def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     feats, tokens, lengths = batch(6)
     model = double_model()
-    loss = L.BatchLoss(model, schedule.score_pairs, support=False)(feats, tokens, lengths, True, PICTURES)
+    loss = L.BatchLoss(model, tiling.score_pairs, support=False)(feats, tokens, lengths, True, PICTURES)
     loss.backward()
     assert all(abs(r["loss"] - float(loss.detach())) <= 1e-12 * float(loss.detach()) for r in ranks)
-    original = L.BatchLoss(double_model(), schedule.score_pairs, support=False)(feats, tokens, lengths, True)
+    original = L.BatchLoss(double_model(), tiling.score_pairs, support=False)(feats, tokens, lengths, True)
     assert float(original.detach()) > float(loss.detach())  # the pictures matter in this batch
     for name, p in model.named_parameters():
         assert all(float((r["grads"][name] - p.grad).abs().max()) <= 1e-10 for r in ranks), name

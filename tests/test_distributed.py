@@ -23,7 +23,7 @@ from test_train import TINY as TRAIN_TINY, make_data, read_log
 
 from imram_min import distributed as D
 from imram_min import loss as L
-from imram_min import schedule, train
+from imram_min import tiling, train
 from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import load_checkpoint
 from imram_min.loss import contrastive_loss
@@ -102,7 +102,7 @@ def _worker(rank: int, world: int, folder: str, n: int, max_violation: bool = Tr
         feats, tokens, lengths = batch(n)
         own = D.rank_slice(n, world, rank)
         model = double_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, schedule.score_pairs, ctx))
+        ddp = torch.nn.parallel.DistributedDataParallel(L.BatchLoss(model, tiling.score_pairs, ctx))
         loss = ddp(feats[own], tokens[own, :int(lengths[own].max())], lengths[own], max_violation)
         loss.backward()
         grads = {n: p.grad.detach() for n, p in model.named_parameters()}
@@ -122,10 +122,10 @@ def single_step(n: int, max_violation: bool = True, support: bool = False):
     (loss.contrastive_loss with autograd through all n x n pairs): the reference."""
     feats, tokens, lengths = batch(n)
     model = double_model()
-    loss = L.BatchLoss(model, schedule.score_pairs, support=support)(feats, tokens, lengths, max_violation)
+    loss = L.BatchLoss(model, tiling.score_pairs, support=support)(feats, tokens, lengths, max_violation)
     loss.backward()
     with torch.no_grad():
-        sims = schedule.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
+        sims = tiling.score_pairs(model, model.encode_images(feats), model.encode_captions(tokens, lengths), lengths)
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}, sims
 
 
@@ -140,7 +140,7 @@ def test_the_support_step_is_reproducible_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     feats, tokens = torch.randn(32, 36, 32, generator=g), torch.randint(4, 40, (32, 13), generator=g)
     lengths = torch.randint(5, 14, (32,), generator=g).sort(descending=True).values
-    loss_module = L.BatchLoss(model, schedule.score_pairs, support=True)
+    loss_module = L.BatchLoss(model, tiling.score_pairs, support=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -192,7 +192,7 @@ def _similarity_worker(rank: int, world: int, folder: str) -> None:
         model = tiny_model(seed=1).eval()
         with torch.no_grad():
             sims = D.similarities(model, model.encode_images(feats.float()), model.encode_captions(tokens, lengths),
-                                  lengths, ctx, schedule.similarities)
+                                  lengths, ctx, tiling.similarities)
         np.save(os.path.join(folder, f"sims{rank}.npy"), sims, allow_pickle=False)
     finally:
         D.teardown(ctx)
@@ -203,7 +203,7 @@ def test_distributed_similarities_equal_one_process(tmp_path):
     feats, tokens, lengths = batch(7, seed=2)
     model = tiny_model(seed=1).eval()
     with torch.no_grad():
-        want = schedule.similarities(model, model.encode_images(feats.float()), model.encode_captions(tokens, lengths),
+        want = tiling.similarities(model, model.encode_images(feats.float()), model.encode_captions(tokens, lengths),
                                      lengths)
     for r in range(WORLD):
         got = np.load(tmp_path / f"sims{r}.npy", allow_pickle=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min import evaluate, schedule
+from imram_min import evaluate, tiling
 from imram_min.evaluate.__main__ import main as evaluate_main
 from imram_min.checkpoint import save_checkpoint
 from imram_min.data import PrecompDataset
@@ -106,7 +106,7 @@ def test_blocked_similarities_equal_scoring_all_pairs_at_once(tmp_path):
     dataset = PrecompDataset(data, "test", vocab)
     region_embs, word_embs, lengths = evaluate.encode_split(model, dataset, batch_size=3)
     assert region_embs.shape == (5, 3, 8) and word_embs.shape == (25, int(lengths.max()), 8)
-    sims = schedule.similarities(model, region_embs, word_embs, lengths)
+    sims = tiling.similarities(model, region_embs, word_embs, lengths)
     with torch.no_grad():
         direct = model.similarity(model.encode_images(torch.from_numpy(np.array(dataset.images))), word_embs, lengths)
     np.testing.assert_allclose(sims, direct.numpy(), rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from imram_min import fast, fast_backward, schedule
+from imram_min import fast, fast_backward, tiling
 from imram_min import reference as ref
 from imram_min.model import RAW_FEATURE_NORMS, l2norm
 from test_model import (DIMS, F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,
@@ -30,7 +30,7 @@ def test_fast_equals_model_and_the_paper_loop(mode, n_steps, no_IMRAM_norm, raw_
     feats, tokens, lengths = make_inputs([3, 1, 7, 4, 2], dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = schedule.similarity(model, r, w, lengths)
+        got = tiling.similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert got.shape == (3, 5) and got.dtype == dtype
     assert max_diff(got, expected) <= tol
@@ -48,7 +48,7 @@ def test_fast_for_caption_lengths_1_to_40(mode, raw_feature_norm, dtype):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(), n_img=2, n_region=6, dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = schedule.similarity(model, r, w, lengths)
+        got = tiling.similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= {F64: 1e-12, F32: 1e-5}[dtype]
     if dtype == F32:
@@ -76,7 +76,7 @@ def test_fast_in_small_blocks_equals_model(mode, max_elems):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(3), n_img=3, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = schedule.similarity(model, r, w, lengths, max_elems=max_elems)
+        got = tiling.similarity(model, r, w, lengths, max_elems=max_elems)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= 1e-12
 
@@ -87,8 +87,8 @@ def test_fast_blocks_side_by_side_equal_one_after_another(mode):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(7), n_img=5, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        side_by_side = schedule.similarity(model, r, w, lengths, max_elems=300, workers=3)
-        assert max_diff(side_by_side, schedule.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
+        side_by_side = tiling.similarity(model, r, w, lengths, max_elems=300, workers=3)
+        assert max_diff(side_by_side, tiling.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
         assert max_diff(side_by_side, model.similarity(r, w, lengths)) <= 1e-12
 
 
@@ -96,34 +96,34 @@ def test_worker_threads_run_single_threaded_in_the_callers_grad_mode_and_keep_or
     threads = torch.get_num_threads()
     seen = lambda job: (job, torch.get_num_threads(), torch.is_grad_enabled())  # noqa: E731
     with torch.no_grad():
-        assert schedule.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, False) for i in range(5)]
-    assert schedule.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, True) for i in range(5)]
-    assert schedule.in_worker_threads(seen, [0, 1], 1) == [(0, threads, True), (1, threads, True)]
+        assert tiling.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, False) for i in range(5)]
+    assert tiling.in_worker_threads(seen, list(range(5)), 2) == [(i, 1, True) for i in range(5)]
+    assert tiling.in_worker_threads(seen, [0, 1], 1) == [(0, threads, True), (1, threads, True)]
     assert torch.get_num_threads() == threads
 
 
 def test_blocks_run_side_by_side_only_for_cpu_inference():
-    assert schedule.block_workers(torch.device("cpu"), grad=False) == torch.get_num_threads()
-    assert schedule.block_workers(torch.device("cpu"), grad=True) == 1
-    assert schedule.block_workers(torch.device("cuda"), grad=False) == 1
+    assert tiling.block_workers(torch.device("cpu"), grad=False) == torch.get_num_threads()
+    assert tiling.block_workers(torch.device("cpu"), grad=True) == 1
+    assert tiling.block_workers(torch.device("cuda"), grad=False) == 1
 
 
 def test_training_recomputes_blocks_only_when_the_activations_would_not_fit(monkeypatch):
     model = make_model(mode="full", n_steps=3)
     r, w = torch.randn(4, 5, 16, requires_grad=True), torch.randn(6, 7, 16)
-    need = schedule.stored_activation_bytes(model, 4, 6, 5, 7)
-    monkeypatch.setattr(schedule, "free_memory", lambda device: 2 * need + 8)  # fits in half: stored
-    assert not schedule.needs_recomputation(model, r, w)
-    monkeypatch.setattr(schedule, "free_memory", lambda device: 2 * need - 8)  # does not: recomputed
-    assert schedule.needs_recomputation(model, r, w)
+    need = tiling.stored_activation_bytes(model, 4, 6, 5, 7)
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 2 * need + 8)  # fits in half: stored
+    assert not tiling.needs_recomputation(model, r, w)
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 2 * need - 8)  # does not: recomputed
+    assert tiling.needs_recomputation(model, r, w)
     with torch.no_grad():
-        assert not schedule.needs_recomputation(model, r, w)  # nothing is stored without autograd
+        assert not tiling.needs_recomputation(model, r, w)  # nothing is stored without autograd
 
 
 def test_stored_activations_grow_with_the_pairs_and_vanish_for_the_mean_baseline():
     model = make_model(mode="full", n_steps=3)
-    assert schedule.stored_activation_bytes(model, 4, 6, 5, 7) * 4 == schedule.stored_activation_bytes(model, 8, 12, 5, 7)
-    assert schedule.stored_activation_bytes(make_model(mode="mean", n_steps=1), 4, 6, 5, 7) == 0
+    assert tiling.stored_activation_bytes(model, 4, 6, 5, 7) * 4 == tiling.stored_activation_bytes(model, 8, 12, 5, 7)
+    assert tiling.stored_activation_bytes(make_model(mode="mean", n_steps=1), 4, 6, 5, 7) == 0
 
 
 @pytest.mark.parametrize("mode", IMRAM_MODES)
@@ -134,7 +134,7 @@ def test_fast_ignores_word_embeddings_past_each_length(mode):
     pad = (torch.arange(w.shape[1])[None] >= lengths[:, None])[..., None]
     garbage = w + pad * torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 10
     with torch.no_grad():
-        assert max_diff(schedule.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(tiling.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 @pytest.mark.parametrize("no_txtnorm", [False, True])
@@ -143,7 +143,7 @@ def test_fast_mean_mode_equals_model(no_txtnorm):
     feats, tokens, lengths = make_inputs([3, 1, 7, 4], dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        assert max_diff(schedule.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(tiling.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 GRAD_SWEEP = list(itertools.product(IMRAM_MODES, RAW_FEATURE_NORMS))
@@ -156,7 +156,7 @@ def test_fast_gradients_match_reference_loop(mode, raw_feature_norm):
     r, w = embed(model, feats, tokens, lengths)
     probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
     r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
-    (schedule.similarity(model, r1, w1, lengths) * probe).sum().backward()
+    (tiling.similarity(model, r1, w1, lengths) * probe).sum().backward()
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
     (ref.float64_similarity(model, r2, w2, lengths) * probe).sum().backward()
     assert torch.isfinite(r1.grad).all() and torch.isfinite(w1.grad).all(), NAN_GRAD_MSG
@@ -179,7 +179,7 @@ def test_fast_parameter_gradients_equal_model(mode, checkpoint, workers):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     expected = grads(lambda r, w: model.similarity(r, w, lengths))
-    got = grads(lambda r, w: schedule.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
+    got = grads(lambda r, w: tiling.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
                                              workers=workers))
     assert set(got) == set(expected)
     for name in expected:

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from imram_min import checks, distributed, schedule, shortlist
+from imram_min import checks, distributed, shortlist, tiling
 from imram_min.checkpoint import load_model
 from imram_min.data import PrecompDataset, whole_images_captions
 from imram_min.evaluate import evaluate_split, format_table, per_image
@@ -100,7 +100,7 @@ def _main(argv: list[str] | None) -> dict:
         if args.json:
             atomic.write_json(args.json, result)
         return result
-    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=schedule.similarities)
+    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=tiling.similarities)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
                             return_sims=bool(args.save_sims), progress=ctx.is_main, score_all=score_all)
     distributed.teardown(ctx)

@@ -1,4 +1,4 @@
-"""Scheduling: how the pair matrix is cut into blocks and run on this machine.
+"""Tiling: how the pair matrix is cut into blocks and run on this machine.
 
 Nothing here changes a score: ``imram_min.model`` states the method and ``imram_min.fast`` its exact
 restructuring; this file decides block sizes, caption bucketing by length, worker threads, activation
