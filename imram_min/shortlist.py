@@ -34,9 +34,9 @@ from imram_min.evaluate import encode_split, image_of_caption, metrics_from_sims
 from imram_min.model import IMRAM
 
 
-def global_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+def mean_embedding_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """(n, n_vec, d) embeddings (zeros past each length) -> (n, d): their mean, l2-normalised (as
-    runtime.engine.mean_global_vectors)."""
+    runtime.engine.mean_embedding_vectors)."""
     mean = embs.mean(1) if lengths is None else embs.sum(1) / lengths.to(embs.dtype)[:, None]
     return mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
@@ -57,7 +57,7 @@ def first_stage_vectors(region_embs: torch.Tensor, word_embs: torch.Tensor, leng
     if head is not None:
         from imram_min.global_head import head_vectors
         return head_vectors(head, region_embs, word_embs, lengths)
-    return global_vectors(region_embs), global_vectors(word_embs, lengths)
+    return mean_embedding_vectors(region_embs), mean_embedding_vectors(word_embs, lengths)
 
 
 def parse_shortlists(spec: str, n_img: int, n_cap: int) -> list[tuple[str, int, int]]:

@@ -131,7 +131,7 @@ def available_cpus() -> int:
 
 
 # --------------------------------------------------------------------------- the engine
-def mean_global_vectors(embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+def mean_embedding_vectors(embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """The first stage's vector of each item: the mean of its embeddings, l2-normalised, float32.
     embs (n, n_vec, d) (zeros past each length), lengths (n,) (None: all n_vec)."""
     embs = np.asarray(embs, dtype=np.float32)
@@ -159,7 +159,7 @@ class Engine:
     side by side: 1 on CUDA), has_feature_extractor and, when it has one, preprocessing (the
     manifest's feature spec), feature_size, feature_grid. The feature extractor's session is
     made on first use. has_global_head: the model dir has the first stage's head graphs
-    (``global_vectors``); global_size: the size of a first-stage vector (the head's, else d).
+    (``first_stage_vectors``); global_size: the size of a first-stage vector (the head's, else d).
     projected: the matcher takes per-item projections (``project``); projection_size: their
     size P per region or word (4d for mode full), 0 when it takes none.
     """
@@ -369,12 +369,12 @@ class Engine:
         name = "region_embs" if side == "region" else "word_embs"
         return self._run(f"{side}_projection", **{name: self.float32(embs)})
 
-    def global_vectors(self, embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    def first_stage_vectors(self, embs: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """The first stage's vector of each item (n, global_size) float32, l2-normalised: the global
         head's (image_global / text_global) when the model dir has it, else the mean of the item's
         embeddings. embs (n, n_vec, d) (zeros past each length); lengths (n,) for captions, None for images."""
         if not self.has_global_head:
-            return mean_global_vectors(embs, lengths)
+            return mean_embedding_vectors(embs, lengths)
         embs = self.float32(embs)
         if len(embs) == 0:
             return np.zeros((0, self.global_size), np.float32)

@@ -85,7 +85,7 @@ def _write_images(writer: PartWriter, scorer: Scorer, items, paths, ids, tick, r
         else:
             embs = scorer.encode_images(items[i:j] if rows is None else items[rows[i:j]], check=False)
         proj = _projections(writer, scorer, "region", embs)
-        writer.add(embs.reshape(-1, embs.shape[2]), np.full(j - i, n_region), scorer.global_vectors(embs), ids[i:j],
+        writer.add(embs.reshape(-1, embs.shape[2]), np.full(j - i, n_region), scorer.first_stage_vectors(embs), ids[i:j],
                    None if proj is None else proj.reshape(-1, proj.shape[2]))
         tick(j)
 
@@ -95,7 +95,7 @@ def _write_captions(writer: PartWriter, scorer: Scorer, captions, ids, tick) -> 
         embs, lengths = scorer.encode_captions(captions[i:j])
         mask = np.arange(embs.shape[1])[None, :] < lengths[:, None]
         proj = _projections(writer, scorer, "word", embs)
-        writer.add(embs[mask], lengths, scorer.global_vectors(embs, lengths), ids[i:j],
+        writer.add(embs[mask], lengths, scorer.first_stage_vectors(embs, lengths), ids[i:j],
                    None if proj is None else proj[mask])
         tick(j)
 

@@ -324,7 +324,7 @@ class Index:
             queries = check_captions(queries, name)
             tokens, lengths = self.scorer.tokenize(queries, name)  # unknown words are <unk>, as in training
             embs, lengths = self.scorer.encode_token_batch(tokens, lengths)
-            return {"embs": embs, "lengths": lengths, "global": self.scorer.global_vectors(embs, lengths)}
+            return {"embs": embs, "lengths": lengths, "global": self.scorer.first_stage_vectors(embs, lengths)}
         paths = None if isinstance(queries, np.ndarray) else image_paths_or_none(queries)
         if paths is not None and not all(isinstance(p, os.PathLike) or os.path.exists(p) for p in paths):
             raise InputError("queries: a caption index is searched with images (region features or picture "
@@ -333,7 +333,7 @@ class Index:
             embs = self.scorer.encode_image_files(paths)
         else:
             embs = self.scorer.encode_images(check_region_feats(queries, self.scorer.img_dim, name), check=False)
-        return {"embs": embs, "lengths": None, "global": self.scorer.global_vectors(embs)}
+        return {"embs": embs, "lengths": None, "global": self.scorer.first_stage_vectors(embs)}
 
     def score_items(self, query: dict, q: slice, items: np.ndarray, counts: np.ndarray,
                     proj: np.ndarray | None = None) -> np.ndarray:

@@ -64,8 +64,8 @@ def test_onnx_graphs_equal_the_pytorch_head(head, head_model_dir):
     regions, words, lengths = example(head[0].config["embed_size"], seed=5, n_img=3, n_region=9, n_cap=6, n_word=7)
     with torch.no_grad():
         want_img, want_cap = head[0].image(regions).numpy(), head[0].text(words, lengths).numpy()
-    np.testing.assert_allclose(engine.global_vectors(regions.numpy()), want_img, atol=TOL, rtol=0)
-    np.testing.assert_allclose(engine.global_vectors(words.numpy(), lengths.numpy()), want_cap, atol=TOL, rtol=0)
+    np.testing.assert_allclose(engine.first_stage_vectors(regions.numpy()), want_img, atol=TOL, rtol=0)
+    np.testing.assert_allclose(engine.first_stage_vectors(words.numpy(), lengths.numpy()), want_cap, atol=TOL, rtol=0)
 
 
 def test_matcher_scores_are_untouched(tiny_model_dir, head_model_dir, tiny_data):  # noqa: F811
@@ -85,7 +85,7 @@ def test_index_stores_the_head_vectors_and_exhaustive_equals_runtime_score(tmp_p
     assert "global head" in manifest["first_stage"]
     scorer = Scorer(head_model_dir, device="cpu", threads=1)
     stored = np.load(indexdir.part_file(os.fspath(tmp_path / "idx"), manifest["parts"][0]["name"], "global.npy"))
-    np.testing.assert_allclose(stored, scorer.global_vectors(scorer.encode_images(feats)), atol=TOL, rtol=0)
+    np.testing.assert_allclose(stored, scorer.first_stage_vectors(scorer.encode_images(feats)), atol=TOL, rtol=0)
     assert stored.shape == (N_TEST_IMAGES, SMALL["out_size"])
     index = Index(tmp_path / "idx", device="cpu", threads=1)
     sims = scorer.score(feats, caps)
