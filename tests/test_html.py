@@ -1,6 +1,6 @@
 """Specification of the --html result pages (runtime.html; runtime.search --html, runtime.score --html):
 one self-contained file, thumbnails inlined, every text escaped, written atomically; opened in a
-real headless browser (Debian's chromium: scripts/setup.sh installs it as root), the page loads
+real headless browser (Debian's chromium: scripts/test.sh installs it as root), the page loads
 with no console error and every thumbnail has decoded. Where chromium is not installed those
 checks are skipped, saying so."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ from runtime.search import main as search_main
 
 CAPTIONS = ["a red circle", "a blue square", "a cat <b>on</b> the table & \"more\""]
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs "
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs "
                                                               "it when run as root): the browser checks are skipped")
 
 
