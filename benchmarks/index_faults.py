@@ -101,9 +101,9 @@ def tiny_model_dir(work: str) -> tuple[str, str]:
     """(model dir, data dir): the tests' tiny synthetic data and random tiny model, exported."""
     from export.__main__ import main as export_main
     from fixtures import tiny_model
-    from imram_min.checkpoint import save_checkpoint
+    from imram_min.engineering.checkpoint import save_checkpoint
     from imram_min.data import load_vocab
-    from imram_min.synthetic import make_synthetic
+    from imram_min.data.synthetic import make_synthetic
     data = os.path.join(work, "data")
     make_synthetic(data, seed=3, n_train=12, n_dev=2, n_test=6, img_dim=24)
     vocab = load_vocab(data)

@@ -6,7 +6,7 @@
 
 Runs ``python -m imram_min.train`` once on one process (torch's default threads) and once under
 ``torchrun --standalone --nproc_per_node N`` (one thread each), with the same flags and seed: the
-same global batches in the same order, the exact global-batch loss (imram_min.distributed). The
+same global batches in the same order, the exact global-batch loss (imram_min.engineering.distributed). The
 two differ only in the order of floating-point sums, so any gap is rounding, amplified by
 training: hardest negatives (max violation) flip when two are within rounding of each other, and
 Adam (lr 1e-3 in the built-in recipe) carries each flip on. Prints per epoch the train loss and
@@ -75,7 +75,7 @@ def read_log(run: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a data folder (e.g. data/synthetic from imram_min.synthetic)")
+    p.add_argument("--data", required=True, help="a data folder (e.g. data/synthetic from imram_min.data.synthetic)")
     p.add_argument("--epochs", type=int, default=2, help="(2)")
     p.add_argument("--processes", type=int, default=2, help="N of the torchrun run (2)")
     p.add_argument("--precision", default="fp32", help="train --precision of both runs (fp32)")

@@ -10,7 +10,7 @@ Scorers; each scores the same precomputed embeddings and is timed on that alone:
     loop        imram_min.reference.per_caption_similarity: the paper's loop, one caption at a time
                 against every image of the shard, as the original evaluation (the baseline)
     plain       IMRAM.similarity (imram_min/model.py), batched
-    fast        imram_min.tiling.similarity (imram_min/fast.py's exact restructuring, in blocks)
+    fast        imram_min.engineering.tiling.similarity (imram_min/fast.py's exact restructuring, in blocks)
     onnx-cpu    the same random model exported (matcher="fast") to a temporary folder and scored by
                 runtime.Scorer.score_embeddings on ONNX Runtime, as python -m runtime.score does
     loop-cuda, plain-cuda, fast-cuda, onnx-cuda    the same on CUDA, where torch / onnxruntime offer it
@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from imram_min import tiling  # noqa: E402
+from imram_min.engineering import tiling  # noqa: E402
 from imram_min.fast import FLOP_FORMS, flops_per_pair  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402

@@ -137,8 +137,8 @@ def model_dir_for(name: str, work: str, head: bool) -> tuple[str, str]:
         return trained, "trained runs/default/" + os.path.basename(trained)
     import torch
     from export.__main__ import main as export_main
-    from imram_min.checkpoint import save_checkpoint
-    from imram_min.global_head import GlobalHead, save_head
+    from imram_min.engineering.checkpoint import save_checkpoint
+    from imram_min.search.global_head import GlobalHead, save_head
     from imram_min.model import IMRAM, IMRAMConfig
     from runtime.text import Vocabulary
     vocab_file = os.path.join(ROOT, "data", "synthetic", "vocab.json")

@@ -7,8 +7,8 @@ Tokenises with runtime.text (the rules of runtime/tokenizer.json), with the pinn
 node process over all captions), and compares tokens and ids (a vocabulary of the words nltk gives
 the first half of the captions, so most ids are not <unk>). Caption sets: --n fuzz captions of
 tests/tokenizer_fuzz.py (seeded; per kind), export/awkward_captions.json, every caption of the
-built-in synthetic set (made at img_dim 4: the captions of ``python -m imram_min.synthetic``), and
-every emoji caption (imram_min.emoji, from the npm tarballs in --npm-cache, by default its cache
+built-in synthetic set (made at img_dim 4: the captions of ``python -m imram_min.data synthetic``), and
+every emoji caption (imram_min.data.emoji, from the npm tarballs in --npm-cache, by default its cache
 folder; with --fetch-emoji fetched there with npm first, else skipped when they are not there).
 Prints per set and kind: captions, how many differ
 (Python vs nltk, Node vs Python), seconds. Exit status 1 if any differ.
@@ -46,7 +46,7 @@ fs.writeFileSync(process.argv[4], JSON.stringify({ tokens, ids, seconds }));
 
 
 def synthetic_captions() -> list[str]:
-    from imram_min.synthetic import make_synthetic
+    from imram_min.data.synthetic import make_synthetic
     with tempfile.TemporaryDirectory() as folder:
         make_synthetic(folder, img_dim=4)
         return [line for split in ("train", "dev", "test")
@@ -54,7 +54,7 @@ def synthetic_captions() -> list[str]:
 
 
 def emoji_captions(cache: str, fetch: bool = False) -> list[str] | None:
-    from imram_min.emoji import (PACKAGES, emoji_captions as captions_of, fetch_package, join_emoji, read_json_member,
+    from imram_min.data.emoji import (PACKAGES, emoji_captions as captions_of, fetch_package, join_emoji, read_json_member,
                                  tarball_name)
     paths = {spec: fetch_package(spec, cache) if fetch else os.path.join(cache, tarball_name(spec)) for spec in PACKAGES}
     if not all(os.path.exists(p) for p in paths.values()):
@@ -115,7 +115,7 @@ def compare(name: str, kinds: list[str], captions: list[str], node: bool, exampl
 
 
 def main(argv=None) -> int:
-    from imram_min.emoji import default_cache_dir
+    from imram_min.data.emoji import default_cache_dir
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000, help="fuzz captions (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="fuzz seed (default: %(default)s)")

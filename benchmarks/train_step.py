@@ -10,9 +10,9 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
 (lr 2e-4). Ways of scoring the B x B pairs:
     original     imram_min.reference.per_caption_similarity with autograd: the paper's loop, one
                  caption at a time against the batch's images (the baseline)
-    fast         imram_min.tiling.similarity(..., checkpoint=True): blocks recomputed in the
+    fast         imram_min.engineering.tiling.similarity(..., checkpoint=True): blocks recomputed in the
                  backward pass (what training does on a GPU)
-    fast-nockpt  imram_min.tiling.similarity(..., checkpoint=False)
+    fast-nockpt  imram_min.engineering.tiling.similarity(..., checkpoint=False)
     support      what training does with hardest negatives: every pair scored by fast-nockpt without
                  autograd, then the loss and its gradient from the 3B pairs it depends on
                  (imram_min.loss.support_loss, (F10))
@@ -49,8 +49,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from imram_min import tiling  # noqa: E402
-from imram_min.distributed import Context, join, rank_slice, teardown  # noqa: E402
+from imram_min.engineering import tiling  # noqa: E402
+from imram_min.engineering.distributed import Context, join, rank_slice, teardown  # noqa: E402
 from imram_min.loss import BatchLoss  # noqa: E402
 from imram_min.model import IMRAM, IMRAMConfig  # noqa: E402
 from imram_min.reference import per_caption_similarity  # noqa: E402

@@ -9,7 +9,7 @@ feature_extractor.onnx (EfficientNet-Lite0 grid features, for models with img_di
 checkpoint's training data (features.json of the data folder), or --feature-size and --grid:
 with neither, export refuses (an extractor at guessed settings would be wrong). A --out that
 already holds a model dir's files is not replaced without --overwrite.
-The first-stage global head of ``python -m imram_min.global_head`` (export.global_head) is
+The first-stage global head of ``python -m imram_min.search.global_head`` (export.global_head) is
 included as image_global.onnx and text_global.onnx, which runtime.index / runtime.search use: by
 default the one beside the checkpoint (CKPT's folder/global_head.pt, where that command and
 scripts/run.sh write it) when it was distilled from this checkpoint; --global-head names another,
@@ -33,13 +33,13 @@ from .graphs import DEFAULT_MATCHER, MATCHER_FORMS
 from .onnx_export import (DEFAULT_OPSET, FEATURE_EXTRACTOR, FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MAX_OPSET,
                           MIN_OPSET, PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
 
-MAX_FEATURE_SIZE, MAX_GRID = 2048, 64  # as python -m imram_min.features
+MAX_FEATURE_SIZE, MAX_GRID = 2048, 64  # as python -m imram_min.data.features
 
 
 def main(argv: list[str] | None = None) -> int:
     """Export; 0 on success, 2 after one error line for bad input, 1 when the graphs fail their check."""
-    from imram_min.checkpoint import CheckpointError
-    from imram_min.global_head import GlobalHeadError
+    from imram_min.engineering.checkpoint import CheckpointError
+    from imram_min.search.global_head import GlobalHeadError
     return cli.run(_main, argv, user_errors=(CheckpointError, ExportSettingsError, GlobalHeadError))
 
 
@@ -47,7 +47,7 @@ def _main(argv: list[str] | None) -> int:
     p = cli.ArgumentParser(prog="python -m export",
                            description="Export an imram-min checkpoint to ONNX (3 graphs + vocab + manifest, "
                                        "and optionally a picture feature extractor).")
-    p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or made by imram_min.convert)")
+    p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or made by imram_min.engineering.convert)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write (created if needed)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default %(default)s)")
     p.add_argument("--matcher", default=DEFAULT_MATCHER, help="matcher formulation: plain (model.py) or fast (fast.py); "
@@ -64,7 +64,7 @@ def _main(argv: list[str] | None) -> int:
                         "is recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace the model dir's files already in --out")
     p.add_argument("--global-head", metavar="HEAD.pt", help="the first-stage head to include as image_global.onnx "
-                   "and text_global.onnx (python -m imram_min.global_head; default: global_head.pt beside the "
+                   "and text_global.onnx (python -m imram_min.search.global_head; default: global_head.pt beside the "
                    "checkpoint, when it was distilled from it)")
     p.add_argument("--no-global-head", action="store_true", help="include no global head: runtime.index's first "
                    "stage is then the mean embeddings")
@@ -85,12 +85,12 @@ def _main(argv: list[str] | None) -> int:
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
                *GLOBAL_FILES.values(), *CONFORMANCE_FILES]
-    from imram_min.global_head import default_head_path
+    from imram_min.search.global_head import default_head_path
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
                                [args.checkpoint, args.global_head, default_head_path(args.checkpoint)])
     cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)  # after: an input first
 
-    from imram_min.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from imram_min.engineering.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     try:  # the checkpoint's weights fit its config: checked before any graph is made
         model, _ = model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
     except CheckpointError as e:

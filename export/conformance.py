@@ -62,7 +62,7 @@ LABELS = {"tokens": "tokens", "ids": "ids", "region_embs": "region embeddings", 
           "pipeline": "pipeline scores"}
 
 # --------------------------------------------------------------------------- captions
-EMOJI_RECORDS = [  # emoji-style records (as imram_min.emoji.join_emoji makes them) for emoji_captions
+EMOJI_RECORDS = [  # emoji-style records (as imram_min.data.emoji.join_emoji makes them) for emoji_captions
     {"hexcode": "1F44D", "label": "thumbs up", "name": "thumbs up sign", "short_names": ["+1", "thumbsup"],
      "tags": ["+1", "hand", "thumb", "up"], "tone": ""},
     {"hexcode": "1F44D-1F3FF", "label": "thumbs up: dark skin tone", "name": "thumbs up sign",
@@ -148,15 +148,15 @@ def awkward_captions(path: str = AWKWARD_FILE) -> list[str]:
 
 
 def synthetic_captions(seed: int = SEED, n_scenes: int = N_SYNTHETIC_SCENES) -> list[str]:
-    """5 captions of each of ``n_scenes`` random scenes of imram_min.synthetic (its grammar)."""
-    from imram_min.synthetic import random_scene, scene_captions
+    """5 captions of each of ``n_scenes`` random scenes of imram_min.data.synthetic (its grammar)."""
+    from imram_min.data.synthetic import random_scene, scene_captions
     rng = np.random.default_rng(seed)
     return [c for _ in range(n_scenes) for c in scene_captions(random_scene(rng), rng)]
 
 
 def emoji_style_captions(seed: int = SEED) -> list[str]:
-    """imram_min.emoji's captions of EMOJI_RECORDS, plus the same texts with the emoji itself in them."""
-    from imram_min.emoji import emoji_captions
+    """imram_min.data.emoji's captions of EMOJI_RECORDS, plus the same texts with the emoji itself in them."""
+    from imram_min.data.emoji import emoji_captions
     rng = random.Random(seed)
     out = []
     for record in EMOJI_RECORDS:

@@ -1,4 +1,4 @@
-"""The first-stage global head (imram_min.global_head) as two small ONNX graphs in a model dir.
+"""The first-stage global head (imram_min.search.global_head) as two small ONNX graphs in a model dir.
 
     python -m export RUN/best.pt --out MODEL_DIR                  # includes RUN/global_head.pt if made from best.pt
     python -m export RUN/best.pt --out MODEL_DIR --global-head HEAD.pt   # this head
@@ -6,7 +6,7 @@
 
 Which head export includes (``choose_global_head``), one rule: the one named by --global-head;
 else, unless --no-global-head, the head beside the checkpoint (RUN/global_head.pt, where
-``python -m imram_min.global_head`` writes it and scripts/run.sh makes it) when the checkpoint's
+``python -m imram_min.search.global_head`` writes it and scripts/run.sh makes it) when the checkpoint's
 SHA-256 is the one it was distilled from (a head of another checkpoint is left out, with a
 warning: it would shortlist from embeddings it was not trained on); else none.
 
@@ -67,7 +67,7 @@ def choose_global_head(checkpoint: str, given: str | None = None, disabled: bool
     another checkpoint); disabled: --no-global-head; else the head beside the checkpoint, included
     only if it was distilled from this checkpoint. GlobalHeadError for a file that is not a head
     or does not fit embed_size."""
-    from imram_min.global_head import default_head_path, load_head
+    from imram_min.search.global_head import default_head_path, load_head
     if disabled:
         return None, None, "no global head (--no-global-head)", []
     path = given if given is not None else default_head_path(checkpoint)
@@ -83,7 +83,7 @@ def choose_global_head(checkpoint: str, given: str | None = None, disabled: bool
         return head, path, f"global head {path}", [f"{source}: its shortlists may miss this model's best matches"]
     return None, None, f"no global head ({path} is of another checkpoint)", [
         f"{source}: left out (runtime.index's first stage will be the mean embeddings); distil it again "
-        f"(python -m imram_min.global_head {checkpoint} --data DIR --overwrite), name one with --global-head, "
+        f"(python -m imram_min.search.global_head {checkpoint} --data DIR --overwrite), name one with --global-head, "
         f"or add --no-global-head"]
 
 

@@ -15,7 +15,7 @@ How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(.
 * The matcher is built by ``build_matcher``, THE one place that chooses the formulation:
   "plain" calls ``model.step_scores`` (the reference form), "fast" ``imram_min.fast.FastMatcher``
   with its weights as constants. The projection graphs (fast form only) are ``ProjectionGraph``s.
-* The feature extractor is ``imram_min.features.GridFeatureExtractor``: EfficientNet-Lite0 with
+* The feature extractor is ``imram_min.data.features.GridFeatureExtractor``: EfficientNet-Lite0 with
   the packaged ImageNet weights, then the grid pooling as a MatMul with a constant matrix (equal to
   the adaptive average pooling of ``extract_features``, and exportable for any size and grid).
   Its input side is fixed (``size``); the batch is dynamic. Which size and grid: those recorded

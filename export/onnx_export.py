@@ -21,7 +21,7 @@ MODEL_DIR/
     conformance.json    conformance vectors (export.conformance, docs/deploy.md): captions with tokens and
     conformance.bin     ids, seeded features with embeddings, projections and scores, a tolerance per stage;
                         ``python -m runtime.check MODEL_DIR`` checks a runtime against them
-  with feature_extractor=True (models with img_dim 1280, trained on imram_min.features grid features):
+  with feature_extractor=True (models with img_dim 1280, trained on imram_min.data.features grid features):
     feature_extractor.onnx  images (n_img, 3, size, size) f32, preprocessed by runtime.images
                             -> region_feats (n_img, grid*grid, 1280) f32; manifest "preprocessing" holds
                             runtime.images.feature_spec(size, grid) (network, size, grid, normalisation)
@@ -61,7 +61,7 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 14  # GRU with linear_before_reset, Trilu-free; 14 is the oldest we test
 MAX_OPSET = 20  # the newest the TorchScript exporter writes
 VERIFY_TOL = 1e-4  # export-time sanity check (the tests hold the graphs to 1e-5)
-DEFAULT_FEATURE_SIZE, DEFAULT_GRID = 128, 4  # = imram_min.features.DEFAULT_SIZE, DEFAULT_GRID (a test checks)
+DEFAULT_FEATURE_SIZE, DEFAULT_GRID = 128, 4  # = imram_min.data.features.DEFAULT_SIZE, DEFAULT_GRID (a test checks)
 
 FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx", "matcher": "matcher.onnx"}
 PROJECTION_FILES = {"region_projection": "region_projection.onnx", "word_projection": "word_projection.onnx"}
@@ -241,7 +241,7 @@ def _jsonable(obj):
 
 
 def build_feature_extractor(img_dim: int, size: int, grid: int, network: nn.Module | None = None) -> nn.Module:
-    """``imram_min.features.GridFeatureExtractor`` (packaged ImageNet weights unless ``network``) in
+    """``imram_min.data.features.GridFeatureExtractor`` (packaged ImageNet weights unless ``network``) in
     eval mode, for a model with ``img_dim``; ExportSettingsError if it cannot be made."""
     if img_dim != FEATURE_DIM:
         raise ExportSettingsError(
@@ -251,7 +251,7 @@ def build_feature_extractor(img_dim: int, size: int, grid: int, network: nn.Modu
         raise ExportSettingsError(f"feature size must be an integer >= 32 pixels, got {size!r}")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ExportSettingsError(f"grid must be an integer >= 1, got {grid!r}")
-    from imram_min.features import EfficientNetLite0, GridFeatureExtractor
+    from imram_min.data.features import EfficientNetLite0, GridFeatureExtractor
     if network is None:
         try:
             network = EfficientNetLite0.pretrained()
@@ -422,13 +422,13 @@ def recorded_feature_settings(checkpoint: str | os.PathLike, ckpt: dict,
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
                       matcher: str = DEFAULT_MATCHER, verify: bool = True, feature_extractor: bool = False,
                       feature_size: int | None = None, grid: int | None = None) -> dict:
-    """Load a project checkpoint (imram_min.checkpoint) and ``export_model`` it; returns the manifest.
+    """Load a project checkpoint (imram_min.engineering.checkpoint) and ``export_model`` it; returns the manifest.
 
     With ``feature_extractor``: a size or grid left None is taken from ``recorded_feature_settings``;
     when nothing is recorded, ExportSettingsError (an extractor made at guessed settings would feed
     the model features it was not trained on). manifest["source"]["feature_settings"] says which
     (size, grid, from, and the recorded size/grid when they were overridden)."""
-    from imram_min.checkpoint import load_checkpoint, model_from_checkpoint
+    from imram_min.engineering.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     rules = (ckpt.get("tokenizer") or {}).get("rules_version", Tokenizer.builtin().rules_version)  # older: none
@@ -456,7 +456,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                 " (no training data folder is named by the checkpoint or a config.json beside it)"
             raise ExportSettingsError(
                 f"{os.fspath(checkpoint)}: the picture size and grid its training features were made with are not "
-                f"recorded{places}: pass --feature-size PX --grid N as given to imram_min.features, or put that "
+                f"recorded{places}: pass --feature-size PX --grid N as given to imram_min.data.features, or put that "
                 f"{FEATURES_JSON} in the training data folder")
         if feature_size is None or grid is None:
             settings["from"] = where

@@ -14,7 +14,7 @@ the negatives. Four functions compute it, each equal to the one before:
   images o .. o + b - 1 (the first sum) and its captions (the second), from rows = F(own images,
   all captions) (b, B) and cols = F(all images, own captions) (B, b): every score these terms
   read. The slices' terms sum to L exactly, hardest negatives included wherever they lie: this
-  is how N processes share one batch (``imram_min.distributed``); one process: b = B, o = 0.
+  is how N processes share one batch (``imram_min.engineering.distributed``); one process: b = B, o = 0.
 * ``support_loss``: ``hinge_terms`` with hardest negatives, the gradient through 3b pairs (F10).
 * ``BatchLoss``: what ``imram_min.train`` calls per batch: encode, score, and one of the above.
 
@@ -53,9 +53,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import fast
-from .distributed import Context, gather, gather_no_grad
-from .model import IMRAM
+from imram_min import fast
+from imram_min.engineering.distributed import Context, gather, gather_no_grad
+from imram_min.model import IMRAM
 
 
 # --------------------------------------------------------------------------- (12), the definition
@@ -170,7 +170,7 @@ class BatchLoss(nn.Module):
     is the whole step. ``score_pairs(model, region_embs, word_embs, lengths)``: the scorer
     (tiling.score_pairs). ``image_ids`` (this process's slice, (b,)): given in a layout other
     than SCAN's, so that pairs of one picture are no negatives (module docstring); None: the original.
-    The multi-process scoring of ``rows`` / ``cols`` and the gathers: ``imram_min.distributed``.
+    The multi-process scoring of ``rows`` / ``cols`` and the gathers: ``imram_min.engineering.distributed``.
     """
 
     def __init__(self, model: IMRAM, score_pairs, ctx: Context | None = None, support: bool = True):

@@ -376,7 +376,7 @@ class IMRAM(nn.Module):
 
         region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,). The
         sum of the step scores over steps and directions (mode "mean": the baseline). Memory grows
-        with n_img x n_cap x max(n_region, n_word) x d: for many pairs, ``imram_min.tiling``
+        with n_img x n_cap x max(n_region, n_word) x d: for many pairs, ``imram_min.engineering.tiling``
         scores blocks. Traceable for ONNX.
         """
         if self.cfg.mode == "mean":

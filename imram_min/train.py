@@ -18,7 +18,7 @@ of RUN/log.jsonl.
 
 Outputs, all written atomically:
     RUN/config.json   {"model": IMRAMConfig, "train": TrainConfig, "from_defaults_file": [...]}
-    RUN/best.pt       checkpoint of the best dev rsum (imram_min.checkpoint format)
+    RUN/best.pt       checkpoint of the best dev rsum (imram_min.engineering.checkpoint format)
     RUN/last.pt       checkpoint after the last finished epoch + "train_state" for --resume
     RUN/log.jsonl     per epoch: epoch (1-based: epochs done), lr, train_loss (mean per batch),
                       i2t_r1 i2t_r5 i2t_r10 i2t_medr i2t_meanr, t2i_..., rsum, seconds
@@ -55,13 +55,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import checks, distributed, evaluate, tiling
-from imram_min.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
+from imram_min import evaluate
+from imram_min.engineering import checks, distributed, tiling
+from imram_min.engineering.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
                                   remove_stale_temps, save_checkpoint)
 from imram_min.data import PrecompDataset, collate
 from imram_min.loss import BatchLoss
 from imram_min.model import IMRAM, IMRAMConfig
-from imram_min.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
+from imram_min.engineering.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
                                 build_parser, check_run_folder, check_settings, estimated_bytes, resolve_settings)
 from runtime import atomic, cli
 from runtime.cli import UserError

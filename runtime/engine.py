@@ -12,7 +12,7 @@ checked by runtime.inputs (MAX_WORDS tokens per caption, finite features within 
 
 This module is written once for every user of the graphs: ``runtime.scorer.Scorer`` (all pairs)
 builds on it. Image files are decoded with Pillow and preprocessed with numpy by runtime.images
-exactly as ``imram_min.features`` does for training, ``image_batch`` pictures at a time
+exactly as ``imram_min.data.features`` does for training, ``image_batch`` pictures at a time
 (pictures over runtime.images.MAX_PIXELS are refused before decoding).
 
 Limits of the settings: shard 1..MAX_SHARD (and cut down to keep one matcher call within
@@ -306,7 +306,7 @@ class Engine:
     def image_features(self, paths: Sequence[str | os.PathLike],
                        progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Image files -> grid features (n_img, grid*grid, img_dim) float32: what
-        ``imram_min.features.extract_features`` makes for training, with feature_extractor.onnx.
+        ``imram_min.data.features.extract_features`` makes for training, with feature_extractor.onnx.
         progress(done, total) is called after each batch of pictures."""
         paths = check_image_paths(paths)
         out = np.empty((len(paths), self.feature_grid ** 2, self.img_dim), dtype=np.float32)

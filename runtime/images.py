@@ -1,6 +1,6 @@
 """Pictures -> network input. One piece of code for feature extraction and the torch-free runtime.
 
-numpy + Pillow only (no torch), so the training side (``imram_min.features``) and the runtime
+numpy + Pillow only (no torch), so the training side (``imram_min.data.features``) and the runtime
 (``runtime.score`` with an exported feature_extractor.onnx) see bit-identical inputs.
 
 1. ``list_images``: files, folders (searched recursively, sorted) and text files of paths
@@ -13,7 +13,7 @@ numpy + Pillow only (no torch), so the training side (``imram_min.features``) an
    EfficientNet-Lite0 weights expect.
 4. ``feature_spec`` / ``write_feature_spec`` / ``read_feature_spec``: THE description of how
    grid features are made (network, size, grid, normalisation), written as features.json beside
-   every features file (``python -m imram_min.features``, the emoji builder) and recorded in an
+   every features file (``python -m imram_min.data.features``, the emoji builder) and recorded in an
    exported model's manifest.json (``python -m export ... --feature-extractor``), so the runtime
    preprocesses pictures exactly as training did.
 

@@ -12,7 +12,7 @@ IMAGES, always the first argument, is one of:
     -- a .txt in first position is always a list of pictures, the captions come second;
   * a single picture file.
 Pictures need a model dir exported with ``--feature-extractor``: they are decoded with Pillow and
-preprocessed with numpy (runtime.images) exactly as ``imram_min.features`` did for training, a
+preprocessed with numpy (runtime.images) exactly as ``imram_min.data.features`` did for training, a
 batch (--image-batch) at a time, and turned into region features by feature_extractor.onnx.
 CAPTIONS.txt: UTF-8, one caption a line, no blank lines, at most MAX_WORDS (256) words (tokens) a
 line ("-": read from standard input). Words the model's vocabulary lacks are read as <unk>, exactly

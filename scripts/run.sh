@@ -12,14 +12,14 @@ RUN=${1:-runs/default}
 DATA=${DATA:-data/synthetic}
 
 echo "== 1/6 prepare: the built-in synthetic dataset -> $DATA"
-$PY -m imram_min.synthetic --out "$DATA" --overwrite
+$PY -m imram_min.data.synthetic --out "$DATA" --overwrite
 echo "== 2/6 train -> $RUN"
 # shellcheck disable=SC2086
 $PY -m imram_min.train --data "$DATA" --out "$RUN" --overwrite ${TRAIN_ARGS:-}
 echo "== 3/6 evaluate on the test split"
 $PY -m imram_min.evaluate "$RUN/best.pt" --data "$DATA" --split test --json "$RUN/test_metrics.json" --save-sims "$RUN/test_sims.npy" --overwrite
 echo "== 4/6 distil the search's first-stage head (IMRAM frozen) -> $RUN/global_head.pt"
-$PY -m imram_min.global_head "$RUN/best.pt" --data "$DATA" --out "$RUN/global_head.pt" --overwrite
+$PY -m imram_min.search.global_head "$RUN/best.pt" --data "$DATA" --out "$RUN/global_head.pt" --overwrite
 echo "== 5/6 export to ONNX, with the head beside the checkpoint -> $RUN/model"
 $PY -m export "$RUN/best.pt" --out "$RUN/model" --overwrite
 echo "== 6/6 score the test split with ONNX Runtime (no torch) -> $RUN/runtime_sims.npy, $RUN/rankings.txt"

@@ -80,7 +80,7 @@ def lengths_1_to_40(seed: int = 0) -> list[int]:
 def tiny_data(tmp_path_factory) -> pathlib.Path:
     """A synthetic data folder (imram_min.data): train 12 / dev 2 / test N_TEST_IMAGES images, img_dim IMG_DIM."""
     def make():
-        from imram_min.synthetic import make_synthetic
+        from imram_min.data.synthetic import make_synthetic
         out = tmp_path_factory.mktemp("tiny_data")
         make_synthetic(out, seed=3, n_train=12, n_dev=2, n_test=N_TEST_IMAGES, img_dim=IMG_DIM)
         return out
@@ -89,9 +89,9 @@ def tiny_data(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data, tmp_path_factory) -> pathlib.Path:
-    """A project checkpoint (imram_min.checkpoint) of a random tiny model with the data folder's vocabulary."""
+    """A project checkpoint (imram_min.engineering.checkpoint) of a random tiny model with the data folder's vocabulary."""
     def make():
-        from imram_min.checkpoint import save_checkpoint
+        from imram_min.engineering.checkpoint import save_checkpoint
         from imram_min.data import load_vocab
         vocab = load_vocab(tiny_data)
         path = tmp_path_factory.mktemp("tiny_ckpt") / "best.pt"

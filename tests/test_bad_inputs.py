@@ -1,7 +1,7 @@
 """The bad-input specification of the training-side commands.
 
-    python -m imram_min.train | imram_min.evaluate | imram_min.convert | imram_min.features | export
-              | imram_min.synthetic | imram_min.data synthetic / emoji
+    python -m imram_min.train | imram_min.evaluate | imram_min.engineering.convert | imram_min.data.features | export
+              | imram_min.data.synthetic | imram_min.data synthetic / emoji
 
 Every case below is a user error. Each must end with exit status 2, nothing on stdout, exactly
 one line ``error: ...`` on stderr that names the file or flag and what was expected (no
@@ -40,7 +40,9 @@ import torch
 from fixtures import ROOT, assert_error_line, run_cli, tiny_checkpoint, tiny_data, write_picture  # noqa: F401
 
 from export.__main__ import main as export_main
-from imram_min import convert, features, synthetic, train
+from imram_min import train
+from imram_min.data import features, synthetic
+from imram_min.engineering import convert
 from imram_min.data.__main__ import main as data_main
 from imram_min.evaluate.__main__ import main as evaluate_main
 from runtime import atomic

@@ -15,11 +15,12 @@ import torch
 from fixtures import random_feats, random_tokens, spawn_processes, tiny_model
 from test_train import TINY, WORDS, make_data
 
-from imram_min import distributed as D
+from imram_min.engineering import distributed as D
 from imram_min import loss as L
-from imram_min import evaluate, tiling, train
+from imram_min import evaluate, train
+from imram_min.engineering import tiling
 from imram_min.evaluate.__main__ import main as evaluate_main
-from imram_min.checkpoint import load_checkpoint, save_checkpoint
+from imram_min.engineering.checkpoint import load_checkpoint, save_checkpoint
 from imram_min.data import DataError, PrecompDataset, caption_layout
 from imram_min.loss import contrastive_loss
 from imram_min.model import IMRAM, IMRAMConfig
@@ -292,9 +293,9 @@ def test_two_processes_give_the_single_process_loss_with_pictures(tmp_path):
         assert all(float((r["grads"][name] - p.grad).abs().max()) <= 1e-10 for r in ranks), name
 
 
-# --------------------------------------------------------------------------- the search head (imram_min.global_head)
+# --------------------------------------------------------------------------- the search head (imram_min.search.global_head)
 def test_the_search_head_trains_alike_on_the_image_rows_of_the_scan_layout():
-    from imram_min.global_head import train_head
+    from imram_min.search.global_head import train_head
     torch.manual_seed(0)
     model = IMRAM(IMRAMConfig(vocab_size=len(WORDS) + 4, img_dim=12, word_dim=8, embed_size=8)).eval()
     regions = torch.randn(12, 3, 8)
@@ -307,7 +308,7 @@ def test_the_search_head_trains_alike_on_the_image_rows_of_the_scan_layout():
 
 
 def test_the_search_head_command_takes_a_sidecar_layout(tmp_path, capsys):
-    from imram_min import global_head
+    from imram_min.search import global_head
     make_variable_split(tmp_path, "train", [2, 1, 3, 5, 1, 4, 2, 2])
     ckpt = checkpoint(tmp_path / "m.pt", Vocabulary(WORDS))
     out = global_head.main([ckpt, "--data", str(tmp_path), "--out", str(tmp_path / "head.pt"), "--epochs", "2",

@@ -1,13 +1,13 @@
-"""imram_min.convert: original IMRAM checkpoints -> imram-min checkpoints, and what it refuses."""
+"""imram_min.engineering.convert: original IMRAM checkpoints -> imram-min checkpoints, and what it refuses."""
 import argparse
 
 import numpy as np
 import pytest
 import torch
 
-from imram_min import convert
+from imram_min.engineering import convert
 from imram_min.evaluate.__main__ import main as evaluate_main
-from imram_min.checkpoint import load_model
+from imram_min.engineering.checkpoint import load_model
 from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary
 

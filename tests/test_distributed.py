@@ -1,4 +1,4 @@
-"""Training on N processes is the single-process objective on the global batch (imram_min.distributed).
+"""Training on N processes is the single-process objective on the global batch (imram_min.engineering.distributed).
 
 The multi-process tests spawn 2 processes (gloo on the CPU, one thread each) that talk through a
 file in a temporary folder, and write what they computed there for the test to compare.
@@ -21,11 +21,12 @@ import torch
 from fixtures import random_feats, random_tokens, spawn_processes, tiny_checkpoint, tiny_data, tiny_model  # noqa: F401
 from test_train import TINY as TRAIN_TINY, make_data, read_log
 
-from imram_min import distributed as D
+from imram_min.engineering import distributed as D
 from imram_min import loss as L
-from imram_min import tiling, train
+from imram_min import train
+from imram_min.engineering import tiling
 from imram_min.evaluate.__main__ import main as evaluate_main
-from imram_min.checkpoint import load_checkpoint
+from imram_min.engineering.checkpoint import load_checkpoint
 from imram_min.loss import contrastive_loss
 
 WORLD = 2

@@ -1,4 +1,4 @@
-"""imram_min.emoji: joining the two npm packages, captions, splits, and the data folder it writes."""
+"""imram_min.data.emoji: joining the two npm packages, captions, splits, and the data folder it writes."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imram_min import emoji
+from imram_min.data import emoji
 from runtime.images import read_path_list
 from runtime.text import Vocabulary
 

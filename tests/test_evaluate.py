@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min import evaluate, tiling
+from imram_min import evaluate
+from imram_min.engineering import tiling
 from imram_min.evaluate.__main__ import main as evaluate_main
-from imram_min.checkpoint import save_checkpoint
+from imram_min.engineering.checkpoint import save_checkpoint
 from imram_min.data import PrecompDataset
 from imram_min.model import IMRAM, IMRAMConfig
 from runtime.text import Vocabulary

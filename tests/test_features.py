@@ -1,4 +1,4 @@
-"""runtime.images (decoding, preprocessing, listing) and imram_min.features (EfficientNet-Lite0 grid features)."""
+"""runtime.images (decoding, preprocessing, listing) and imram_min.data.features (EfficientNet-Lite0 grid features)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 from fixtures import write_picture
 from runtime.images import ImageError, list_images, load_image, preprocess, read_path_list, write_path_list
 
-features = pytest.importorskip("imram_min.features")
+features = pytest.importorskip("imram_min.data.features")
 try:
     WEIGHTS = features.weights_path()
 except ImportError:

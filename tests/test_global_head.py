@@ -1,5 +1,5 @@
-"""Specification of the first-stage global head (imram_min.global_head, export.global_head and its
-use by runtime.index / runtime.search and imram_min.shortlist): small inputs, one behaviour each."""
+"""Specification of the first-stage global head (imram_min.search.global_head, export.global_head and its
+use by runtime.index / runtime.search and imram_min.search.shortlist): small inputs, one behaviour each."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,7 @@ SMALL = dict(hidden=16, out_size=8)
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):  # noqa: F811
-    from imram_min.checkpoint import load_model
+    from imram_min.engineering.checkpoint import load_model
     return load_model(tiny_checkpoint)[0]
 
 
@@ -33,7 +33,7 @@ def train_embs(model, tiny_data):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def head(model, train_embs):
-    from imram_min.global_head import train_head
+    from imram_min.search.global_head import train_head
     torch.manual_seed(0)
     return train_head(model, *train_embs, epochs=3, batch=4, distill=1.0, progress=False, **SMALL)
 
@@ -49,7 +49,7 @@ def head_model_dir(tmp_path_factory, tiny_model_dir, head):  # noqa: F811
 
 
 def test_training_lowers_the_loss_and_leaves_the_model_alone(model, train_embs):
-    from imram_min.global_head import train_head
+    from imram_min.search.global_head import train_head
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, history = train_head(model, *train_embs, epochs=8, batch=4, distill=1.0, progress=False, **SMALL)
     assert history[-1] < history[0]
@@ -99,8 +99,8 @@ def test_index_stores_the_head_vectors_and_exhaustive_equals_runtime_score(tmp_p
 def test_cli_writes_a_head_that_evaluate_and_export_take(tmp_path, tiny_checkpoint, tiny_data, capsys):  # noqa: F811
     from export.__main__ import main as export_main
     from imram_min.evaluate.__main__ import main as evaluate_main
-    from imram_min.global_head import load_head
-    from imram_min.global_head import main as head_main
+    from imram_min.search.global_head import load_head
+    from imram_min.search.global_head import main as head_main
     out = tmp_path / "head.pt"
     result = head_main([os.fspath(tiny_checkpoint), "--data", os.fspath(tiny_data), "--out", os.fspath(out),
                         "--epochs", "2", "--hidden", "16", "--out-size", "8"])
@@ -126,7 +126,7 @@ def test_bad_head_file_is_one_error_line(tmp_path, tiny_checkpoint, tiny_data, c
 
 @pytest.mark.parametrize("case", ["no data folder", "not a checkpoint"])
 def test_cli_bad_input_is_one_error_line(case, tmp_path, tiny_checkpoint, tiny_data, capsys):  # noqa: F811
-    from imram_min.global_head import main as head_main
+    from imram_min.search.global_head import main as head_main
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     ckpt, data = (tiny_checkpoint, tmp_path / "nowhere") if case == "no data folder" else (bad, tiny_data)
@@ -152,7 +152,7 @@ def test_manifest_with_one_global_graph_is_refused(tmp_path, head_model_dir):
 def run_with_head(tmp_path_factory, tiny_checkpoint, tiny_data):  # noqa: F811
     """A run folder holding a copy of the tiny checkpoint and the head the command wrote beside it
     (no --out: RUN/global_head.pt)."""
-    from imram_min.global_head import main as head_main
+    from imram_min.search.global_head import main as head_main
     run = tmp_path_factory.mktemp("run_with_head")
     shutil.copy(tiny_checkpoint, run / "best.pt")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -201,7 +201,7 @@ def test_export_without_a_head_beside_the_checkpoint_says_so(tmp_path, tiny_chec
 
 def test_a_head_of_another_checkpoint_beside_it_is_left_out_with_a_warning(tmp_path, run_with_head,
                                                                           head, capsys):  # noqa: F811
-    from imram_min.global_head import save_head
+    from imram_min.search.global_head import save_head
     shutil.copy(run_with_head / "best.pt", tmp_path / "best.pt")
     save_head(head[0], tmp_path / "global_head.pt", {"checkpoint_sha256": "0" * 64})
     code, out, err = export_cli([tmp_path / "best.pt", "--out", tmp_path / "m"], capsys)
@@ -219,7 +219,7 @@ def test_global_head_and_no_global_head_together_is_one_error_line(tmp_path, run
 
 
 def test_the_command_does_not_replace_a_head_without_overwrite(run_with_head, tiny_data, capsys):  # noqa: F811
-    from imram_min.global_head import main as head_main
+    from imram_min.search.global_head import main as head_main
     path = run_with_head / "global_head.pt"
     before = path.read_bytes()
     args = [run_with_head / "best.pt", "--data", tiny_data, "--epochs", "1", "--hidden", "16", "--out-size", "8",

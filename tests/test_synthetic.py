@@ -1,4 +1,4 @@
-"""Specification of imram_min.synthetic: the built-in data set and its command."""
+"""Specification of imram_min.data.synthetic: the built-in data set and its command."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import pytest
 
 from imram_min.data import PrecompDataset, load_captions, load_features, load_vocab
 from imram_min.data.__main__ import main as data_main
-from imram_min.synthetic import DEFAULT_TRAIN_SETTINGS, grammar_tokens, main, make_synthetic
+from imram_min.data.synthetic import DEFAULT_TRAIN_SETTINGS, grammar_tokens, main, make_synthetic
 from runtime.text import Vocabulary, tokenize
 
 
@@ -100,7 +100,7 @@ def test_data_synthetic_command_writes_the_synthetic_folder(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--twin-fraction", "2"], "error: --twin-fraction must be in [0, 1], got 2.0\n"),
     (["--n-train", "0"], "error: --n-train must be >= 1, got 0\n"),
-    (["--img-dim", "x"], "error: python -m imram_min.synthetic: argument --img-dim: invalid int value: 'x'\n"),
+    (["--img-dim", "x"], "error: python -m imram_min.data synthetic: argument --img-dim: invalid int value: 'x'\n"),
 ], ids=["twin-fraction", "n-train", "not-a-number"])
 def test_command_refuses_a_bad_flag_in_one_line_writing_nothing(tmp_path, capsys, flags, message):
     try:

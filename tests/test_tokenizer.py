@@ -62,7 +62,7 @@ def test_rules_give_exact_tokens(caption, tokens):
 
 
 def test_rules_give_nltk_tokens_on_every_synthetic_caption(tmp_path):
-    from imram_min.synthetic import make_synthetic
+    from imram_min.data.synthetic import make_synthetic
     make_synthetic(tmp_path, img_dim=4)  # the default set's captions (img_dim changes only the features)
     captions = sorted({line for split in ("train", "dev", "test")
                        for line in (tmp_path / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()})
@@ -113,7 +113,7 @@ def test_classes_and_lower_case_table_are_what_the_engines_read():
 def test_the_full_comparison_finds_no_difference(tmp_path):
     """benchmarks/tokenizer_fuzz.py: 100,000 fuzz captions, the awkward, synthetic and emoji captions
     (npm tarballs fetched), rules against nltk and Node against Python, tokens and ids (3-6 min)."""
-    from imram_min.emoji import default_cache_dir
+    from imram_min.data.emoji import default_cache_dir
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tokenizer_fuzz.py"), "--n", "100000",
                            "--fetch-emoji", "--npm-cache", default_cache_dir()], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.rstrip().endswith("all agree"), done.stdout + done.stderr
@@ -181,7 +181,7 @@ def test_nothing_outside_the_tests_imports_nltk():
 
 # --------------------------------------------------------------------------- checkpoints and model folders
 def test_checkpoint_records_the_rules_version(tiny_checkpoint):  # noqa: F811
-    from imram_min.checkpoint import load_checkpoint
+    from imram_min.engineering.checkpoint import load_checkpoint
     assert load_checkpoint(tiny_checkpoint)["tokenizer"] == {"rules_version": Tokenizer.builtin().rules_version}
 
 
@@ -189,7 +189,7 @@ def test_export_refuses_a_checkpoint_trained_with_other_rules(tiny_checkpoint, t
     import torch
 
     from export.onnx_export import ExportSettingsError, export_checkpoint
-    from imram_min.checkpoint import load_checkpoint
+    from imram_min.engineering.checkpoint import load_checkpoint
     ckpt = load_checkpoint(tiny_checkpoint)
     ckpt["tokenizer"] = {"rules_version": 99}
     torch.save(ckpt, tmp_path / "other.pt")

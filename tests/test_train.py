@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from imram_min import checkpoint, train
-from imram_min.checkpoint import load_checkpoint, load_model
+from imram_min import train
+from imram_min.engineering import checkpoint
+from imram_min.engineering.checkpoint import load_checkpoint, load_model
 from runtime.text import Vocabulary
 
 WORDS = ["a", "red", "blue", "green", "dog", "cat", "ball", "big", "small", "on", "the", "left"]

@@ -13,15 +13,16 @@ As in the original, a dataset item is one *caption*; its image is caption_index 
 layout (5 per image, or 1), else the row the sidecar {split}_cap2img.txt gives. A sidecar that
 describes the SCAN layout is the SCAN layout (same training, same metrics).
 
-Commands (``python -m imram_min.data -h``; the dispatcher is imram_min/data/__main__.py, apart from
-this module, which the data set builders import):
+The data set builders live beside this module (``synthetic``: the built-in data, read with this
+file; ``emoji``, ``features``, ``prepare``); they import it, it imports none of them. Commands
+(``python -m imram_min.data -h``; the dispatcher is imram_min/data/__main__.py):
 
     python -m imram_min.data prepare PICTURES CAPTIONS --out DIR
-                                                  a data folder from your pictures + captions (imram_min.prepare)
+                                                  a data folder from your pictures + captions (imram_min.data.prepare)
     python -m imram_min.data vocab DIR [--min-count N]
                                                   DIR/vocab.json from DIR/train_caps.txt (words seen >= N times, 4)
-    python -m imram_min.data synthetic --out DIR  the built-in synthetic data (= python -m imram_min.synthetic)
-    python -m imram_min.data emoji --out DIR      a small real-picture data set (imram_min.emoji; needs npm)
+    python -m imram_min.data synthetic --out DIR  the built-in synthetic data (imram_min.data.synthetic)
+    python -m imram_min.data emoji --out DIR      a small real-picture data set (imram_min.data.emoji; needs npm)
 """
 from __future__ import annotations
 

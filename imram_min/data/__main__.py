@@ -1,9 +1,9 @@
 """``python -m imram_min.data COMMAND``: make the files of a data folder (see imram_min.data).
 
-    python -m imram_min.data prepare PICTURES CAPTIONS --out DIR   your pictures + captions (imram_min.prepare)
+    python -m imram_min.data prepare PICTURES CAPTIONS --out DIR   your pictures + captions (imram_min.data.prepare)
     python -m imram_min.data vocab DIR [--min-count N]              DIR/vocab.json from DIR/train_caps.txt
-    python -m imram_min.data synthetic --out DIR [--overwrite]      the built-in synthetic data (imram_min.synthetic)
-    python -m imram_min.data emoji --out DIR [--overwrite]          emoji pictures (imram_min.emoji; needs npm)
+    python -m imram_min.data synthetic --out DIR [--overwrite]      the built-in synthetic data (imram_min.data.synthetic)
+    python -m imram_min.data emoji --out DIR [--overwrite]          emoji pictures (imram_min.data.emoji; needs npm)
 
 The dispatcher lives here, apart from imram_min.data (the loaders), because the builders import the
 loaders: imram_min.data imports none of them, so there is no import cycle.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from imram_min import emoji, prepare, synthetic
+from imram_min.data import emoji, prepare, synthetic
 from imram_min.data import VOCAB_THRESHOLD, DataError, build_vocab
 from runtime import cli
 
@@ -24,9 +24,9 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m imram_min.data", description="Make the files of a data folder.")
     commands = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     prepare.add_arguments(commands.add_parser(
-        "prepare", help="a data folder from a folder of your pictures and their captions (imram_min.prepare)",
+        "prepare", help="a data folder from a folder of your pictures and their captions (imram_min.data.prepare)",
         description="Pictures + captions (TSV path<TAB>caption, or JSON lines) -> a data folder: splits by "
-                    "picture, grid features, captions, vocabulary, a training recipe (see imram_min/prepare.py)."))
+                    "picture, grid features, captions, vocabulary, a training recipe (see imram_min/data/prepare.py)."))
     vocab = commands.add_parser("vocab", help=f"DIR/vocab.json from DIR/train_caps.txt (words seen >= "
                                               f"--min-count times, default {VOCAB_THRESHOLD})")
     vocab.add_argument("dir", help="data folder holding train_caps.txt")
@@ -35,7 +35,7 @@ def build_parser() -> cli.ArgumentParser:
                             "as SCAN; small data: 1 or 2)")
     vocab.add_argument("--overwrite", action="store_true", help="replace an existing DIR/vocab.json")
     synthetic.add_arguments(commands.add_parser("synthetic", help="the built-in synthetic data (the default)"))
-    emoji_command = commands.add_parser("emoji", help="emoji pictures with their names (imram_min.emoji; needs npm)")
+    emoji_command = commands.add_parser("emoji", help="emoji pictures with their names (imram_min.data.emoji; needs npm)")
     emoji_command.add_argument("--out", required=True, help="folder to write")
     emoji_command.add_argument("--overwrite", action="store_true", help="replace the emoji data files already in --out")
     return p

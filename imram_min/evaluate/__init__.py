@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram_min import tiling
+from imram_min.engineering import tiling
 from imram_min.data import PrecompDataset
 from imram_min.model import IMRAM
 
@@ -204,7 +204,7 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     within-fold blocks are scored unless ``return_sims`` (then the whole (n_img, n_cap) matrix is
     scored and returned under "sims", float32). ``score_all(model, region_embs, word_embs, lengths,
     device=, progress=)`` -> (n_img, n_cap) float32 numpy: tiling.similarities, or its
-    distributed form (imram_min.distributed.similarities) under torchrun.
+    distributed form (imram_min.engineering.distributed.similarities) under torchrun.
     """
     cpi = dataset.caps_per_image
     layout = cpi if cpi is not None else dataset.image_of_caption  # 5 / 1, or each caption's image row

@@ -5,7 +5,7 @@
                                              [--shortlist K[,K...] [--global-head HEAD.pt]]
 
 The command lives here, apart from imram_min.evaluate (the protocol), because its --shortlist
-path (imram_min.shortlist, imram_min.global_head) builds on the protocol: imram_min.evaluate
+path (imram_min.search.shortlist, imram_min.search.global_head) builds on the protocol: imram_min.evaluate
 imports neither, so there is no import cycle.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 import numpy as np
 import torch
 
-from imram_min import checks, distributed, shortlist, tiling
-from imram_min.checkpoint import load_model
+from imram_min.engineering import checks, distributed, tiling
+from imram_min.search import shortlist
+from imram_min.engineering.checkpoint import load_model
 from imram_min.data import PrecompDataset, whole_images_captions
 from imram_min.evaluate import evaluate_split, format_table, per_image
 from runtime import atomic, cli
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(argv: list[str] | None) -> dict:
     p = cli.ArgumentParser(prog="python -m imram_min.evaluate",
                            description="Evaluate an imram-min checkpoint (image-text retrieval, SCAN protocol).")
-    p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.convert)")
+    p.add_argument("checkpoint", help="an imram-min checkpoint (best.pt, last.pt, or one made by imram_min.engineering.convert)")
     p.add_argument("--data", required=True, help="data folder (precomp layout)")
     p.add_argument("--split", default="test", help="split name: DIR/{split}_ims.npy + DIR/{split}_caps.txt")
     p.add_argument("--fold5", action="store_true", help="mean over 5 folds of the images (COCO 1K)")
@@ -42,10 +43,10 @@ def _main(argv: list[str] | None) -> dict:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=128, help="images / captions per encoding batch")
     p.add_argument("--max-captions", type=int, default=None, help="evaluate the first N captions only")
-    p.add_argument("--shortlist", metavar="K[,K...]", help="also the two-stage protocol (imram_min.shortlist): "
+    p.add_argument("--shortlist", metavar="K[,K...]", help="also the two-stage protocol (imram_min.search.shortlist): "
                    "a first stage over the split, IMRAM re-ranks its top K (a count or a percentage: 10%%)")
     p.add_argument("--global-head", metavar="HEAD.pt", help="with --shortlist: the first stage's vectors from this "
-                   "head (python -m imram_min.global_head) instead of the mean embeddings")
+                   "head (python -m imram_min.search.global_head) instead of the mean embeddings")
     args = p.parse_args(argv)
 
     # Every check before the long work: flags, device, split, checkpoint, output paths.

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from imram_min import checks
+from imram_min.engineering import checks
 from imram_min.model import IMRAM, MODES, RAW_FEATURE_NORMS, IMRAMConfig
 from runtime import cli
 from runtime.cli import UserError

@@ -15,10 +15,9 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
+from imram_min.fast import FastMatcher, direction_weights, projections
+from imram_min.model import IMRAM
 from runtime import tiles
-
-from .fast import FastMatcher, direction_weights, projections
-from .model import IMRAM
 
 
 GROUP_BLOCKS = 16  # caption blocks whose captions are on the device at once, their blocks on one pool of workers

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-from .model import IMRAM
+from imram_min.model import IMRAM
 
 
 @dataclass

@@ -3,7 +3,7 @@
     python -m imram_min.data prepare PICTURES CAPTIONS --out DIR [--dev N] [--test N] [--seed S]
                                      [--min-count N] [--size PX] [--grid N] [--device D] [--overwrite]
 
-PICTURES: a folder of pictures (searched recursively, as ``imram_min.features`` does).
+PICTURES: a folder of pictures (searched recursively, as ``imram_min.data.features`` does).
 CAPTIONS: captions of those pictures, any number (>= 1) per picture, in one of two forms:
 
     TSV          path<TAB>caption                       one a line; a first line "path<TAB>caption" is a header
@@ -18,7 +18,7 @@ naming it, exit status 2, and nothing is written.
 The pictures are split by picture (a seeded shuffle; --dev and --test as counts, or fractions
 of the pictures; dev >= 1: training picks its best epoch on dev), then DIR gets
 
-    {split}_ims.npy      (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (imram_min.features)
+    {split}_ims.npy      (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (imram_min.data.features)
     {split}_images.txt   the picture of each row, relative to DIR
     {split}_caps.txt     the captions, grouped by picture in row order (within a picture, in CAPTIONS' order)
     {split}_cap2img.txt  the row of each caption's picture, unless every picture of the split has 5
@@ -248,7 +248,8 @@ def prepare(pictures_dir: str, captions_path: str, out: str, n_dev: str = DEFAUL
             device: str = "cpu", batch_size: int = 32, overwrite: bool = False) -> dict:
     """Make the data folder ``out`` (see the module docstring); returns the summary written to
     prepare.json. Every check (cli.UserError) comes before the features are extracted."""
-    from imram_min import checks, features
+    from imram_min.data import features
+    from imram_min.engineering import checks
     from runtime.images import write_feature_spec
     from runtime.text import Vocabulary
 
@@ -333,7 +334,7 @@ def prepare(pictures_dir: str, captions_path: str, out: str, n_dev: str = DEFAUL
 
 def add_arguments(p) -> None:
     """The flags of ``python -m imram_min.data prepare``."""
-    from imram_min import features
+    from imram_min.data import features
 
     p.add_argument("pictures", metavar="PICTURES", help="folder of pictures (searched recursively)")
     p.add_argument("captions", metavar="CAPTIONS",

@@ -1,6 +1,6 @@
 """The built-in data set: a synthetic world of scenes, written in the precomp layout of ``imram_min.data``.
 
-    python -m imram_min.synthetic --out DIR [--overwrite] [--seed 0 --n-train 1000 --n-dev 200 --n-test 500 ...]
+    python -m imram_min.data synthetic --out DIR [--overwrite] [--seed 0 --n-train 1000 --n-dev 200 --n-test 500 ...]
 
 Each "image" is a scene of 2-4 objects (category, colour, size) in the cells of a 3 x 3 grid; its
 regions are feature vectors that a fixed random renderer makes from a hidden description of each
@@ -252,7 +252,7 @@ def make_split(n_images: int, rng: np.random.Generator, render, n_region: int = 
 
 
 README_TEXT = """\
-SYNTHETIC DATA made by imram_min.synthetic.make_synthetic (seed {seed}). Not real images.
+SYNTHETIC DATA made by imram_min.data.synthetic.make_synthetic (seed {seed}). Not real images.
 
 Each "image" is a scene of 2-4 objects (12 categories, 8 colours, 3 sizes) in distinct
 cells of a 3x3 grid. Its {n_region} regions are float32 feature vectors of size {img_dim}
@@ -323,7 +323,7 @@ OUTPUTS = [f"{split}_{kind}" for split in SPLITS for kind in ("ims.npy", "caps.t
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m imram_min.synthetic",
+    p = cli.ArgumentParser(prog="python -m imram_min.data synthetic",
                            description="Write the built-in synthetic data folder (features, captions, vocab.json).")
     add_arguments(p)
     return p

@@ -1,8 +1,8 @@
 """A first-stage head distilled from a trained IMRAM model: one global vector per image and caption.
 
-    python -m imram_min.global_head RUN/best.pt --data DIR [--out RUN/global_head.pt] [--epochs N] [--overwrite]
+    python -m imram_min.search.global_head RUN/best.pt --data DIR [--out RUN/global_head.pt] [--epochs N] [--overwrite]
 
-The two-stage search (imram_min.shortlist, runtime.index / runtime.search) ranks the whole gallery
+The two-stage search (imram_min.search.shortlist, runtime.index / runtime.search) ranks the whole gallery
 by one cosine per item, then re-ranks a shortlist with IMRAM exactly. The mean of the model's own
 region (word) embeddings keeps too few of IMRAM's top matches in a small shortlist; this head is
 trained after the model, with the IMRAM weights frozen (the matcher and its training objective
@@ -87,7 +87,7 @@ class GlobalHead(nn.Module):
 
 
 def save_head(head: GlobalHead, path: str | os.PathLike, meta: dict | None = None) -> None:
-    from imram_min.checkpoint import atomic_torch_save
+    from imram_min.engineering.checkpoint import atomic_torch_save
     atomic_torch_save({"format": FORMAT, "config": dict(head.config), "state": head.state_dict(),
                        "meta": meta or {}}, path)
 
@@ -103,7 +103,7 @@ def load_head(path: str | os.PathLike, embed_size: int | None = None) -> GlobalH
     a file that is not one, or one made for another embed_size."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise GlobalHeadError(f"{path}: no such global head file (make one with python -m imram_min.global_head)")
+        raise GlobalHeadError(f"{path}: no such global head file (make one with python -m imram_min.search.global_head)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError for a non-zip file, ...
@@ -176,7 +176,7 @@ def captions_of(images, cpi) -> tuple[torch.Tensor, torch.Tensor]:
 def teacher_scores(model, region_embs, word_embs, lengths, groups, cpi, progress: bool = True) -> list:
     """IMRAM's scores (len(group), n_captions of the group) of each group's images against their captions
     (``captions_of``)."""
-    from imram_min import tiling
+    from imram_min.engineering import tiling
     model.eval()
     out = []
     for members in tqdm(groups, desc="IMRAM scores of the groups", disable=not progress, leave=False):
@@ -256,12 +256,12 @@ def train_head(model, region_embs: torch.Tensor, word_embs: torch.Tensor, length
 
 # --------------------------------------------------------------------------- CLI
 def _main(argv) -> dict:
-    from imram_min import checks
-    from imram_min.checkpoint import load_model
+    from imram_min.engineering import checks
+    from imram_min.engineering.checkpoint import load_model
     from imram_min.data import PrecompDataset
     from imram_min.evaluate import encode_split
     from runtime import cli
-    p = cli.ArgumentParser(prog="python -m imram_min.global_head",
+    p = cli.ArgumentParser(prog="python -m imram_min.search.global_head",
                            description="Distil a first-stage global head from a trained IMRAM checkpoint "
                                        "(IMRAM frozen), for the two-stage search.")
     p.add_argument("checkpoint", help="RUN/best.pt")
@@ -309,7 +309,7 @@ def _main(argv) -> dict:
 
 def main(argv=None) -> dict:
     """Train and save; returns {"out", meta...}. Bad input: one ``error: ...`` line, SystemExit(2)."""
-    from imram_min import checks
+    from imram_min.engineering import checks
     from runtime import cli
     return cli.call(_main, argv, user_errors=(*checks.USER_ERRORS, GlobalHeadError))
 

@@ -209,12 +209,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for foreign classes, RuntimeError for non-zip files, ...
-        hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.convert)" \
+        hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.engineering.convert)" \
             if "argparse.Namespace" in str(e) else ""
         raise CheckpointError(load_failure(path, e) + hint) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.convert)" \
+        hint = " (an original IMRAM checkpoint? convert it with python -m imram_min.engineering.convert)" \
             if isinstance(ckpt, dict) and "opt" in ckpt else ""
         raise CheckpointError(f"{path}: not an {FORMAT} checkpoint (format={found!r}){hint}")
     for key in ("config", "model", "vocab"):

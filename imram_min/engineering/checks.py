@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from imram_min import tiling
-from imram_min.checkpoint import CheckpointError
+from imram_min.engineering import tiling
+from imram_min.engineering.checkpoint import CheckpointError
 from imram_min.data import (DataError, caption_layout, cap2img_path, features_paths, load_captions, load_features,
                             load_vocab, whole_images_captions)
 from runtime import inputs

@@ -16,7 +16,7 @@ CNN, average-pooled to an N x N grid, each cell one region:
 4. ``GridFeatureExtractor``: the same chain after preprocessing (network + grid pooling +
    flatten) as one module, the grid pooling written as a fixed matrix product so that it
    exports to ONNX for any size and grid (``python -m export ... --feature-extractor``).
-5. CLI: ``python -m imram_min.features IMAGES... --out feats.npy [--grid N] [--size PX]``: writes
+5. CLI: ``python -m imram_min.data.features IMAGES... --out feats.npy [--grid N] [--size PX]``: writes
    feats.npy, images.txt (the row order; ``{split}_images.txt`` for ``--out DIR/{split}_ims.npy``,
    so a data folder's splits can be written one after the other) and features.json
    (``runtime.images.feature_spec``: network, size, grid, normalisation; one per folder) beside it.
@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imram_min import checks
+from imram_min.engineering import checks
 from runtime import cli
 from runtime.atomic import save_npy
 from runtime.images import (FEATURE_DIM, FEATURES_JSON, ImageError, feature_spec, list_images, load_and_preprocess,
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> None:
     parser = cli.ArgumentParser(
-        prog="python -m imram_min.features",
+        prog="python -m imram_min.data.features",
         description="Images -> (n_img, grid*grid, 1280) EfficientNet-Lite0 grid features (.npy), "
                     "plus images.txt beside it listing the images in row order ({split}_images.txt for a data "
                     "folder's {split}_ims.npy) and features.json describing the preprocessing (network, size, "

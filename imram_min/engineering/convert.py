@@ -1,6 +1,6 @@
 """Convert an original IMRAM checkpoint (model_best.pth.tar) to this project's checkpoint format.
 
-    python -m imram_min.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt [--overwrite]
+    python -m imram_min.engineering.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt [--overwrite]
 
 The original file is ``torch.save({"model": ..., "opt": argparse.Namespace, "epoch": ..., ...})``.
 It is read with ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra
@@ -39,7 +39,7 @@ import re
 
 import torch
 
-from imram_min.checkpoint import safe_load_reason, save_checkpoint
+from imram_min.engineering.checkpoint import safe_load_reason, save_checkpoint
 from imram_min.model import IMRAM, IMRAMConfig
 from runtime import cli
 from runtime.text import Vocabulary, VocabularyError
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(argv: list[str] | None) -> dict:
-    p = cli.ArgumentParser(prog="python -m imram_min.convert",
+    p = cli.ArgumentParser(prog="python -m imram_min.engineering.convert",
                            description="Convert an original IMRAM checkpoint to the imram-min format.")
     p.add_argument("checkpoint", help="original model_best.pth.tar / checkpoint.pth.tar")
     p.add_argument("--vocab", required=True, help="the SCAN vocabulary JSON it was trained with")

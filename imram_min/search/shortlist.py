@@ -7,7 +7,7 @@ The protocol, in both directions (t2i: each caption's images; i2t: each image's 
 
 1. First stage, over the whole split: every image and caption gets one global vector, the mean of
    its own region (word) embeddings, l2-normalised (the vectors runtime.index stores; no training
-   change), or with ``--global-head HEAD.pt`` the vectors of that head (imram_min.global_head,
+   change), or with ``--global-head HEAD.pt`` the vectors of that head (imram_min.search.global_head,
    distilled from the model); candidates are ranked by cosine and the top K kept (ties by lower index).
 2. Re-ranking: the K candidates are scored by ``tiling.score_pairs``, the exact scorer of the
    exhaustive evaluation, and ranked by that score.
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from imram_min import tiling
+from imram_min.engineering import tiling
 from imram_min.evaluate import encode_split, image_of_caption, metrics_from_sims, rank_metrics
 from imram_min.model import IMRAM
 
@@ -42,8 +42,8 @@ def mean_embedding_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = No
 
 
 def load_global_head(path: str, model: IMRAM):
-    """imram_min.global_head.load_head for ``model``; a file that is not one: cli.UserError."""
-    from imram_min.global_head import GlobalHeadError, load_head
+    """imram_min.search.global_head.load_head for ``model``; a file that is not one: cli.UserError."""
+    from imram_min.search.global_head import GlobalHeadError, load_head
     from runtime import cli
     try:
         return load_head(path, model.cfg.embed_size)
@@ -55,7 +55,7 @@ def first_stage_vectors(region_embs: torch.Tensor, word_embs: torch.Tensor, leng
                         head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(image vectors, caption vectors) of the first stage: the head's, or the mean embeddings'."""
     if head is not None:
-        from imram_min.global_head import head_vectors
+        from imram_min.search.global_head import head_vectors
         return head_vectors(head, region_embs, word_embs, lengths)
     return mean_embedding_vectors(region_embs), mean_embedding_vectors(word_embs, lengths)
 

@@ -42,7 +42,7 @@ import tarfile
 import time
 import numpy as np
 
-from imram_min.synthetic import DEFAULT_TRAIN_SETTINGS
+from imram_min.data.synthetic import DEFAULT_TRAIN_SETTINGS
 from runtime.atomic import save_npy, write_bytes, write_text
 from runtime.images import FEATURES_JSON, write_feature_spec, write_path_list
 from runtime.modeldir import file_digest
@@ -282,7 +282,7 @@ def split_groups(records: list[dict], seed: int = 0, dev_fraction: float = 0.1,
 
 
 # --------------------------------------------------------------------------- building
-README = """Emoji: a small image-caption data set of real pictures for IMRAM (imram_min.emoji)
+README = """Emoji: a small image-caption data set of real pictures for IMRAM (imram_min.data.emoji)
 =====================================================================================
 
 Pictures: the 64 x 64 Google Noto Emoji PNGs of emoji-datasource-google 16.0.0 (images/),
@@ -325,10 +325,10 @@ def build_emoji_dataset(out_dir: str | os.PathLike, cache_dir: str | os.PathLike
     """Fetch, join, caption, split and featurise the emoji; write the data folder ``out_dir``.
 
     Deterministic given ``seed`` (the features up to float rounding of the CPU kernels).
-    ``size`` / ``grid`` default to those of ``imram_min.features``. Returns a summary:
+    ``size`` / ``grid`` default to those of ``imram_min.data.features``. Returns a summary:
     n_images per split, n_emoji (groups), vocab_size, seconds (total and feature extraction).
     """
-    from imram_min.features import DEFAULT_GRID, DEFAULT_SIZE, FEATURE_DIM, EfficientNetLite0, extract_features
+    from imram_min.data.features import DEFAULT_GRID, DEFAULT_SIZE, FEATURE_DIM, EfficientNetLite0, extract_features
 
     t0 = time.perf_counter()
     size, grid = size or DEFAULT_SIZE, grid or DEFAULT_GRID
