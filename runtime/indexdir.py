@@ -250,18 +250,16 @@ def _unlink(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- writing
-class _HashedFile:
-    """A new file written front to back, its SHA-256 and size kept as it goes (with ``blocks``, also
-    the SHA-256 of each BLOCK_BYTES block)."""
+class Digests:
+    """The size and SHA-256 of bytes given front to back (with ``blocks``, also the SHA-256 of each
+    BLOCK_BYTES block): the one hasher of the index's files, for PartWriter and ``hash_file``."""
 
-    def __init__(self, path: str, blocks: bool = False):
-        self.path, self.sha, self.size = path, hashlib.sha256(), 0
+    def __init__(self, blocks: bool = False):
+        self.sha, self.size = hashlib.sha256(), 0
         self.blocks = [] if blocks else None
         self.block, self.in_block = hashlib.sha256(), 0
-        self.file = open(path, "xb")
 
-    def put(self, data: bytes) -> None:
-        self.file.write(data)
+    def update(self, data: bytes) -> None:
         self.sha.update(data)
         self.size += len(data)
         if self.blocks is None:
@@ -276,18 +274,40 @@ class _HashedFile:
                 self.blocks.append(self.block.hexdigest())
                 self.block, self.in_block = hashlib.sha256(), 0
 
+    def entry(self) -> dict:
+        """{"size", "sha256"} (and "block_bytes", "blocks"), as the manifest records a file."""
+        entry = {"size": self.size, "sha256": self.sha.hexdigest()}
+        if self.blocks is not None:
+            last = [self.block.hexdigest()] if self.in_block else []  # a shorter last block
+            entry.update(block_bytes=BLOCK_BYTES, blocks=self.blocks + last)
+        return entry
+
+
+def check_block(path: str, block: int, data: bytes, recorded: list[str]) -> None:
+    """Block ``block`` of the file (its bytes ``data``) against the SHA-256 the manifest records. IndexDirError."""
+    if hashlib.sha256(data).hexdigest() != recorded[block]:
+        raise IndexDirError(f"{path}: block {block}'s SHA-256 is not the one the manifest records: the file was "
+                            f"altered, swapped or replaced (rebuild the index)")
+
+
+class _HashedFile:
+    """A new file written front to back, its ``Digests`` kept as it goes."""
+
+    def __init__(self, path: str, blocks: bool = False):
+        self.path, self.digests = path, Digests(blocks)
+        self.file = open(path, "xb")
+
+    def put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digests.update(data)
+
     def finish(self) -> dict:
         """Flush, fsync and close; returns {"size", "sha256"} (and "block_bytes", "blocks")."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.chmod(self.path, atomic.FILE_MODE)
-        entry = {"size": self.size, "sha256": self.sha.hexdigest()}
-        if self.blocks is not None:
-            if self.in_block:
-                self.blocks.append(self.block.hexdigest())
-            entry.update(block_bytes=BLOCK_BYTES, blocks=self.blocks)
-        return entry
+        return self.digests.entry()
 
     def abandon(self) -> None:
         """Close without caring: closing a file whose buffer cannot be written (a full disk) raises
@@ -477,9 +497,7 @@ def verify_file(f, st: os.stat_result, path: str, sha256: str, float_from: int |
         if blocks is not None:
             size = entry["block_bytes"]
             for i in range(0, len(chunk), size):
-                if hashlib.sha256(chunk[i:i + size]).hexdigest() != blocks[(pos + i) // size]:
-                    raise IndexDirError(f"{path}: block {(pos + i) // size}'s SHA-256 is not the one the manifest "
-                                        f"records: the file was altered, swapped or replaced (rebuild the index)")
+                check_block(path, (pos + i) // size, chunk[i:i + size], blocks)
         if float_from is not None and finite and pos + len(chunk) > float_from:
             finite = bool(np.isfinite(np.frombuffer(chunk[max(0, float_from - pos):], dtype=dtype)).all())
         pos += len(chunk)
@@ -658,9 +676,7 @@ class PartFiles(dict):
             if (key, int(block)) in _VERIFIED:
                 continue
             data = os.pread(f.fileno(), size, int(block) * size)
-            if hashlib.sha256(data).hexdigest() != entry["blocks"][block]:
-                raise IndexDirError(f"{path}: block {block}'s SHA-256 is not the one the manifest records: the file "
-                                    f"was altered, swapped or replaced (rebuild the index)")
+            check_block(path, int(block), data, entry["blocks"])
             skip = max(0, float_from - int(block) * size)
             if not np.isfinite(np.frombuffer(data[skip:], dtype=dtype)).all():
                 raise IndexDirError(f"{path}: holds NaN or infinite values (rebuild the index)")
@@ -778,16 +794,12 @@ def hash_file(path: str, blocks: bool = False) -> dict:
     """{"size", "sha256"} of a file (read as a regular file of the folder); with ``blocks`` also
     "block_bytes" and "blocks", each BLOCK_BYTES block's SHA-256 (as PartWriter records for embs.npy
     and proj.npy)."""
-    f, st = open_regular(path)
-    digest, block_hashes = hashlib.sha256(), []
+    f, _ = open_regular(path)
+    digests = Digests(blocks)
     with f:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-            if blocks:
-                block_hashes += [hashlib.sha256(chunk[i:i + BLOCK_BYTES]).hexdigest()
-                                 for i in range(0, len(chunk), BLOCK_BYTES)]
-    entry = {"size": st.st_size, "sha256": digest.hexdigest()}
-    return {**entry, "block_bytes": BLOCK_BYTES, "blocks": block_hashes} if blocks else entry
+            digests.update(chunk)
+    return digests.entry()
 
 
 def verify_faiss(index_dir: str, entry: dict, force: bool = False) -> None:

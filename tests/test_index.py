@@ -2,6 +2,7 @@
 the two-stage evaluation (imram_min.search.shortlist): small inputs, one behaviour each."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -549,6 +550,22 @@ def test_a_search_checks_the_sha256_of_the_blocks_it_reads(tmp_path, tiny_model_
     assert index.gather(np.array([0]))[0].shape[0] == 1  # the first item's blocks are intact
     with pytest.raises(indexdir.IndexDirError, match=r"embs\.npy: block \d+'s SHA-256"):
         index.gather(np.array([N_TEST_IMAGES - 1]))
+
+def test_file_digests_are_the_same_whatever_pieces_the_bytes_come_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexdir, "BLOCK_BYTES", 8)
+    data = bytes(range(30))  # 3 whole blocks and a shorter last one
+    want = {"size": 30, "sha256": hashlib.sha256(data).hexdigest(), "block_bytes": 8,
+            "blocks": [hashlib.sha256(data[i:i + 8]).hexdigest() for i in (0, 8, 16, 24)]}
+    for pieces in ([30], [1] * 30, [3, 5, 8, 9, 5], [8, 8, 8, 6]):
+        digests, at = indexdir.Digests(blocks=True), 0
+        for n in pieces:
+            digests.update(data[at:at + n])
+            at += n
+        assert digests.entry() == want
+    (tmp_path / "f").write_bytes(data)
+    assert indexdir.hash_file(str(tmp_path / "f"), blocks=True) == want
+    assert indexdir.hash_file(str(tmp_path / "f")) == {"size": 30, "sha256": want["sha256"]}
+
 
 def test_a_search_of_an_index_being_built_says_so(tmp_path, split, capsys):
     with indexdir.writer_lock(str(tmp_path / "new")):  # a new build holds the lock, no manifest yet
