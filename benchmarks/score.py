@@ -10,7 +10,7 @@ Scorers; each scores the same precomputed embeddings and is timed on that alone:
     loop        imram_min.reference.per_caption_similarity: the paper's loop, one caption at a time
                 against every image of the shard, as the original evaluation (the baseline)
     plain       IMRAM.similarity (imram_min/model.py), batched
-    fast        imram_min.engineering.tiling.similarity (imram_min/fast.py's exact restructuring, in blocks)
+    fast        imram_min.engineering.tiling.tiled_similarity (imram_min/fast.py's exact restructuring, in blocks)
     onnx-cpu    the same random model exported (matcher="fast") to a temporary folder and scored by
                 runtime.Scorer.score_embeddings on ONNX Runtime, as python -m runtime.score does
     loop-cuda, plain-cuda, fast-cuda, onnx-cuda    the same on CUDA, where torch / onnxruntime offer it
@@ -122,7 +122,7 @@ def make_scorer(name: str, model: IMRAM, model_dir: str | None, regions, words, 
     r, w, n = torch.from_numpy(regions).to(device), torch.from_numpy(words).to(device), torch.from_numpy(lengths)
     kw = {"max_elems": tiling.CUDA_MAX_ELEMS} if cuda else {}  # the block size of evaluation on each device
     fn = {"loop": per_caption_similarity, "plain": IMRAM.similarity,
-          "fast": lambda *args: tiling.similarity(*args, **kw)}[kind]
+          "fast": lambda *args: tiling.tiled_similarity(*args, **kw)}[kind]
 
     @torch.no_grad()
     def score(i, j):

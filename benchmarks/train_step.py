@@ -10,9 +10,9 @@ B x B pairs, contrastive_loss (hardest negatives), backward, gradient-norm clipp
 (lr 2e-4). Ways of scoring the B x B pairs:
     original     imram_min.reference.per_caption_similarity with autograd: the paper's loop, one
                  caption at a time against the batch's images (the baseline)
-    fast         imram_min.engineering.tiling.similarity(..., checkpoint=True): blocks recomputed in the
+    fast         imram_min.engineering.tiling.tiled_similarity(..., checkpoint=True): blocks recomputed in the
                  backward pass (what training does on a GPU)
-    fast-nockpt  imram_min.engineering.tiling.similarity(..., checkpoint=False)
+    fast-nockpt  imram_min.engineering.tiling.tiled_similarity(..., checkpoint=False)
     support      what training does with hardest negatives: every pair scored by fast-nockpt without
                  autograd, then the loss and its gradient from the 3B pairs it depends on
                  (imram_min.loss.support_loss, (F10))
@@ -83,8 +83,8 @@ def run_scorer(name: str, a, device: torch.device, batch, rank: int = 0, init: s
     feats, tokens, lengths = batch[0].to(device), batch[1].to(device), batch[2]  # lengths stay on the CPU
     kw = {"max_elems": tiling.CUDA_MAX_ELEMS} if device.type == "cuda" else {}  # as training on each device
     score = {"original": per_caption_similarity, "plain": IMRAM.similarity,
-             "fast": lambda *x: tiling.similarity(*x, checkpoint=True, **kw)}.get(
-        name, lambda *x: tiling.similarity(*x, checkpoint=False, **kw))
+             "fast": lambda *x: tiling.tiled_similarity(*x, checkpoint=True, **kw)}.get(
+        name, lambda *x: tiling.tiled_similarity(*x, checkpoint=False, **kw))
     ctx, world = Context(), 1
     if name.startswith("ddp-"):
         world = int(name[4:])

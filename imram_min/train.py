@@ -147,7 +147,7 @@ def dev_metrics(model: IMRAM, dataset: PrecompDataset, cfg: TrainConfig, device:
     """Flat dev metrics: i2t_r1 .. t2i_meanr, rsum. On N processes each scores its share of the images.
     Scored in float32, as evaluate does (a float32 copy of an fp64 model)."""
     model = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
-    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=tiling.similarities)
+    score_all = functools.partial(distributed.sharded_similarity_matrix, ctx=ctx, score_all=tiling.similarity_matrix)
     r = evaluate.evaluate_split(model, dataset, device, batch_size=cfg.batch_size, score_all=score_all)
     names = ("r1", "r5", "r10", "medr", "meanr")
     flat = {f"{d}_{k}": float(v) for d in ("i2t", "t2i") for k, v in zip(names, r[d])}

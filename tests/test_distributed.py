@@ -192,20 +192,20 @@ def _similarity_worker(rank: int, world: int, folder: str) -> None:
         feats, tokens, lengths = batch(7, seed=2)
         model = tiny_model(seed=1).eval()
         with torch.no_grad():
-            sims = D.similarities(model, model.encode_images(feats.float()), model.encode_captions(tokens, lengths),
-                                  lengths, ctx, tiling.similarities)
+            region_embs, word_embs = model.encode_images(feats.float()), model.encode_captions(tokens, lengths)
+            sims = D.sharded_similarity_matrix(model, region_embs, word_embs, lengths, ctx, tiling.similarity_matrix)
         np.save(os.path.join(folder, f"sims{rank}.npy"), sims, allow_pickle=False)
     finally:
         D.teardown(ctx)
 
 
-def test_distributed_similarities_equal_one_process(tmp_path):
+def test_sharded_similarity_matrix_equals_one_process(tmp_path):
     spawn_processes(_similarity_worker, (WORLD, str(tmp_path)), WORLD)
     feats, tokens, lengths = batch(7, seed=2)
     model = tiny_model(seed=1).eval()
     with torch.no_grad():
-        want = tiling.similarities(model, model.encode_images(feats.float()), model.encode_captions(tokens, lengths),
-                                     lengths)
+        region_embs, word_embs = model.encode_images(feats.float()), model.encode_captions(tokens, lengths)
+        want = tiling.similarity_matrix(model, region_embs, word_embs, lengths)
     for r in range(WORLD):
         got = np.load(tmp_path / f"sims{r}.npy", allow_pickle=False)
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-6

@@ -101,13 +101,13 @@ def test_fold5_evaluation_is_the_mean_of_per_fold_evaluations(tmp_path):
     assert blocks["folds"][0]["n_images"] == 2 and blocks["folds"][0]["n_captions"] == 10
 
 
-def test_blocked_similarities_equal_scoring_all_pairs_at_once(tmp_path):
+def test_similarity_matrix_in_blocks_equals_scoring_all_pairs_at_once(tmp_path):
     data, vocab = make_data(tmp_path / "data", n_img=5)
     model = make_checkpoint(tmp_path / "m.pt", vocab)
     dataset = PrecompDataset(data, "test", vocab)
     region_embs, word_embs, lengths = evaluate.encode_split(model, dataset, batch_size=3)
     assert region_embs.shape == (5, 3, 8) and word_embs.shape == (25, int(lengths.max()), 8)
-    sims = tiling.similarities(model, region_embs, word_embs, lengths)
+    sims = tiling.similarity_matrix(model, region_embs, word_embs, lengths)
     with torch.no_grad():
         direct = model.similarity(model.encode_images(torch.from_numpy(np.array(dataset.images))), word_embs, lengths)
     np.testing.assert_allclose(sims, direct.numpy(), rtol=1e-5, atol=1e-6)

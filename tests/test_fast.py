@@ -31,7 +31,7 @@ def test_fast_equals_model_and_the_paper_loop(mode, n_steps, no_IMRAM_norm, raw_
     feats, tokens, lengths = make_inputs([3, 1, 7, 4, 2], dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = tiling.similarity(model, r, w, lengths)
+        got = tiling.tiled_similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert got.shape == (3, 5) and got.dtype == dtype
     assert max_diff(got, expected) <= tol
@@ -49,7 +49,7 @@ def test_fast_for_caption_lengths_1_to_40(mode, raw_feature_norm, dtype):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(), n_img=2, n_region=6, dtype=dtype)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = tiling.similarity(model, r, w, lengths)
+        got = tiling.tiled_similarity(model, r, w, lengths)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= {F64: 1e-12, F32: 1e-5}[dtype]
     if dtype == F32:
@@ -77,7 +77,7 @@ def test_fast_in_small_blocks_equals_model(mode, max_elems):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(3), n_img=3, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        got = tiling.similarity(model, r, w, lengths, max_elems=max_elems)
+        got = tiling.tiled_similarity(model, r, w, lengths, max_elems=max_elems)
         expected = model.similarity(r, w, lengths)
     assert max_diff(got, expected) <= 1e-12
 
@@ -88,8 +88,8 @@ def test_fast_blocks_side_by_side_equal_one_after_another(mode):
     feats, tokens, lengths = make_inputs(shuffled_1_to_40(7), n_img=5, n_region=4, dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        side_by_side = tiling.similarity(model, r, w, lengths, max_elems=300, workers=3)
-        assert max_diff(side_by_side, tiling.similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
+        side_by_side = tiling.tiled_similarity(model, r, w, lengths, max_elems=300, workers=3)
+        assert max_diff(side_by_side, tiling.tiled_similarity(model, r, w, lengths, max_elems=300, workers=1)) <= 1e-12
         assert max_diff(side_by_side, model.similarity(r, w, lengths)) <= 1e-12
 
 
@@ -135,7 +135,7 @@ def test_fast_ignores_word_embeddings_past_each_length(mode):
     pad = (torch.arange(w.shape[1])[None] >= lengths[:, None])[..., None]
     garbage = w + pad * torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 10
     with torch.no_grad():
-        assert max_diff(tiling.similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(tiling.tiled_similarity(model, r, garbage, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 @pytest.mark.parametrize("no_txtnorm", [False, True])
@@ -144,7 +144,7 @@ def test_fast_mean_mode_equals_model(no_txtnorm):
     feats, tokens, lengths = make_inputs([3, 1, 7, 4], dtype=F64)
     r, w = embed(model, feats, tokens, lengths)
     with torch.no_grad():
-        assert max_diff(tiling.similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
+        assert max_diff(tiling.tiled_similarity(model, r, w, lengths), model.similarity(r, w, lengths)) <= 1e-12
 
 
 GRAD_SWEEP = list(itertools.product(IMRAM_MODES, RAW_FEATURE_NORMS))
@@ -157,7 +157,7 @@ def test_fast_gradients_match_reference_loop(mode, raw_feature_norm):
     r, w = embed(model, feats, tokens, lengths)
     probe = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
     r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
-    (tiling.similarity(model, r1, w1, lengths) * probe).sum().backward()
+    (tiling.tiled_similarity(model, r1, w1, lengths) * probe).sum().backward()
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
     (ref.float64_similarity(model, r2, w2, lengths) * probe).sum().backward()
     assert torch.isfinite(r1.grad).all() and torch.isfinite(w1.grad).all(), NAN_GRAD_MSG
@@ -180,7 +180,7 @@ def test_fast_parameter_gradients_equal_model(mode, checkpoint, workers):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     expected = grads(lambda r, w: model.similarity(r, w, lengths))
-    got = grads(lambda r, w: tiling.similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
+    got = grads(lambda r, w: tiling.tiled_similarity(model, r, w, lengths, max_elems=1000, checkpoint=checkpoint,
                                              workers=workers))
     assert set(got) == set(expected)
     for name in expected:

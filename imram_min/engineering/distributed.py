@@ -155,12 +155,12 @@ def all_reduce_sum(value: float, ctx: Context) -> float:
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                 ctx: Context, score_all, **kwargs):
+def sharded_similarity_matrix(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                              ctx: Context, score_all, **kwargs):
     """All pair scores (n_img, n_cap) as one process's ``score_all`` would give them: process p scores
     its ``rank_slice`` of the images against every caption, and the rows are gathered on every
     process. score_all(model, region_embs, word_embs, lengths, **kwargs) -> (n, n_cap) numpy array
-    (tiling.similarities)."""
+    (tiling.similarity_matrix)."""
     if ctx.world == 1:
         return score_all(model, region_embs, word_embs, lengths, **kwargs)
     n_img = region_embs.shape[0]

@@ -2,9 +2,9 @@
 
 Nothing here changes a score: ``imram_min.model`` states the method and ``imram_min.fast`` its exact
 restructuring; this file decides block sizes, caption bucketing by length, worker threads, activation
-checkpointing and allocator settings. ``similarity`` is the one tiler of the pair matrix (its plan is
+checkpointing and allocator settings. ``tiled_similarity`` is the one tiler of the pair matrix (its plan is
 ``runtime.tiles``', shared with the runtime); training (``score_pairs``) and evaluation
-(``similarities``) both go through it.
+(``similarity_matrix``) both go through it.
 """
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ def in_worker_threads(fn, jobs: list, workers: int) -> list:
         torch.set_num_threads(threads)  # MKL's thread count is process-wide
 
 
-def similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-               max_elems: int | None = None, checkpoint: bool = False, workers: int | None = None,
-               device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+def tiled_similarity(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                     max_elems: int | None = None, checkpoint: bool = False, workers: int | None = None,
+                     device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
     """Pair scores (n_img, n_cap), equal to ``model.similarity``, in bounded-memory blocks: THE one tiler.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
@@ -168,7 +168,7 @@ def needs_recomputation(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
 
 def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-    """THE single call site of pair scoring in training (loss.BatchLoss): ``similarity`` on the
+    """THE single call site of pair scoring in training (loss.BatchLoss): ``tiled_similarity`` on the
     batch's device.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,) -> (n_img, n_cap).
@@ -178,8 +178,8 @@ def score_pairs(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor
     activations would not fit (``needs_recomputation``): at batch 128, d = 1024 on a GPU of 80 GB
     they are stored (185 vs 114 samples/s on an H100), on one of 24 GB recomputed.
     """
-    return similarity(model, region_embs, word_embs, lengths,
-                      checkpoint=needs_recomputation(model, region_embs, word_embs))
+    return tiled_similarity(model, region_embs, word_embs, lengths,
+                            checkpoint=needs_recomputation(model, region_embs, word_embs))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -190,12 +190,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
-def similarities(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
-                 device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
-    """All pair scores (n_img, n_cap) as float32 numpy, for evaluation: ``similarity`` on ``device``.
+def similarity_matrix(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
+                      device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+    """All pair scores (n_img, n_cap) as float32 numpy, for evaluation: ``tiled_similarity`` on ``device``.
 
     region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,), on any
     device (e.g. a whole split on the CPU); each caption block is moved to ``device`` in its turn.
     """
     model.eval()
-    return similarity(model, region_embs, word_embs, lengths, device=device, progress=progress).float().cpu().numpy()
+    scores = tiled_similarity(model, region_embs, word_embs, lengths, device=device, progress=progress)
+    return scores.float().cpu().numpy()

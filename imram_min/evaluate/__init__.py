@@ -6,7 +6,7 @@
 (the command is imram_min/evaluate/__main__.py; this module is the protocol it runs)
 
 Steps: encode every image of the split once and every caption (batched), score all
-(image, caption) pairs in bounded-memory blocks (``tiling.similarities``), then rank:
+(image, caption) pairs in bounded-memory blocks (``tiling.similarity_matrix``), then rank:
 
 * i2t (image -> text, caption retrieval): for image i the rank of its best-ranked ground-truth
   caption; the ground truth of image i is captions cpi*i .. cpi*i + cpi-1 (cpi = captions per
@@ -194,7 +194,7 @@ def average_folds(folds: list[dict]) -> dict:
 
 def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.device = "cpu", batch_size: int = 128,
                    fold5: bool = False, return_sims: bool = False, progress: bool = False,
-                   score_all=tiling.similarities) -> dict:
+                   score_all=tiling.similarity_matrix) -> dict:
     """Encode, score and rank a split -> {"i2t", "t2i", "rsum", "n_images", "n_captions", "caps_per_image"}.
 
     caps_per_image: 5 or 1 (the SCAN layout), or None: another layout, ranked with
@@ -203,8 +203,8 @@ def evaluate_split(model: IMRAM, dataset: PrecompDataset, device: str | torch.de
     With ``fold5`` the metrics are the mean over 5 folds and "folds" lists each fold's; only the
     within-fold blocks are scored unless ``return_sims`` (then the whole (n_img, n_cap) matrix is
     scored and returned under "sims", float32). ``score_all(model, region_embs, word_embs, lengths,
-    device=, progress=)`` -> (n_img, n_cap) float32 numpy: tiling.similarities, or its
-    distributed form (imram_min.engineering.distributed.similarities) under torchrun.
+    device=, progress=)`` -> (n_img, n_cap) float32 numpy: tiling.similarity_matrix, or its
+    distributed form (imram_min.engineering.distributed.sharded_similarity_matrix) under torchrun.
     """
     cpi = dataset.caps_per_image
     layout = cpi if cpi is not None else dataset.image_of_caption  # 5 / 1, or each caption's image row

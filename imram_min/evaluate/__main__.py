@@ -101,7 +101,7 @@ def _main(argv: list[str] | None) -> dict:
         if args.json:
             atomic.write_json(args.json, result)
         return result
-    score_all = functools.partial(distributed.similarities, ctx=ctx, score_all=tiling.similarities)
+    score_all = functools.partial(distributed.sharded_similarity_matrix, ctx=ctx, score_all=tiling.similarity_matrix)
     result = evaluate_split(model, dataset, device, args.batch_size, fold5=args.fold5,
                             return_sims=bool(args.save_sims), progress=ctx.is_main, score_all=score_all)
     distributed.teardown(ctx)

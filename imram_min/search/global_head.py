@@ -20,7 +20,7 @@ positives, t2i with the one image), temperature TAU; plus, with weight ``distill
 KL divergence from IMRAM's own scores to the head's over a group of images and their captions
 (both directions), so that the head ranks as IMRAM does, IMRAM's top-1 included, not only the
 ground truth. The groups are images that the mean embeddings find close to each other (hard
-negatives); their IMRAM scores (tiling.similarity, no grad) are computed once before training.
+negatives); their IMRAM scores (tiling.tiled_similarity, no grad) are computed once before training.
 
 The file (torch.save, weights_only-safe): {"format": FORMAT, "config": {...}, "state": state_dict,
 "meta": {checkpoint sha256, data, epochs, seconds, final loss}}.
@@ -182,7 +182,7 @@ def teacher_scores(model, region_embs, word_embs, lengths, groups, cpi, progress
     for members in tqdm(groups, desc="IMRAM scores of the groups", disable=not progress, leave=False):
         caps, _ = captions_of(members, cpi)
         lens = lengths[caps]
-        out.append(tiling.similarity(model, region_embs[torch.from_numpy(members)],
+        out.append(tiling.tiled_similarity(model, region_embs[torch.from_numpy(members)],
                                        word_embs[caps, :int(lens.max())], lens).float())
     return out
 

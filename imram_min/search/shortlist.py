@@ -167,7 +167,7 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=No
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress=True)
     shortlists = parse_shortlists(spec, len(region_embs), len(word_embs))
     t0 = time.perf_counter()
-    sims = tiling.similarities(model, region_embs, word_embs, lengths, device, progress=True)
+    sims = tiling.similarity_matrix(model, region_embs, word_embs, lengths, device, progress=True)
     exhaustive = {**metrics_from_sims(sims, layout), "seconds": time.perf_counter() - t0}
     result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, layout,
                                                               shortlists, device, head),
