@@ -56,14 +56,15 @@ import torch
 from tqdm import tqdm
 
 from imram_min import evaluate
-from imram_min.engineering import checks, distributed, tiling
-from imram_min.engineering.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint, model_from_checkpoint,
-                                  remove_stale_temps, save_checkpoint)
 from imram_min.data import PrecompDataset, collate
 from imram_min.loss import BatchLoss
 from imram_min.model import IMRAM, IMRAMConfig
-from imram_min.engineering.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES, TrainConfig,  # noqa: F401
-                                build_parser, check_run_folder, check_settings, estimated_bytes, resolve_settings)
+from imram_min.engineering import checks, distributed, tiling
+from imram_min.engineering.checkpoint import (CheckpointError, DiskFullError, device_of, load_checkpoint,
+                                              model_from_checkpoint, remove_stale_temps, save_checkpoint)
+from imram_min.engineering.settings import (_FLAGS, DEFAULTS_FILE, MODEL_KEYS, NEW_TRAIN_KEYS, RUN_FILES,  # noqa: F401
+                                            TrainConfig, build_parser, check_run_folder, check_settings,
+                                            estimated_bytes, resolve_settings)
 from runtime import atomic, cli
 from runtime.cli import UserError
 

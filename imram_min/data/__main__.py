@@ -2,7 +2,7 @@
 
     python -m imram_min.data prepare PICTURES CAPTIONS --out DIR   your pictures + captions (imram_min.data.prepare)
     python -m imram_min.data vocab DIR [--min-count N]              DIR/vocab.json from DIR/train_caps.txt
-    python -m imram_min.data synthetic --out DIR [--overwrite]      the built-in synthetic data (imram_min.data.synthetic)
+    python -m imram_min.data synthetic --out DIR [--overwrite]      the built-in synthetic data (data/synthetic.py)
     python -m imram_min.data emoji --out DIR [--overwrite]          emoji pictures (imram_min.data.emoji; needs npm)
 
 The dispatcher lives here, apart from imram_min.data (the loaders), because the builders import the
@@ -35,7 +35,8 @@ def build_parser() -> cli.ArgumentParser:
                             "as SCAN; small data: 1 or 2)")
     vocab.add_argument("--overwrite", action="store_true", help="replace an existing DIR/vocab.json")
     synthetic.add_arguments(commands.add_parser("synthetic", help="the built-in synthetic data (the default)"))
-    emoji_command = commands.add_parser("emoji", help="emoji pictures with their names (imram_min.data.emoji; needs npm)")
+    emoji_command = commands.add_parser("emoji",
+                                        help="emoji pictures with their names (imram_min.data.emoji; needs npm)")
     emoji_command.add_argument("--out", required=True, help="folder to write")
     emoji_command.add_argument("--overwrite", action="store_true", help="replace the emoji data files already in --out")
     return p

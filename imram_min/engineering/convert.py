@@ -1,6 +1,7 @@
 """Convert an original IMRAM checkpoint (model_best.pth.tar) to this project's checkpoint format.
 
-    python -m imram_min.engineering.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt [--overwrite]
+    python -m imram_min.engineering.convert model_best.pth.tar --vocab f30k_precomp_vocab.json --out f30k.pt \
+        [--overwrite]
 
 The original file is ``torch.save({"model": ..., "opt": argparse.Namespace, "epoch": ..., ...})``.
 It is read with ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra
