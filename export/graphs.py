@@ -24,8 +24,10 @@ How each graph is made (all with the TorchScript exporter, ``torch.onnx.export(.
 The fast matcher's ONNX form (``OnnxFastMatcher``) is ``imram_min.fast``'s loop with two changes
 that suit ONNX Runtime and change no score: its memory update is ``onnx_update`` (update and
 gate halves as separate products, since ONNX Runtime copies every slice of a per-pair tensor;
-a Tanh instead of (F5); o + g (m - o) instead of a lerp), and its step-2 weights are constants
-of the graph (``onnx_query_weights``), which ONNX Runtime pre-packs for its matrix products.
+a Tanh instead of (F5); o + g (x - o) instead of a lerp), and W_x, the weights of the memory from
+step 2 on, are constants of the graph (``onnx_memory_weights``), which ONNX Runtime pre-packs for
+its matrix products. Symbols: the table in ``imram_min.model``'s docstring; (F1)..(F7):
+``imram_min.fast``'s.
 """
 from __future__ import annotations
 
@@ -93,22 +95,22 @@ class TextEncoderGraph(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, n_word)
         lengths = lengths.to(tokens.device)[:, None]  # (n_cap, 1)
         index = torch.where(valid, lengths - 1 - positions, positions)  # len-1-t inside, t on padding
-        x = self.embed(tokens)  # (n_cap, n_word, word_dim)
-        for k, gru in enumerate(self.forward_grus):
-            out, _ = gru(x)  # (n_cap, n_word, d)
+        hidden = self.embed(tokens)  # the word inputs e_i, (n_cap, n_word, word_dim); then each layer's output
+        for layer, gru in enumerate(self.forward_grus):
+            out, _ = gru(hidden)  # (n_cap, n_word, d)
             if self.backward_grus is not None:
-                back, _ = self.backward_grus[k](self.reverse_within_length(x, index))
+                back, _ = self.backward_grus[layer](self.reverse_within_length(hidden, index))
                 out = torch.cat([out, self.reverse_within_length(back, index)], -1)  # (n_cap, n_word, 2d)
-            x = out
+            hidden = out
         if self.bi_gru:
-            x = (x[..., : self.embed_size] + x[..., self.embed_size:]) / 2
-        if not self.no_txtnorm:
-            x = l2norm(x)
-        return torch.where(valid[..., None], x, torch.zeros_like(x))
+            hidden = (hidden[..., : self.embed_size] + hidden[..., self.embed_size:]) / 2  # (GRU_fwd + GRU_bwd) / 2
+        word_embs = hidden if self.no_txtnorm else l2norm(hidden)  # (2): w_i
+        return torch.where(valid[..., None], word_embs, torch.zeros_like(word_embs))
 
 
 class PlainMatcher(nn.Module):
-    """(region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,)) -> sims (n_img, n_cap).
+    """(region_embs (n_img, n_region, d), word_embs (n_cap, n_word, d), lengths (n_cap,)) -> pair scores
+    F(I, T) (n_img, n_cap).
 
     ``model.similarity`` (the reference form) on the whole padded batch (padding is masked
     inside, so the result does not depend on it); "mean" mode: the baseline.
@@ -123,8 +125,9 @@ class PlainMatcher(nn.Module):
 
 
 class ProjectionGraph(nn.Module):
-    """embs (n, n_items, d) -> embs W^T + b (n, n_items, P): ``imram_min.fast``'s per-item
-    projections (F1), (F2) of one side ("region" or "word"), the weights made once, as graph constants."""
+    """embs (n_img, n_region, d) or (n_cap, n_word, d) -> embs W^T + b, (n_img, n_region, n_proj) or
+    (n_cap, n_word, n_proj): ``imram_min.fast.projections`` (F1), (F2), once per region or word, of one
+    side ("region" or "word"), the weights made once, as graph constants; n_proj = ``projection_size``."""
 
     def __init__(self, model: IMRAM, side: str):
         super().__init__()
@@ -137,51 +140,56 @@ class ProjectionGraph(nn.Module):
 
 
 def projection_size(model: IMRAM, form: str = DEFAULT_MATCHER) -> int:
-    """P of the projection graphs, 0 when there are none (the plain form, K = 1, the mean baseline)."""
+    """n_proj, the width of the projection graphs' outputs (2d per direction, ``imram_min.fast.projections``;
+    the manifest's and the index's ``projection_size``), 0 when there are none (the plain form, K = 1,
+    the mean baseline)."""
     if form != "fast":
         return 0
     return 2 * model.cfg.embed_size * len(direction_weights(model))
 
 
 # --------------------------------------------------------------------------- the fast matcher, ONNX Runtime form
-def onnx_query_weights(w_query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_q (2d, d) of ``imram_min.fast.mdu_weights`` (rows [2 W_o; W_g]) -> (W_o^T, W_g^T), (d, d)
-    each, contiguous, the update rows' doubling undone (exact): the step-2 weights as
-    ``onnx_update`` multiplies by them."""
-    d = w_query.shape[1]
-    return (w_query[:d] * 0.5).T.contiguous(), w_query[d:].T.contiguous()
+def onnx_memory_weights(w_memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_x (2d, d) of ``imram_min.fast.mdu_weights`` (the columns that multiply the memory x^(k),
+    rows [2 W_o; W_g]) -> (its W_o part^T, its W_g part^T), (d, d) each, contiguous, the update rows'
+    doubling (F5) undone (exact): the weights of the memory from step 2 on as ``onnx_update``
+    multiplies by them."""
+    d = w_memory.shape[1]
+    return (w_memory[:d] * 0.5).T.contiguous(), w_memory[d:].T.contiguous()
 
 
-def onnx_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_query: tuple,
+def onnx_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_memory: tuple,
                 query_proj: torch.Tensor, context_proj: torch.Tensor) -> torch.Tensor:
     """``imram_min.fast.gated_update`` as the ONNX graph computes it, same arguments and result,
-    except w_query: its ``onnx_query_weights`` pair.
+    except w_memory: its ``onnx_memory_weights`` pair.
 
-    ONNX Runtime copies every slice, so the update and gate halves are cut from the per-item
-    projections (cheap), never from per-pair tensors; the doubling of the update rows is undone
-    (exact) so that (7) is a Tanh; and (9) is o + g (m - o).
+    ONNX Runtime copies every slice, so the update and gate halves are cut from the per-vector
+    projections (per region or word: cheap), never from per-pair tensors; the doubling of the
+    update rows is undone (exact) so that (7) is a Tanh; and (9) is o + g (x - o).
     """
-    w_update, w_gate = w_query  # (d, d) each, transposed
-    n_c_items, n_q_items, n_query, n_context = attention.shape
-    d, rows = w_update.shape[0], n_q_items * n_query
-    flat = attention.reshape(n_c_items, rows, n_context)
+    w_update, w_gate = w_memory  # (d, d) each, transposed: the W_o and W_g parts of W_x
+    n_context_sets, n_query_sets, n_query, n_context = attention.shape
+    d, rows = w_update.shape[0], n_query_sets * n_query
+    flat = attention.reshape(n_context_sets, rows, n_context)
     pre = []
     for w_half, query_half, context_half in ((w_update, query_proj[..., :d] * 0.5 if step == 0 else None,
                                               context_proj[..., :d] * 0.5),
                                              (w_gate, query_proj[..., d:] if step == 0 else None, context_proj[..., d:])):
-        query_part = query_half.reshape(1, rows, d) if step == 0 else \
-            (memory.reshape(-1, d) @ w_half).view(n_c_items, rows, d)  # W_q m_i; at step 0 per item (F2)
-        pre.append((flat @ context_half + query_part).view(n_c_items, n_q_items, n_query, d))  # (F1)
+        # W_x x^(k)_i; at step 1 (step == 0) x^(1) = x and it is the per-vector query_proj (F2)
+        memory_part = query_half.reshape(1, rows, d) if step == 0 else \
+            (memory.reshape(-1, d) @ w_half).view(n_context_sets, rows, d)
+        # + sum_j alpha_ij (W_c y_j + b) (F1)
+        pre.append((flat @ context_half + memory_part).view(n_context_sets, n_query_sets, n_query, d))
     o, g = torch.tanh(pre[0]), torch.sigmoid(pre[1])  # (7), (8)
-    return o + g * (memory - o)  # (9) before the l2norm
+    return o + g * (memory - o)  # (9) before the l2norm: o + g (x - o) = g x + (1 - g) o
 
 
 class OnnxFastMatcher(nn.Module):
-    """(region_embs, word_embs, lengths[, region_proj, word_proj]) -> sims (n_img, n_cap): the fast
-    matcher (``imram_min.fast.fast_step_scores``) with ``onnx_update`` and its weights as constants.
+    """(region_embs, word_embs, lengths[, region_proj, word_proj]) -> pair scores F(I, T) (n_img, n_cap):
+    the fast matcher (``imram_min.fast.fast_step_scores``) with ``onnx_update`` and its weights as constants.
 
     region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
-    region_proj (n_img, n_region, P) / word_proj (n_cap, n_word, P): the ``ProjectionGraph``
+    region_proj (n_img, n_region, n_proj) / word_proj (n_cap, n_word, n_proj): the ``ProjectionGraph``
     outputs (made here when None). The weights are derived once, detached.
     """
 
@@ -190,14 +198,14 @@ class OnnxFastMatcher(nn.Module):
         self.model = model
         with torch.no_grad():
             self.weights = direction_weights(model)
-            self.query_weights = {direction: onnx_query_weights(w[0]) for direction, w in self.weights.items()}
+            self.memory_weights = {direction: onnx_memory_weights(w[0]) for direction, w in self.weights.items()}
 
     def forward(self, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                 region_proj: torch.Tensor | None = None, word_proj: torch.Tensor | None = None) -> torch.Tensor:
         if self.model.cfg.mode == "mean":
             return mean_pooled_similarity(region_embs, word_embs, lengths)
         steps = fast_step_scores(self.model, region_embs, word_embs, lengths, region_proj, word_proj,
-                                 self.weights, self.query_weights, update=onnx_update)
+                                 self.weights, self.memory_weights, update=onnx_update)
         return sum(s.sum(0) for s in steps.values())  # (11)
 
 

@@ -5,8 +5,8 @@ The forward algebra only (the hand-written derivatives for training, (F8) and (F
 labels (1)..(12) are its formulas. Almost all of IMRAM's cost is the MDU, (7)-(8): two layers
 (2d -> d) applied to [x_i^(k); c_i^(k)] for every pair, step and query vector. Exact identities
 remove most of it; each is written once below, labelled (F1)..(F7), beside the lines that use it.
-Split each MDU weight by the columns that multiply the memory and the attended context,
-W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
+Split each MDU weight by the columns that multiply the memory x_i^(k) and the attended context
+c_i^(k): W = [W_x | W_c] (code: ``w_memory`` = W_x; W_c, with the bias, inside ``context_proj``).
 
     (F1) context projection mixing. By (6) and sum_j alpha_ij = 1 (5):
              W_c c_i + b = sum_j alpha_ij (W_c y_j + b)
@@ -32,28 +32,35 @@ W = [W_x | W_c] (code: ``w_query``, the context part inside ``context_proj``).
 
 The FLOP count (``flops_per_pair``). Counted: every matrix product, 2 FLOPs per multiply-add
 (what ``torch.utils.flop_counter.FlopCounterMode`` counts; the tests hold the formulas to it).
-Per pair of an image of r regions and a caption of w words, per direction with m query and n
-context vectors (Text-IMRAM: m = w, n = r; Image-IMRAM: m = r, n = w), K steps, size d:
+Per pair of an image of n_region regions and a caption of n_word words, per direction with m query
+and n context vectors (Text-IMRAM: m = n_word, n = n_region; Image-IMRAM: m = n_region, n = n_word),
+K steps, size d:
 
     original (the published code, ``imram_min.reference``):  K (4 m n d + 8 m d^2)
         raw scores (3) 2 m n d and attended context (6) 2 m n d at each step, and the MDU's two
         layers 2 x 2 m (2d) d after EVERY step, the last one too (its result is unused)
     plain (``imram_min.model``):  K 4 m n d + (K - 1) 8 m d^2      (no update after the last step)
-    fast (this file):  2 r w d  (step-1 raw scores, once for both directions, F4)
+    fast (this file):  2 n_region n_word d  (step-1 raw scores, once for both directions, F4)
         + per direction  K 2 m n^2           alpha G, the attended norms (F4)
                        + (K - 1) 2 m n d     raw scores of steps 2..K (3)
                        + (K - 1) 4 m n d     alpha (W_c y + b) (F1)
                        + (K - 2)^+ 4 m d^2   W_x x^(k) for the updates after the first (F2)
-        plus, once per image and per caption rather than per pair (``flops_per_item``), the
-        projections (F1, F2) and the Gram matrices (F4).
+    plus, once per image and once per caption (an *item*) rather than per pair (``flops_per_item``), with
+    n_proj = 2d per direction when K >= 2 (else 0):
+        per image    2 n_region d n_proj  (projections, F1, F2)  + 2 n_region^2 d  (G of the regions, F4)
+        per caption  2 n_word d n_proj    (projections, F1, F2)  + 2 n_word^2 d    (G of the words, F4)
+        (a Gram term only for the direction whose context it is: Text-IMRAM's regions,
+        Image-IMRAM's words).
 
 Not counted: pointwise work and the per-pair dot products and norms outside matrix products
 (cosines and l2norms, 2 m d each; the (F4) products and the norm of (4), 2 m n each): about 0.1%
 of every form at d = 1024, 0.4% at d = 256.
 A caption counts at its own length; a batched form pads captions to the longest of a block.
-At r = 36, w uniform in 8..16, d = 1024, K = 3, Full IMRAM (the mean FLOPs per pair):
-original 1.219 GFLOP, plain 0.816, fast 0.213: fast does 5.72x fewer FLOPs than the original
-code and 3.83x fewer than ``model.py`` (at d = 256: 5.01x and 3.40x).
+At n_region = 36, n_word uniform in 8..16, d = 1024, K = 3, Full IMRAM (the mean FLOPs per pair,
+the once-per-image and once-per-caption work left out): original 1.219 GFLOP, plain 0.816, fast 0.213: fast does 5.72x
+fewer FLOPs than the original code and 3.83x fewer than ``model.py`` (at d = 256: 5.01x and 3.40x).
+By hand for n_word = 8, Text-IMRAM (m = 8, n = 36) + Image-IMRAM (m = 36, n = 8), d = 1024, K = 3:
+original 3 (4 (8 x 36 + 36 x 8) d + 8 (8 + 36) d^2) = 1.114 GFLOP.
 
 The memory update of the loop is a function it receives (``update``): by default ``gated_update``,
 the PyTorch form above; ``export.graphs.onnx_update`` is the same update written for ONNX Runtime.
@@ -69,7 +76,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .fast_backward import Gate, L2Norm
+from .fast_backward import GatedUpdate, L2Norm
 from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weights, l2norm, masked_mean, \
     mean_pooled_similarity, word_mask
 
@@ -162,7 +169,8 @@ _MINUS_ONE = torch.tensor(-1.0)
 
 def new_memory(sig: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """(7)-(9) before the l2norm, from the sigmoids: sig (..., 2d) = [sigmoid(2 z_o) | g], memory x^(k)
-    (..., d) (broadcast) -> the new memory o + g (x^(k) - o), o = tanh(z_o), (..., d)."""
+    (..., d) (broadcast) -> the new memory before its l2norm, u = o + g (x^(k) - o), o = tanh(z_o),
+    (..., d)."""
     d = sig.shape[-1] // 2
     o = torch.add(_MINUS_ONE.to(sig), sig[..., :d], alpha=2)  # (F5), (7): o = tanh(z_o) = 2 sigmoid(2 z_o) - 1
     return torch.lerp(o, memory.to(o.dtype), sig[..., d:])  # (F6), (9): o + g (x - o) = g x + (1 - g) o
@@ -173,32 +181,33 @@ def normalize(memory: torch.Tensor) -> torch.Tensor:
     return L2Norm.apply(memory) if torch.is_grad_enabled() and memory.requires_grad else l2norm(memory)
 
 
-def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_query: torch.Tensor,
+def gated_update(memory: torch.Tensor, attention: torch.Tensor, step: int, w_memory: torch.Tensor,
                  query_proj: torch.Tensor, context_proj: torch.Tensor) -> torch.Tensor:
     """The MDU (7)-(9) without the l2norm, for all pairs: the PyTorch form of the fast loop's update.
 
-    memory x^(k) (n_context_sets, n_query_sets, n_query, d), or at step 0 the query x (n_query_sets,
-    n_query, d) (or per pair, as memory); attention alpha^(k) (n_context_sets, n_query_sets, n_query,
-    n_context); w_query: W_x (2d, d) of ``mdu_weights``; query_proj = W_x x, shaped as the query
-    with 2d last; context_proj (n_context_sets, n_context, 2d) = W_c y + b. Returns the new memory
-    (n_context_sets, n_query_sets, n_query, d).
+    step: k - 1, the loop's 0-based index of step k (0: step 1, where the memory is the query,
+    x^(1) = x). memory x^(k) (n_context_sets, n_query_sets, n_query, d), or at step 1 the query x
+    (n_query_sets, n_query, d) (or per pair, as memory); attention alpha^(k) (n_context_sets,
+    n_query_sets, n_query, n_context); w_memory: W_x (2d, d) of ``mdu_weights``; query_proj = W_x x,
+    shaped as the query with 2d last; context_proj (n_context_sets, n_context, 2d) = W_c y + b.
+    Returns the new memory x^(k+1) before its l2norm (n_context_sets, n_query_sets, n_query, d).
     """
     n_context_sets, n_query_sets, n_query, n_context = attention.shape
     d, rows = context_proj.shape[-1] // 2, n_query_sets * n_query
     flat = attention.reshape(n_context_sets, rows, n_context)
     # pre = W_x x^(k)_i + W_c c^(k)_i + b, rows [2 z_o | z_g]: (n_context_sets, rows, 2d)
-    if step == 0:  # (F2): x^(1) = x, so W_x x^(1)_i is the per-vector query_proj, broadcast over the context sets
+    if step == 0:  # step 1, (F2): x^(1) = x, so W_x x^(1)_i is the per-vector query_proj, for every context set
         pre = torch.baddbmm(query_proj.reshape(-1, rows, 2 * d), flat, context_proj)  # (F1): + alpha (W_c y + b)
     else:
-        pre = (memory.reshape(-1, d) @ w_query.T).view(n_context_sets, rows, 2 * d)  # W_x x^(k)_i
+        pre = (memory.reshape(-1, d) @ w_memory.T).view(n_context_sets, rows, 2 * d)  # W_x x^(k)_i
         if pre.requires_grad or not pre.dtype == flat.dtype == context_proj.dtype:  # autograd, or autocast
             pre = torch.baddbmm(pre, flat, context_proj)  # (F1): + sum_j alpha_ij (W_c y_j + b)
         else:
             pre = pre.baddbmm_(flat, context_proj)  # the same, in place
     pre = pre.view(n_context_sets, n_query_sets, n_query, 2 * d)
     if torch.is_grad_enabled() and (pre.requires_grad or memory.requires_grad):
-        return Gate.apply(pre, memory)  # (F8), fast_backward
-    return new_memory(pre.sigmoid_(), memory)  # [sigmoid(2 z_o) | g]  (8), in place
+        return GatedUpdate.apply(pre, memory)  # the same, with the derivatives (F8) of fast_backward
+    return new_memory(pre.sigmoid_(), memory)  # [sigmoid(2 z_o) | g]  (F5), (8), in place
 
 
 # --------------------------------------------------------------------------- iterative matching
@@ -214,7 +223,7 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     n_query_sets, n_query, n_context): the step-1 raw scores s^(1)_ij = <x_i, y_j> (3) of every pair.
     query_mask (n_query_sets, n_query) (or per pair, as query) / context_mask (n_context_sets,
     n_context): False on padding.
-    mdu_parts: (w_query, query_proj, context_proj), passed to ``update`` (None when K = 1);
+    mdu_parts: (w_memory, query_proj, context_proj), passed to ``update`` (None when K = 1);
     update: the memory update, ``gated_update`` or a function of the same signature.
     Returns (K, n_context_sets, n_query_sets).
     """
@@ -227,36 +236,38 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     query_norm = query.norm(dim=-1)  # |x_i|, (n_query_sets, n_query) (or per pair)
 
     scores, memory, step_scores = raw_scores, query, []
-    for k in range(cfg.n_steps):
+    for k in range(1, cfg.n_steps + 1):  # step k: scores are s^(k), memory is x^(k)
         attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): alpha^(k), shaped as raw_scores
         dot = attended_dot(attention, raw_scores)  # (F4): <x_i, c_i^(k)> from the step-1 raw scores
         sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^(k)|^2 = alpha_i G alpha_i^T
         cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(x_i, c_i^(k)), as model.cosine
         step_scores.append(masked_mean(cos, qmask))  # (10)
-        if k == cfg.n_steps - 1:
+        if k == cfg.n_steps:
             break  # (F3): no update after the last step
-        memory = update(memory, attention, k, *mdu_parts)  # (7)-(9) without the l2norm
-        last_update = k == cfg.n_steps - 2
+        memory = update(memory, attention, k - 1, *mdu_parts)  # (7)-(9) without the l2norm: x^(k+1)
+        last_update = k == cfg.n_steps - 1
         if not cfg.no_IMRAM_norm and not last_update:
             memory = normalize(memory)  # (9)
         scores = (memory.reshape(n_context_sets, n_query_sets * n_query, d) @ context.transpose(1, 2)) \
             .view(raw_scores.shape)  # (3): s^(k+1)_ij = <x^(k+1)_i, y_j>
         if not cfg.no_IMRAM_norm and last_update:
-            scores = scores / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)  # (F7), (9)
+            # (F7), (9): <x/(|x| + eps), y_j> = <x, y_j> / (|x| + eps), the l2norm of the last update
+            scores = scores / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)
     return torch.stack(step_scores)
 
 
 def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                      region_proj: torch.Tensor | None = None, word_proj: torch.Tensor | None = None,
-                     weights: dict | None = None, query_weights: dict | None = None,
+                     weights: dict | None = None, memory_weights: dict | None = None,
                      update=gated_update) -> dict:
     """{"text": (K, n_img, n_cap), "image": (K, n_img, n_cap)}, equal to ``IMRAM.step_scores``.
 
     region_embs (n_img, n_region, d); word_embs (n_cap, n_word, d); lengths (n_cap,);
     region_proj (n_img, n_region, n_proj) / word_proj (n_cap, n_word, n_proj): the ``projections``
     of exactly these regions and words (made here when None); weights: ``direction_weights`` (made
-    here when None); query_weights: {direction: the step-2 weights in the form ``update`` takes}
-    (default: W_x of ``weights``); update: see ``fast_recurrent_attention_memory``.
+    here when None); memory_weights: {direction: W_x, the weights of the memory from step 2 on, in
+    the form ``update`` takes} (default: W_x of ``weights``); update: see
+    ``fast_recurrent_attention_memory``.
     Traceable: no Python-side use of tensor values, so it exports to ONNX with dynamic sizes.
     """
     n_img, n_region, d = region_embs.shape
@@ -267,21 +278,21 @@ def fast_step_scores(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.T
     if weights and word_proj is None:
         word_proj = projections(model, word_embs, "word", weights)
     region_parts, word_parts = split_directions(region_proj, weights), split_directions(word_proj, weights)
-    w_query = query_weights or {direction: w[0] for direction, w in weights.items()}
+    w_memory = memory_weights or {direction: w[0] for direction, w in weights.items()}
     mask = word_mask(lengths, n_word, word_embs.device)  # (n_cap, n_word)
-    # (3), (F4): the step-1 raw scores <region r of image i, word t of caption c>, computed once for
-    # both directions: (n_img, n_region, n_cap, n_word)
+    # (3), (F4): the step-1 raw scores <v_j of an image, w_i of a caption>, computed once for both
+    # directions: (n_img, n_region, n_cap, n_word)
     region_word_scores = (region_embs.reshape(n_img * n_region, d) @ word_embs.reshape(n_cap * n_word, d).T) \
         .view(n_img, n_region, n_cap, n_word)
     out = {}
     for direction in model.mdus():
         if direction == "text":  # words attend regions: context sets = images, query sets = captions
-            parts = (w_query["text"], word_parts["text"], region_parts["text"]) if weights else None
+            parts = (w_memory["text"], word_parts["text"], region_parts["text"]) if weights else None
             out["text"] = fast_recurrent_attention_memory(
                 word_embs, region_embs, region_word_scores.permute(0, 2, 3, 1), model.cfg,
                 query_mask=mask, mdu_parts=parts, update=update)
         else:  # regions attend words: context sets = captions, query sets = images
-            parts = (w_query["image"], region_parts["image"], word_parts["image"]) if weights else None
+            parts = (w_memory["image"], region_parts["image"], word_parts["image"]) if weights else None
             out["image"] = fast_recurrent_attention_memory(
                 region_embs, word_embs, region_word_scores.permute(2, 0, 1, 3), model.cfg,
                 context_mask=mask, mdu_parts=parts, update=update).transpose(1, 2)
@@ -357,13 +368,14 @@ def flops_per_pair(form: str, n_region: int, n_word: int, d: int, n_steps: int, 
     of n_word words, embedding size d, K = n_steps (the formulas: this file's docstring).
 
     form: "original" (the published code, ``imram_min.reference``: an update after every step),
-    "plain" (``imram_min.model``) or "fast" (this file; its once-per-item work is ``flops_per_item``).
+    "plain" (``imram_min.model``) or "fast" (this file; its once-per-image and once-per-caption work is
+    ``flops_per_item``).
     """
-    r, w, K = n_region, n_word, n_steps
+    K = n_steps
     if form not in FLOP_FORMS:
         raise ValueError(f"form must be one of {FLOP_FORMS}, got {form!r}")
-    total = 2 * r * w * d if form == "fast" else 0  # (F4): step-1 raw scores, shared by both directions
-    for m, n in _directions(r, w, mode):
+    total = 2 * n_region * n_word * d if form == "fast" else 0  # (F4): step-1 raw scores, shared by both directions
+    for m, n in _directions(n_region, n_word, mode):
         if form == "original":
             total += K * (2 * m * n * d + 2 * m * n * d) + K * 2 * (2 * m * (2 * d) * d)  # (3), (6); (7)-(8) K times
         elif form == "plain":
@@ -381,12 +393,14 @@ def flops_per_item(form: str, n_region: int, n_word: int, d: int, n_steps: int,
     """(FLOPs per image, FLOPs per caption) of the matrix products made once per image or caption,
     whatever the number of pairs: for "fast" the projections (F1), (F2) (when K >= 2) and the Gram
     matrices of the context vectors (F4); 0 for "original" and "plain" (no such work)."""
-    r, w, directions = n_region, n_word, _directions(n_region, n_word, mode)
+    directions = _directions(n_region, n_word, mode)
     if form not in FLOP_FORMS:
         raise ValueError(f"form must be one of {FLOP_FORMS}, got {form!r}")
     if form != "fast":
         return 0, 0
-    n_proj = 2 * d * len(directions) if n_steps >= 2 else 0
-    per_image = 2 * r * d * n_proj + (2 * r * r * d if mode in ("full", "text") else 0)  # Gram of the regions
-    per_caption = 2 * w * d * n_proj + (2 * w * w * d if mode in ("full", "image") else 0)  # Gram of the words
+    n_proj = 2 * d * len(directions) if n_steps >= 2 else 0  # (F1), (F2): 2d per direction
+    per_image = 2 * n_region * d * n_proj \
+        + (2 * n_region * n_region * d if mode in ("full", "text") else 0)  # (F4): G of the regions
+    per_caption = 2 * n_word * d * n_proj \
+        + (2 * n_word * n_word * d if mode in ("full", "image") else 0)  # (F4): G of the words
     return per_image, per_caption

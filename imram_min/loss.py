@@ -1,7 +1,8 @@
 """The loss that trains IMRAM: formula (12), its terms per slice of a batch, and the exact 3B-pair form (F10).
 
 Symbols: the table in ``imram_min.model``'s docstring. A batch holds B matching pairs, image i
-with caption i; F(i, j) = F(image i, caption j) (11) are the pair scores, Delta the margin.
+with caption i (position i of the batch); F(i, j) = F(image i, caption j) (11) are the pair scores,
+Delta the margin. Here, as in the table's last row, i and j index images and captions.
 
     (12) L = sum_i max_{j != i} [Delta - F(i, i) + F(i, j)]_+  +  sum_j max_{i != j} [Delta - F(j, j) + F(i, j)]_+
 
@@ -11,9 +12,9 @@ the negatives. Four functions compute it, each equal to the one before:
 * ``contrastive_loss(pair_scores)``: (12) on the (B, B) pair scores, the definition; autograd
   runs through all B^2 pairs.
 * ``hinge_terms(rows, cols, offset)``: the terms of (12) that belong to a slice of the batch, its
-  images o .. o + b - 1 (the first sum) and its captions (the second), from rows = F(own images,
-  all captions) (b, B) and cols = F(all images, own captions) (B, b): every score these terms
-  read. The slices' terms sum to L exactly, hardest negatives included wherever they lie: this
+  b positions o .. o + b - 1: their images (the first sum) and captions (the second), from
+  rows = F(own images, all captions) (b, B) and cols = F(all images, own captions) (B, b): every
+  score these terms read. The slices' terms sum to L exactly, hardest negatives included wherever they lie: this
   is how N processes share one batch (``imram_min.engineering.distributed``); one process: b = B, o = 0.
 * ``support_loss``: ``hinge_terms`` with hardest negatives, the gradient through 3b pairs (F10).
 * ``BatchLoss``: what ``imram_min.train`` calls per batch: encode, score, and one of the above.
@@ -34,8 +35,8 @@ autograd (``fast.zipped_scores``) and takes the hinge of them: the same value an
 gradient as ``hinge_terms`` (to float precision: the re-scored pairs are the same numbers,
 computed one pair at a time), back-propagated through 3b pairs instead of 2 B b - b^2.
 
-Same-image pairs. A batch item is a caption and its image, so one image can hold two places of a
-batch. The original (SCAN layout: 5 captions per image, batches of 128 out of ~145K captions: a
+Same-image pairs. A batch position holds a caption and its image, so one image can hold two
+positions of a batch. The original (SCAN layout: 5 captions per image, batches of 128 out of ~145K captions: a
 repeat is rare) counts the repeat as a negative, and so does this code on the SCAN layout. In any
 other layout (DIR/{split}_cap2img.txt; small data of 1-5 captions per picture, where repeats are
 the rule) ``image_ids`` is given and a pair (i, j) whose image and caption belong to the same
@@ -43,8 +44,8 @@ picture is no negative: its hinge term is 0, like the diagonal's (else the repea
 margin exactly, the hardest negative with no gradient, and the image is pushed away from its
 other captions).
 
-Gradients on N processes: the gather's backward sums every process's gradient into the items'
-owner, so process p's parameter gradient is its share of dL/dtheta; DistributedDataParallel then
+Gradients on N processes: the gather's backward sums every process's gradient into the process
+that owns the embeddings, so process p's parameter gradient is its share of dL/dtheta; DistributedDataParallel then
 *averages* over processes, so each process back-propagates N * L_p and the averaged gradient is
 dL/dtheta.
 """
@@ -62,7 +63,7 @@ from imram_min.model import IMRAM
 def contrastive_loss(pair_scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True) -> torch.Tensor:
     """(12): the hinge triplet ranking loss on a batch of matching pairs (the diagonal), margin Delta.
 
-    pair_scores (n, n), pair_scores[i, j] = F(image i, caption j). With ``max_violation`` only
+    pair_scores (B, B), pair_scores[i, j] = F(image i, caption j). With ``max_violation`` only
     the hardest negatives T^ (per image) and I^ (per caption) count (VSE++), else every negative
     is summed. Returns a 0-d tensor.
     """
@@ -90,16 +91,16 @@ def hinge_terms(rows: torch.Tensor, cols: torch.Tensor, offset: int, margin: flo
     """The terms of (12) of a slice of the batch: this process's share of ``contrastive_loss``.
 
     rows: (b, B) = F(own images, all captions); cols: (B, b) = F(all images, own captions); own
-    items are o .. o + b - 1 of the global batch (o = ``offset``). With b = B, o = 0 and
-    rows = cols = sims it is contrastive_loss(sims). image_ids (B,): the picture of each item
-    (a layout other than SCAN's): pairs of one picture are no negatives (``same_image``).
+    positions are o .. o + b - 1 of the global batch (o = ``offset``). With b = B, o = 0 and
+    rows = cols = pair_scores it is contrastive_loss(pair_scores). image_ids (B,): the picture of
+    each position (a layout other than SCAN's): pairs of one picture are no negatives (``same_image``).
     """
     b = rows.shape[0]
     own = torch.arange(b, device=rows.device)
     positive_img = rows[own, offset + own]  # F(i, i) of own images
     positive_cap = cols[offset + own, own]  # F(j, j) of own captions
-    cost_cap = (margin + rows - positive_img[:, None]).clamp(min=0)  # image i vs every caption j != i
-    cost_img = (margin + cols - positive_cap[None, :]).clamp(min=0)  # caption j vs every image i != j
+    cost_cap = (margin + rows - positive_img[:, None]).clamp(min=0)  # [Delta - F(i, i) + F(i, j)]_+, row i
+    cost_img = (margin + cols - positive_cap[None, :]).clamp(min=0)  # [Delta - F(j, j) + F(i, j)]_+, column j
     if image_ids is None:
         cost_cap = cost_cap.index_put((own, offset + own), cost_cap.new_zeros(()))
         cost_img = cost_img.index_put((offset + own, own), cost_img.new_zeros(()))
@@ -126,7 +127,7 @@ def support_loss(model: IMRAM, rows: torch.Tensor, cols: torch.Tensor, offset: i
 
     rows (b, B) / cols (B, b): the scores of ``hinge_terms``, without gradient; region_embs
     (B, n_region, d), word_embs (B, n_word, d), lengths (B,): the global batch's embeddings, with
-    gradient (``gather``); own items o .. o + b - 1 (o = ``offset``). image_ids (B,): as in
+    gradient (``gather``); own positions o .. o + b - 1 (o = ``offset``). image_ids (B,): as in
     ``hinge_terms``, pairs of one picture are no negatives.
     """
     b, device = rows.shape[0], rows.device
@@ -141,12 +142,13 @@ def support_loss(model: IMRAM, rows: torch.Tensor, cols: torch.Tensor, offset: i
             image_ids = image_ids.to(device)
             same_rows, same_cols = same_image(image_ids, offset, b)
             cost_cap[same_rows], cost_img[same_cols] = 0, 0
-        hard_cap, hard_img = cost_cap.max(1).indices, cost_img.max(0).indices  # j^ of own images, i^ of own captions
-    items = offset + own  # global indices of own images and of own captions (pair k is image k, caption k)
-    # a hardest "negative" that is no negative (the item itself, or in a sidecar layout one of its picture) adds 0
+        hard_cap = cost_cap.max(1).indices  # j^_i of own images i
+        hard_img = cost_img.max(0).indices  # i^_j of own captions j
+    positions = offset + own  # global indices of own images and of own captions (image i, caption i)
+    # a hardest "negative" that is no negative (the position itself, or in a sidecar layout one of its picture) adds 0
     ids = torch.arange(len(lengths), device=device) if image_ids is None else image_ids
-    neg_cap, neg_img = ids[hard_cap] != ids[items], ids[hard_img] != ids[items]
-    images, captions = torch.cat([items, items, hard_img]), torch.cat([items, hard_cap, items])
+    neg_cap, neg_img = ids[hard_cap] != ids[positions], ids[hard_img] != ids[positions]
+    images, captions = torch.cat([positions, positions, hard_img]), torch.cat([positions, hard_cap, positions])
     n_word = int(lengths[captions.cpu()].max())
     # index_select, not x[index]: its backward (index_add_) sums the rows that repeat in a fixed order;
     # x[index]'s (index_put_ with accumulate) did not on the CPU, and training was not reproducible
@@ -154,8 +156,9 @@ def support_loss(model: IMRAM, rows: torch.Tensor, cols: torch.Tensor, offset: i
                                 word_embs[:, :n_word].index_select(0, captions),
                                 lengths[captions.cpu()])  # (3b,): F(i, i), F(i, j^_i), F(i^_j, j)
     positive, hard_for_image, hard_for_caption = scores[:b], scores[b:2 * b], scores[2 * b:]
-    cost_cap = (margin + hard_for_image - positive).clamp(min=0) * neg_cap  # 0 where j^ is i itself
-    cost_img = (margin + hard_for_caption - positive).clamp(min=0) * neg_img
+    # (F10): L = sum_i [Delta - F(i, i) + F(i, j^_i)]_+ + sum_j [Delta - F(j, j) + F(i^_j, j)]_+
+    cost_cap = (margin + hard_for_image - positive).clamp(min=0) * neg_cap  # 0 where j^_i is no negative
+    cost_img = (margin + hard_for_caption - positive).clamp(min=0) * neg_img  # 0 where i^_j is no negative
     return cost_cap.sum() + cost_img.sum()
 
 
@@ -168,7 +171,7 @@ class BatchLoss(nn.Module):
     pairs are scored without autograd and the loss is ``support_loss`` (F10): the same loss and
     gradients, back-propagated through 3 b pairs. Wrapped in DistributedDataParallel, its forward
     is the whole step. ``score_pairs(model, region_embs, word_embs, lengths)``: the scorer
-    (tiling.score_pairs). ``image_ids`` (this process's slice, (b,)): given in a layout other
+    (``imram_min.engineering.tiling.score_pairs``). ``image_ids`` (this process's slice, (b,)): given in a layout other
     than SCAN's, so that pairs of one picture are no negatives (module docstring); None: the original.
     The multi-process scoring of ``rows`` / ``cols`` and the gathers: ``imram_min.engineering.distributed``.
     """
@@ -185,14 +188,15 @@ class BatchLoss(nn.Module):
         sparse = max_violation and self.support
         if ctx.world == 1:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
-                sims = self.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
+                pair_scores = self.score_pairs(model, region_embs, word_embs, lengths)  # (B, B)
             if sparse:
-                return support_loss(model, sims, sims, 0, region_embs, word_embs, lengths, model.cfg.margin, image_ids)
+                return support_loss(model, pair_scores, pair_scores, 0, region_embs, word_embs, lengths,
+                                    model.cfg.margin, image_ids)
             if image_ids is not None:
-                return hinge_terms(sims, sims, 0, model.cfg.margin, max_violation, image_ids)
-            return contrastive_loss(sims, model.cfg.margin, max_violation)
-        b = torch.tensor([len(lengths), int(lengths.max())], device=region_embs.device)
-        shape = gather_no_grad(b[None], ctx, [1] * ctx.world)  # (world, 2): slice size, longest caption
+                return hinge_terms(pair_scores, pair_scores, 0, model.cfg.margin, max_violation, image_ids)
+            return contrastive_loss(pair_scores, model.cfg.margin, max_violation)
+        local_shape = torch.tensor([len(lengths), int(lengths.max())], device=region_embs.device)
+        shape = gather_no_grad(local_shape[None], ctx, [1] * ctx.world)  # (world, 2): slice size, longest caption
         sizes, n_word = [int(s) for s in shape[:, 0]], int(shape[:, 1].max())
         all_regions = gather(region_embs, ctx, sizes)  # (B, n_region, d)
         all_words = gather(word_embs, ctx, sizes, (n_word, word_embs.shape[-1]))  # (B, n_word, d)

@@ -19,7 +19,7 @@ Symbols, used the same way in notebook 02, ``imram_min.loss``, ``imram_min.fast`
     I, T             an image, a caption
     f_j              precomputed feature of region j                    region_feats (n_img, n_region, img_dim)
     v_j              region embedding, j = 1..n_region, in R^d          region_embs (n_img, n_region, d)
-    e_i              input vector of word i (a learned embedding)       txt_enc.embed(tokens)
+    e_i              input vector of word i (a learned embedding)       word_inputs = txt_enc.embed(tokens)
     w_i              word embedding, i = 1..n_word, in R^d              word_embs (n_cap, n_word, d)
     d                the joint embedding size                           cfg.embed_size
     x_i, i = 1..m    the query vectors of one direction                 query (..., n_query, d)
@@ -33,9 +33,15 @@ Symbols, used the same way in notebook 02, ``imram_min.loss``, ``imram_min.fast`
     lambda           inverse temperature of the attention softmax       cfg.lambda_softmax
     c_i^(k)          the context attended by x_i^(k)                    attended (..., n_query, d)
     o_i, g_i         the MDU's candidate and gate; W_o, b_o, W_g, b_g   MemoryDistillation.update, .gate
+    W_x, W_c         the columns of the MDU's weights that multiply     fast.mdu_weights
+                     x_i^(k) and c_i^(k) ([x_i^(k); c_i^(k)] is 2d wide)
+    G_jl             Gram matrix of the context vectors, <y_j, y_l>     gram (in ``imram_min.fast``)
     F_k(I, T)        step score; F(I, T) the pair score                 step_scores; similarity (n_img, n_cap)
     Delta            the margin of the loss                             cfg.margin
     T^, I^           the hardest negative caption of I, image of T
+    B; F(i, j)       in the loss only (``imram_min.loss``): a batch of B matching pairs, image i with
+                     caption i; F(i, j) = F(image i, caption j), so there i, j index images and
+                     captions, not query and context vectors
 
 The labels (1)..(12) are this file's, not the paper's equation numbers; ``imram_min.fast``
 refers to them.
@@ -191,8 +197,8 @@ class TextEncoder(nn.Module):
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bi_gru)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        word_inputs = self.embed(tokens)  # e_i: (n_cap, n_word, word_dim)
+        packed = pack_padded_sequence(word_inputs, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
         if self.bi_gru:
@@ -306,14 +312,14 @@ def recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, mdu: 
     """
     memory = query  # x^(1) = x at step 1
     step_scores = []
-    for k in range(cfg.n_steps):
-        attended, attention = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6)
+    for k in range(1, cfg.n_steps + 1):  # step k: the memory is x^(k)
+        attended, attention = attend(memory, context, cfg, query_mask, context_mask)  # (3)-(6): c^(k), alpha
         step_scores.append(masked_mean(cosine(query, attended), query_mask))  # (10): the ORIGINAL query x_i
-        if k == cfg.n_steps - 1:
+        if k == cfg.n_steps:
             if trace is not None:
                 trace.append({"attention": attention, "gate": None})
             break  # the original also updates after the last step, but never uses the result
-        memory, gate = mdu(memory, attended, return_gate=True, normalize=not cfg.no_IMRAM_norm)  # (7)-(9)
+        memory, gate = mdu(memory, attended, return_gate=True, normalize=not cfg.no_IMRAM_norm)  # (7)-(9): x^(k+1)
         if trace is not None:
             trace.append({"attention": attention, "gate": gate})
     return torch.stack(step_scores)

@@ -14,11 +14,11 @@ Semantics (Chen et al., CVPR 2020, and the published code):
 
 * l2norm(x) = x / (||x||_2 + 1e-8); l1norm(x) = x / (||x||_1 + 1e-8);
   cosine(a, b) = <a, b> / max(||a|| ||b||, 1e-8).
-* attention(query x (n_q, d), context y (n_c, d)): raw = y @ x^T (n_c, n_q), normalised
+* attend(memory x^(k) (n_q, d), context y (n_c, d)): raw = y @ x^T (n_c, n_q), normalised
   over the query axis by ``raw_feature_norm``, transposed to (n_q, n_c), softmax over the
   context axis of lambda_softmax * that: alpha; attended c = alpha @ y.
 * memory distillation: o = tanh(W_o [x; c] + b_o), g = sigmoid(W_g [x; c] + b_g),
-  x' = g * x + (1 - g) * o, then l2norm(x') unless ``no_IMRAM_norm``.
+  x^(k+1) = g * x^(k) + (1 - g) * o, then its l2norm unless ``no_IMRAM_norm``.
 * Text-IMRAM: words attend regions; Image-IMRAM: regions attend words. Step score
   F_k = mean over the query vectors of cosine(original query vector x_i, attended at step k).
   Pair score F = sum over steps (and over both directions for mode "full").
@@ -81,12 +81,12 @@ def normalise_raw(raw: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown raw_feature_norm {how!r}")
 
 
-def attention(query: torch.Tensor, context: torch.Tensor, how: str, lambda_softmax: float) -> torch.Tensor:
-    """query (..., n_q, d), context (..., n_c, d) -> attended (..., n_q, d), pair by pair."""
-    raw = context @ query.transpose(-1, -2)  # (..., n_c, n_q)
-    norm = normalise_raw(raw, how).transpose(-1, -2)  # (..., n_q, n_c)
-    weights = softmax(lambda_softmax * norm, dim=-1)
-    return weights @ context
+def attend(memory: torch.Tensor, context: torch.Tensor, how: str, lambda_softmax: float) -> torch.Tensor:
+    """The CAU: memory x^(k) (..., n_q, d), context y (..., n_c, d) -> attended c^(k) (..., n_q, d), pair by pair."""
+    raw = context @ memory.transpose(-1, -2)  # s_ij, transposed: (..., n_c, n_q)
+    norm = normalise_raw(raw, how).transpose(-1, -2)  # s'_ij: (..., n_q, n_c)
+    alpha = softmax(lambda_softmax * norm, dim=-1)
+    return alpha @ context
 
 
 # --------------------------------------------------------------------------- weights read off a module
@@ -141,13 +141,14 @@ class Weights:
 
 
 def memory_distillation(x: torch.Tensor, c: torch.Tensor, mdu, no_IMRAM_norm: bool) -> torch.Tensor:
-    """query x (..., n_q, d), c (..., n_q, d) attended context -> the refined query (..., n_q, d)."""
+    """The MDU: memory x^(k) (..., n_q, d), attended context c^(k) (..., n_q, d) -> the new memory
+    x^(k+1) (..., n_q, d)."""
     W_o, b_o, W_g, b_g = mdu
     xc = torch.cat([x, c], dim=-1)
     o = torch.tanh(xc @ W_o.T + b_o)
     g = sigmoid(xc @ W_g.T + b_g)
-    new_x = g * x + (1 - g) * o
-    return new_x if no_IMRAM_norm else l2norm(new_x)
+    new_memory = g * x + (1 - g) * o
+    return new_memory if no_IMRAM_norm else l2norm(new_memory)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -172,17 +173,17 @@ def encode_caption(w: Weights, tokens: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- one direction, pairs side by side
 def imram_steps(w: Weights, query: torch.Tensor, context: torch.Tensor, mdu) -> list[torch.Tensor]:
-    """Recurrent attention memory; query items are scored.
+    """Recurrent attention memory of one direction.
 
-    query (..., n_q, d), context (..., n_c, d): pairs side by side on the leading axes.
-    Returns [F_1..F_K], each (...): F_k = mean over query items of cos(item, attended at step k).
+    query x (..., n_q, d), context y (..., n_c, d): pairs side by side on the leading axes.
+    Returns [F_1..F_K], each (...): F_k = mean over the query vectors of cos(x_i, c_i^(k)).
     """
-    original = query
+    memory = query  # x^(1) = x
     scores = []
     for _ in range(w.n_steps):
-        attended = attention(query, context, w.raw_feature_norm, w.lambda_softmax)
-        scores.append(cosine(original, attended).mean(-1))
-        query = memory_distillation(query, attended, mdu, w.no_IMRAM_norm)  # as the original: every step
+        attended = attend(memory, context, w.raw_feature_norm, w.lambda_softmax)
+        scores.append(cosine(query, attended).mean(-1))  # the original query x_i
+        memory = memory_distillation(memory, attended, mdu, w.no_IMRAM_norm)  # as the original: every step
     return scores
 
 

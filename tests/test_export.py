@@ -13,7 +13,7 @@ import torch
 from fixtures import (IMG_DIM, lengths_1_to_40, random_feats, random_tokens, tiny_checkpoint, tiny_data,  # noqa: F401
                       tiny_model, tiny_model_dir, tiny_vocab)
 from export.conformance import FILES as CONFORMANCE_FILES
-from export.graphs import OnnxFastMatcher, TextEncoderGraph, onnx_query_weights, onnx_update
+from export.graphs import OnnxFastMatcher, TextEncoderGraph, onnx_memory_weights, onnx_update
 from export.onnx_export import DEFAULT_OPSET, FILES, MANIFEST_FILE, PROJECTION_FILES, check_graph, export_model, sha256_file
 from imram_min import fast
 from imram_min.model import IMRAM, IMRAMConfig
@@ -292,7 +292,7 @@ def test_onnx_form_update_equals_the_pytorch_form_in_float64(step):
     parts = (query @ w_q.T, v @ w_c.T + b)
     with torch.no_grad():
         expected = fast.gated_update(memory, attention, step, w_q, *parts)
-        got = onnx_update(memory, attention, step, onnx_query_weights(w_q), *parts)
+        got = onnx_update(memory, attention, step, onnx_memory_weights(w_q), *parts)
     assert max_diff(got, expected) <= 1e-12
 
 

@@ -280,14 +280,14 @@ def test_identity_f8_gate_derivative_written_out(memory_shape):
     pre = _rand(2, 4, 3, 32, seed=1).requires_grad_()  # (n_c_items, n_q_items, n_query, 2d)
     memory = _rand(*memory_shape, seed=2).requires_grad_()  # at step 1 the query, broadcast over context items
     grad = _rand(2, 4, 3, 16, seed=3)  # dL/dm'
-    assert max_diff(fast_backward.Gate.apply(pre, memory), fast.new_memory(torch.sigmoid(pre), memory)) == 0
-    got = torch.autograd.grad(fast_backward.Gate.apply(pre, memory), (pre, memory), grad)
+    assert max_diff(fast_backward.GatedUpdate.apply(pre, memory), fast.new_memory(torch.sigmoid(pre), memory)) == 0
+    got = torch.autograd.grad(fast_backward.GatedUpdate.apply(pre, memory), (pre, memory), grad)
     expected = torch.autograd.grad(fast.new_memory(torch.sigmoid(pre), memory), (pre, memory), grad)  # autograd's
     assert [g.shape for g in got] == [pre.shape, memory.shape]
     assert max(max_diff(a, b) for a, b in zip(got, expected)) <= 1e-12
     small_memory = memory[:1, :2] if memory.dim() == 4 else memory[:2]
     small = (pre[:1, :2].detach().requires_grad_(), small_memory.detach().requires_grad_())
-    assert torch.autograd.gradcheck(fast_backward.Gate.apply, small)  # and against finite differences
+    assert torch.autograd.gradcheck(fast_backward.GatedUpdate.apply, small)  # and against finite differences
 
 
 def test_gated_update_with_grad_equals_without():
@@ -299,7 +299,7 @@ def test_gated_update_with_grad_equals_without():
         args = (m, a, step, w_q, query @ w_q.T, v @ w_c.T + b)
         with torch.no_grad():
             expected = fast.gated_update(*args)  # the in-place form of inference
-        got = fast.gated_update(m.clone().requires_grad_(), *args[1:])  # through Gate (F8)
+        got = fast.gated_update(m.clone().requires_grad_(), *args[1:])  # through GatedUpdate (F8)
         assert got.grad_fn is not None and max_diff(got, expected) <= 1e-15
 
 
