@@ -83,7 +83,8 @@ from .model import EPS, IMRAM, IMRAMConfig, MemoryDistillation, attention_weight
 
 # --------------------------------------------------------------------------- the MDU weights and the per-vector projections
 def mdu_weights(mdu: MemoryDistillation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns [x^(k) | c^(k)].
+    """The MDU's two layers as one: (W_x (2d, d), W_c (2d, d), b (2d,)), rows [2 W_o; W_g], columns
+    [x^(k) | c^(k)].
 
     The update rows are doubled (F5): sigmoid(W [x^(k); c^(k)] + b) = [sigmoid(2 z_o) | g] with z_o the
     pre-activation of (7) and g the gate (8).
@@ -106,9 +107,9 @@ CONTEXT_OF = {"region": "text", "word": "image"}  # the direction in which each 
 
 
 def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W (n_proj, d), b (n_proj,)) such that side "region"'s or "word"'s projections are e W^T + b
-    for its embeddings e; n_proj = 2d per direction, directions in the order of ``weights``; None
-    when ``weights`` is empty.
+    """(W (n_proj, d), b (n_proj,)) such that side "region"'s or "word"'s projections are v_j W^T + b
+    or w_i W^T + b for its embeddings; n_proj = 2d per direction, directions in the order of
+    ``weights``; None when ``weights`` is empty.
 
     Where this side is the context: W_c y + b (F1; the bias rides with the context, whose
     attention weights sum to 1); where it is the query: W_x x (F2). So regions give
@@ -119,7 +120,7 @@ def projection_weights(weights: dict, side: str) -> tuple[torch.Tensor, torch.Te
         return None
     parts = [(w_c, b) if direction == CONTEXT_OF[side] else (w_x, torch.zeros_like(b))
              for direction, (w_x, w_c, b) in weights.items()]
-    return torch.cat([w for w, _ in parts], 0), torch.cat([b for _, b in parts], 0)
+    return torch.cat([weight for weight, _ in parts], 0), torch.cat([bias for _, bias in parts], 0)
 
 
 def projections(model: IMRAM, embs: torch.Tensor, side: str, weights: dict | None = None) -> torch.Tensor | None:
@@ -235,9 +236,9 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
     gram = context @ context.transpose(1, 2)  # (F4): G_jl = <y_j, y_l>, (n_context_sets, n_context, n_context)
     query_norm = query.norm(dim=-1)  # |x_i|, (n_query_sets, n_query) (or per pair)
 
-    scores, memory, step_scores = raw_scores, query, []
-    for k in range(1, cfg.n_steps + 1):  # step k: scores are s^(k), memory is x^(k)
-        attention = attention_weights(scores, cfg, qmask, cmask)  # (4)-(5): alpha^(k), shaped as raw_scores
+    raw_scores_k, memory, step_scores = raw_scores, query, []  # s^(1), x^(1) = x
+    for k in range(1, cfg.n_steps + 1):  # step k: raw_scores_k is s^(k), memory is x^(k)
+        attention = attention_weights(raw_scores_k, cfg, qmask, cmask)  # (4)-(5): alpha^(k), shaped as raw_scores
         dot = attended_dot(attention, raw_scores)  # (F4): <x_i, c_i^(k)> from the step-1 raw scores
         sq_norm = attended_sq_norm(attention, gram)  # (F4): |c_i^(k)|^2 = alpha_i G alpha_i^T
         cos = dot / (query_norm * sq_norm.clamp(min=0).sqrt()).clamp(min=EPS)  # cos(x_i, c_i^(k)), as model.cosine
@@ -248,11 +249,11 @@ def fast_recurrent_attention_memory(query: torch.Tensor, context: torch.Tensor, 
         last_update = k == cfg.n_steps - 1
         if not cfg.no_IMRAM_norm and not last_update:
             memory = normalize(memory)  # (9)
-        scores = (memory.reshape(n_context_sets, n_query_sets * n_query, d) @ context.transpose(1, 2)) \
+        raw_scores_k = (memory.reshape(n_context_sets, n_query_sets * n_query, d) @ context.transpose(1, 2)) \
             .view(raw_scores.shape)  # (3): s^(k+1)_ij = <x^(k+1)_i, y_j>
         if not cfg.no_IMRAM_norm and last_update:
             # (F7), (9): <x/(|x| + eps), y_j> = <x, y_j> / (|x| + eps), the l2norm of the last update
-            scores = scores / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)
+            raw_scores_k = raw_scores_k / (torch.linalg.vector_norm(memory, dim=-1, keepdim=True) + EPS)
     return torch.stack(step_scores)
 
 
