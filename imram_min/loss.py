@@ -14,8 +14,9 @@ the negatives. Four functions compute it, each equal to the one before:
 * ``hinge_terms(rows, cols, offset)``: the terms of (12) that belong to a slice of the batch, its
   b positions o .. o + b - 1: their images (the first sum) and captions (the second), from
   rows = F(own images, all captions) (b, B) and cols = F(all images, own captions) (B, b): every
-  score these terms read. The slices' terms sum to L exactly, hardest negatives included wherever they lie: this
-  is how N processes share one batch (``imram_min.engineering.distributed``); one process: b = B, o = 0.
+  score these terms read. The slices' terms sum to L exactly, hardest negatives included
+  wherever they lie: this is how N processes share one batch
+  (``imram_min.engineering.distributed``); one process: b = B, o = 0.
 * ``support_loss``: ``hinge_terms`` with hardest negatives, the gradient through 3b pairs (F10).
 * ``BatchLoss``: what ``imram_min.train`` calls per batch: encode, score, and one of the above.
 
@@ -36,8 +37,8 @@ gradient as ``hinge_terms`` (to float precision: the re-scored pairs are the sam
 computed one pair at a time), back-propagated through 3b pairs instead of 2 B b - b^2.
 
 Same-image pairs. A batch position holds a caption and its image, so one image can hold two
-positions of a batch. The original (SCAN layout: 5 captions per image, batches of 128 out of ~145K captions: a
-repeat is rare) counts the repeat as a negative, and so does this code on the SCAN layout. In any
+positions of a batch. The original (SCAN layout: 5 captions per image, batches of 128 out of
+~145K captions: a repeat is rare) counts the repeat as a negative, and so does this code on the SCAN layout. In any
 other layout (DIR/{split}_cap2img.txt; small data of 1-5 captions per picture, where repeats are
 the rule) ``image_ids`` is given and a pair (i, j) whose image and caption belong to the same
 picture is no negative: its hinge term is 0, like the diagonal's (else the repeat's cost is the
@@ -45,8 +46,8 @@ margin exactly, the hardest negative with no gradient, and the image is pushed a
 other captions).
 
 Gradients on N processes: the gather's backward sums every process's gradient into the process
-that owns the embeddings, so process p's parameter gradient is its share of dL/dtheta; DistributedDataParallel then
-*averages* over processes, so each process back-propagates N * L_p and the averaged gradient is
+that owns the embeddings, so process p's parameter gradient is its share of dL/dtheta;
+DistributedDataParallel then *averages* over processes, so each process back-propagates N * L_p and the averaged gradient is
 dL/dtheta.
 """
 from __future__ import annotations
