@@ -253,19 +253,20 @@ def forward(model: nn.Module, region_feats: torch.Tensor, tokens: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------- loss
-def contrastive_loss(sims, margin: float = 0.2, max_violation: bool = True) -> float:
-    """Hinge triplet loss; sims[i][j] = score(image i, caption j), positives on the diagonal.
+def contrastive_loss(pair_scores, margin: float = 0.2, max_violation: bool = True) -> float:
+    """(12), hinge triplet loss with margin Delta = ``margin``; pair_scores[i][j] = F(image i, caption j),
+    positives on the diagonal.
 
     For each image i: its caption i against every other caption j (caption retrieval).
     For each caption j: its image j against every other image i (image retrieval).
     """
-    s = [[float(v) for v in row] for row in sims]
-    n = len(s)
+    F = [[float(score) for score in row] for row in pair_scores]
+    n = len(F)
     total = 0.0
-    for i in range(n):  # caption retrieval, per image
-        costs = [max(0.0, margin + s[i][j] - s[i][i]) for j in range(n) if j != i]
+    for i in range(n):  # caption retrieval, per image: [Delta - F(i, i) + F(i, j)]_+
+        costs = [max(0.0, margin + F[i][j] - F[i][i]) for j in range(n) if j != i]
         total += (max(costs) if max_violation else sum(costs)) if costs else 0.0
-    for j in range(n):  # image retrieval, per caption
-        costs = [max(0.0, margin + s[i][j] - s[j][j]) for i in range(n) if i != j]
+    for j in range(n):  # image retrieval, per caption: [Delta - F(j, j) + F(i, j)]_+
+        costs = [max(0.0, margin + F[i][j] - F[j][j]) for i in range(n) if i != j]
         total += (max(costs) if max_violation else sum(costs)) if costs else 0.0
     return total
