@@ -17,10 +17,18 @@ them. Two files, both listed in manifest.json with their SHA-256 (docs/deploy.md
                       sims (N_IMG, n_cap) f32: the matcher on the stored embeddings (and projections);
                       pipeline_feats (PIPELINE_IMG, PIPELINE_REGION, img_dim) f32, seeded normal (another
                       number of regions);
-                      pipeline_sims (PIPELINE_IMG, N_SCORE_CAPTIONS) f32: pipeline_feats against caption strings
+                      pipeline_sims (PIPELINE_IMG, N_SCORE_CAPTIONS) f32: pipeline_feats against caption strings;
+                      images (N_PICTURES, 3, size, size) f32: seeded uint8 pixels normalised as runtime.images
+                      does, and picture_feats (N_PICTURES, grid*grid, 1280) f32 (only when the folder has
+                      feature_extractor.onnx);
+                      image_global (N_IMG, G), text_global (n_cap, G) f32: the global head on the stored
+                      region_embs, word_embs + lengths (only when the folder has image_global.onnx and
+                      text_global.onnx; ``add_global_head_vectors`` adds them once export.global_head has
+                      added the graphs)
 
 The expected floats are computed by PyTorch in float64 from the checkpoint's own modules (the
-reference ``model.py``: packed GRU, ``model.similarity``) and rounded to float32, each stage from
+reference ``model.py``: packed GRU, ``model.similarity``; the global head's modules; the feature
+extractor's network) and rounded to float32, each stage from
 the float32 expected values of the stages before it, so a runtime's error is its own float32
 rounding only and one wrong stage does not fail the others. Tokens come from the runtime's own
 tokeniser (the folder's tokenizer.json when there is one), ids from the folder's vocabulary:
@@ -28,6 +36,12 @@ tokeniser (the folder's tokenizer.json when there is one), ids from the folder's
 
 Tolerance of a float stage (an absolute bound on max |runtime - expected|, stored per stage):
 REL_TOL[stage] * max(1, max |expected|). Why these numbers: docs/deploy.md, "Tolerances".
+
+Format version: 1 while every stage is one a version-1 client knows; 2 when the file holds a stage
+of an optional graph (global head, feature extractor) or a stage that "requires" a capability (a
+client without it prints the stage as skipped; runtime.check never skips). A version-1 client would
+misread those stages (a failure "the model folder has no feature_extractor graph" for a graph it
+merely does not load), so it refuses the file instead; folders without those graphs stay version 1.
 """
 from __future__ import annotations
 
@@ -42,7 +56,8 @@ import torch
 from runtime.text import END, START, UNK, Vocabulary
 
 FORMAT = "imram-min-conformance"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stages of the optional graphs (global head, feature extractor) and "requires"
+V1_GRAPHS = ("image_encoder", "text_encoder", "region_projection", "word_projection", "matcher")
 JSON_FILE, DATA_FILE = "conformance.json", "conformance.bin"
 FILES = (JSON_FILE, DATA_FILE)
 TOKENIZER_FILE = "tokenizer.json"
@@ -52,14 +67,18 @@ N_IMG, N_REGION = 3, 2  # the feature array: small (projections of 4d floats per
 PIPELINE_IMG, PIPELINE_REGION = 2, 4  # the end-to-end stage's features: another number of regions
 EMBEDDING_LENGTHS = (6, 4)  # ids lengths (with <start>, <end>) of the captions whose embeddings are kept
 N_SCORE_CAPTIONS = 10  # captions (strings) of the pipeline stage
+N_PICTURES = 1  # preprocessed pictures of the feature extractor's stage (3 x 128 x 128 floats each at 128 px)
 N_SYNTHETIC_SCENES = 60  # x 5 captions
 N_VOCAB_CAPTIONS = 100
 MIN_CAPTIONS = 1200  # fuzz strings fill the list up to this many captions
 REL_TOL = {"region_embs": 1e-5, "word_embs": 1e-5, "region_proj": 1e-5, "word_proj": 1e-5,
-           "sims": 2e-5, "pipeline": 2e-5}
+           "sims": 2e-5, "pipeline": 2e-5, "image_global": 1e-5, "text_global": 1e-5, "picture_feats": 1e-4}
 LABELS = {"tokens": "tokens", "ids": "ids", "region_embs": "region embeddings", "word_embs": "word embeddings",
           "region_proj": "region projections", "word_proj": "word projections", "sims": "scores",
-          "pipeline": "pipeline scores"}
+          "pipeline": "pipeline scores", "image_global": "image global head", "text_global": "text global head",
+          "picture_feats": "picture features"}
+GLOBAL_ARRAYS = ("image_global", "text_global")  # the global head's stages (and arrays): graph = array name
+PICTURES = "pictures"  # a stage's "requires": only clients that take pictures run it
 
 # --------------------------------------------------------------------------- captions
 EMOJI_RECORDS = [  # emoji-style records (as imram_min.data.emoji.join_emoji makes them) for emoji_captions
@@ -326,6 +345,32 @@ def reference_arrays(model, entries: list[dict], embedding_captions: list[int], 
     return arrays
 
 
+def global_head_arrays(head, arrays: dict) -> dict:
+    """{"image_global": (N_IMG, G), "text_global": (n_cap, G)} float32: a float64 copy of the global
+    head (imram_min.search.global_head.GlobalHead) on the stored float32 region_embs, word_embs and
+    lengths of ``arrays`` (what image_global.onnx and text_global.onnx are fed)."""
+    head64 = _float64_copy(head)
+    with torch.no_grad():
+        image = head64.image(torch.from_numpy(arrays["region_embs"].astype(np.float64)))
+        text = head64.text(torch.from_numpy(arrays["word_embs"].astype(np.float64)),
+                           torch.from_numpy(np.asarray(arrays["lengths"], dtype=np.int64)))
+    return {"image_global": image.numpy().astype(np.float32), "text_global": text.numpy().astype(np.float32)}
+
+
+def picture_arrays(extractor, seed: int = SEED) -> dict:
+    """{"images": (N_PICTURES, 3, size, size), "picture_feats": (N_PICTURES, grid*grid, 1280)} float32:
+    seeded uint8 pixels (size x size, RGB) normalised by runtime.images.normalize (the feature
+    extractor's input, as runtime.images.preprocess makes it), and a float64 copy of ``extractor``
+    (imram_min.data.features.GridFeatureExtractor) on them."""
+    from runtime.images import normalize
+    rng = np.random.default_rng([seed, 1])  # its own stream: the other arrays do not depend on it
+    pixels = rng.integers(0, 256, (N_PICTURES, extractor.size, extractor.size, 3), dtype=np.uint8)
+    images = normalize(pixels)
+    with torch.no_grad():
+        feats = _float64_copy(extractor)(torch.from_numpy(images.astype(np.float64)))
+    return {"images": images, "picture_feats": feats.numpy().astype(np.float32)}
+
+
 def _float64_copy(model):
     """A float64 copy of ``model`` in eval mode on the CPU (the model itself is left as it is)."""
     import copy
@@ -356,17 +401,31 @@ def stages(arrays: dict, graphs: list[str], matcher_inputs: list[str]) -> list[d
     if "region_projection" in graphs:
         out.append(graph_stage("region_proj", "region_projection", {"region_embs": "region_embs"}))
         out.append(graph_stage("word_proj", "word_projection", {"word_embs": "word_embs"}))
+    if "image_global" in graphs and all(name in arrays for name in GLOBAL_ARRAYS):
+        out.append(graph_stage("image_global", "image_global", {"region_embs": "region_embs"}))
+        out.append(graph_stage("text_global", "text_global", {"word_embs": "word_embs", "lengths": "lengths"}))
     out.append(graph_stage("sims", "matcher", {name: name for name in matcher_inputs}))
     out.append({"name": "pipeline", "label": LABELS["pipeline"], "kind": "pipeline",
                 "inputs": {"region_feats": "pipeline_feats", "captions": "score_captions"},
                 "output": "pipeline_sims", "tolerance": tolerance("pipeline", arrays["pipeline_sims"])})
+    if "feature_extractor" in graphs and "picture_feats" in arrays:
+        out.append({**graph_stage("picture_feats", "feature_extractor", {"images": "images"}), "requires": PICTURES})
     return out
 
 
-def write_conformance(model, vocab: Vocabulary, folder: str, signatures: dict, seed: int = SEED) -> list[str]:
+def document_version(stage_list: list[dict]) -> int:
+    """1 when every stage is one a version-1 client knows, else FORMAT_VERSION (module docstring)."""
+    known = all("requires" not in s and (s["kind"] != "graph" or s["graph"] in V1_GRAPHS) for s in stage_list)
+    return 1 if known else FORMAT_VERSION
+
+
+def write_conformance(model, vocab: Vocabulary, folder: str, signatures: dict, seed: int = SEED,
+                      feature_extractor=None, global_head=None) -> list[str]:
     """Write conformance.json and conformance.bin into ``folder`` (a model folder being written: its
     tokenizer.json, if any, already there); ``signatures``: the graphs' signatures as in the manifest.
-    Returns the file names written."""
+    feature_extractor: the module of the folder's feature_extractor.onnx (its stage is added when the
+    signatures list that graph); global_head: the GlobalHead of its image_global / text_global graphs
+    (likewise). Returns the file names written."""
     tokenize, tokenizer_info = load_tokenizer(folder)
     entries = []
     for source, caption in conformance_captions(vocab, seed):
@@ -376,15 +435,20 @@ def write_conformance(model, vocab: Vocabulary, folder: str, signatures: dict, s
     embedding_captions, score_captions = pick_embedding_captions(entries), pick_score_captions(entries)
     projections = "region_projection" in signatures
     arrays = reference_arrays(model, entries, embedding_captions, score_captions, projections, seed)
+    if feature_extractor is not None and "feature_extractor" in signatures:
+        arrays.update(picture_arrays(feature_extractor, seed))
+    if global_head is not None and "image_global" in signatures:
+        arrays.update(global_head_arrays(global_head, arrays))
+    stage_list = stages(arrays, list(signatures), [i["name"] for i in signatures["matcher"]["inputs"]])
     blob, index = pack_arrays(arrays)
     document = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "data": DATA_FILE,
+        "format": FORMAT, "format_version": document_version(stage_list), "data": DATA_FILE,
         "tokenizer": tokenizer_info, "vocab": "vocab.json",
         "reference": f"PyTorch {torch.__version__} float64 on the CPU (model.py), rounded to float32; each stage "
                      f"from the float32 expected arrays of the stages before it",
         "captions": entries, "arrays": index,
         "embedding_captions": embedding_captions, "score_captions": score_captions,
-        "stages": stages(arrays, list(signatures), [i["name"] for i in signatures["matcher"]["inputs"]]),
+        "stages": stage_list,
     }
     with open(os.path.join(folder, DATA_FILE), "wb") as f:
         f.write(blob)
@@ -429,9 +493,50 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
-def manifest_entry() -> dict:
-    """manifest.json's "conformance" entry before verification ("verified": None)."""
-    return {"file": JSON_FILE, "data": DATA_FILE, "format_version": FORMAT_VERSION, "verified": None}
+def manifest_entry(folder: str | None = None) -> dict:
+    """manifest.json's "conformance" entry before verification ("verified": None); its format_version
+    that of FOLDER/conformance.json (written by ``write_conformance``), FORMAT_VERSION without one."""
+    version = FORMAT_VERSION
+    if folder is not None:
+        with open(os.path.join(folder, JSON_FILE), encoding="utf-8") as f:
+            version = json.load(f)["format_version"]
+    return {"file": JSON_FILE, "data": DATA_FILE, "format_version": version, "verified": None}
+
+
+def add_global_head_vectors(model_dir: str, head, verify: bool = True) -> dict:
+    """Add the global head's stages to the conformance vectors of MODEL_DIR, a model folder to which
+    export.global_head.add_global_head has just added image_global.onnx and text_global.onnx of
+    ``head``; returns the new manifest. The expected vectors are ``global_head_arrays`` of the stored
+    region_embs, word_embs and lengths; a head's stages already there are replaced. conformance.json
+    and conformance.bin are replaced (runtime.atomic), then the manifest with their SHA-256; with
+    ``verify``, runtime.check is run on the folder and its record stored (ValueError naming the
+    failed stages when the runtime does not reproduce the vectors)."""
+    from runtime import atomic
+    from runtime.check import load_vectors
+    from runtime.modeldir import MANIFEST_FILE, sha256_file
+    manifest_path = os.path.join(model_dir, MANIFEST_FILE)
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not all(g in manifest["graphs"] for g in GLOBAL_ARRAYS):
+        raise ValueError(f"{model_dir}: has no global head graphs ({', '.join(GLOBAL_ARRAYS)}) to add vectors of")
+    document, arrays = load_vectors(model_dir, manifest)
+    arrays = {name: array for name, array in arrays.items() if name not in GLOBAL_ARRAYS}
+    arrays.update(global_head_arrays(head, arrays))
+    graphs = manifest["graphs"]
+    document["stages"] = stages(arrays, list(graphs), [i["name"] for i in graphs["matcher"]["inputs"]])
+    document["format_version"] = document_version(document["stages"])
+    blob, document["arrays"] = pack_arrays(arrays)
+    atomic.write_bytes(os.path.join(model_dir, DATA_FILE), blob)
+    atomic.write_text(os.path.join(model_dir, JSON_FILE), dumps_document(document))
+    for name in FILES:
+        path = os.path.join(model_dir, name)
+        manifest["files"][name] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    manifest["conformance"] = manifest_entry(model_dir)
+    atomic.write_json(manifest_path, manifest)
+    if verify:
+        manifest["conformance"]["verified"] = verify_conformance(model_dir)
+        atomic.write_json(manifest_path, manifest)
+    return manifest
 
 
 def verify_conformance(folder: str) -> dict:

@@ -318,7 +318,8 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
             diffs[FEATURE_EXTRACTOR] = verify_feature_extractor(extractor, os.path.join(tmp, FEATURE_EXTRACTOR_FILE))
         vocab.save(os.path.join(tmp, VOCAB_FILE))
         shutil.copyfile(RULES_FILE, os.path.join(tmp, TOKENIZER_FILE))  # before the conformance vectors use it
-        conformance_files = write_conformance(model, vocab, tmp, signatures)  # export.conformance
+        conformance_files = write_conformance(model, vocab, tmp, signatures,  # export.conformance
+                                              feature_extractor=extractor)
 
         files = {f: {"sha256": sha256_file(os.path.join(tmp, f)), "bytes": os.path.getsize(os.path.join(tmp, f))}
                  for f in [*files_written.values(), VOCAB_FILE, TOKENIZER_FILE, *conformance_files]}
@@ -338,7 +339,7 @@ def export_model(model: IMRAM, vocab: Vocabulary, out_dir: str | os.PathLike, op
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": _jsonable(source or {}),
             "files": files,
-            "conformance": manifest_entry(),  # "verified" filled in below
+            "conformance": manifest_entry(tmp),  # "verified" filled in below
         }
         if extractor is not None:  # how pictures become the extractor's input; runtime.images implements it
             manifest["preprocessing"] = feature_spec(feature_size, grid)

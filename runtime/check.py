@@ -7,7 +7,8 @@
 seeded region features with the region and word embeddings, projections and pair scores a correct
 runtime computes, and a tolerance per stage. This command runs them through the runtime's own code
 (``runtime.scorer.Scorer``: its tokenisation, encoders, projections, matcher and all-pairs
-scoring) and prints one line per stage:
+scoring; its first-stage vectors and feature extractor when the folder has a global head or
+pictures) and prints one line per stage:
 
     tokens              ok    1234/1234 captions exact
     region embeddings   ok    max |diff| 1.2e-07 <= 1.0e-05
@@ -39,11 +40,11 @@ from . import cli
 from .cli import printable
 from .engine import DEVICES, DeviceError
 from .inputs import InputError
-from .modeldir import ModelDirError
+from .modeldir import FEATURE_EXTRACTOR, ModelDirError
 from .scorer import Scorer
 
 FORMAT = "imram-min-conformance"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 2: stages of the optional graphs, "requires" (export/conformance.py)
 MANIFEST_KEY = "conformance"
 DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 MAX_CAPTIONS = 1 << 20
@@ -160,6 +161,8 @@ def check_document(doc) -> None:
                 raise TypeError(f"stages[{i}] names an input array that arrays does not hold")
         if stage["kind"] == "graph" and not isinstance(stage.get("graph"), str):
             raise TypeError(f"stages[{i}].graph must be a graph name")
+        if "requires" in stage and not isinstance(stage["requires"], str):  # this runtime runs every stage
+            raise TypeError(f"stages[{i}].requires must be a capability name")
 
 
 # --------------------------------------------------------------------------- the stages
@@ -219,6 +222,12 @@ def run_graph_stage(engine: Scorer, stage: dict, arrays: dict) -> np.ndarray:
     if graph == "matcher":
         return engine.match(inputs["region_embs"], inputs["word_embs"], inputs["lengths"],
                             inputs.get("region_proj"), inputs.get("word_proj"))
+    if graph == "image_global":  # runtime.index's and runtime.search's first-stage vectors
+        return engine.first_stage_vectors(inputs["region_embs"])
+    if graph == "text_global":
+        return engine.first_stage_vectors(inputs["word_embs"], inputs["lengths"])
+    if graph == FEATURE_EXTRACTOR:  # what image_features runs on each batch of preprocessed pictures
+        return engine.extract_features(inputs["images"])
     raise ConformanceError(f"stage {stage['name']}: graph {graph!r} is unknown to this runtime; update it")
 
 
@@ -250,7 +259,8 @@ def run_stage(engine: Scorer, stage: dict, document: dict, arrays: dict) -> Stag
         tokens, lengths = engine.tokenize(texts)
         return compare_lists(stage, captions, [row[:n].tolist() for row, n in zip(tokens, lengths)], "ids")
     if kind == "graph":
-        if stage["graph"] not in engine.sessions:
+        if stage["graph"] not in engine.sessions and not (stage["graph"] == FEATURE_EXTRACTOR and
+                                                          engine.has_feature_extractor):  # its session: on first use
             return StageResult(stage["name"], stage["label"], False,
                                f"the model folder has no {stage['graph']} graph", None, float(stage["tolerance"]))
         return compare(stage, run_graph_stage(engine, stage, arrays), arrays[stage["output"]])

@@ -301,7 +301,21 @@ class Engine:
                 pixels = load_and_preprocess(paths[i:i + self.image_batch], self.feature_size)
             except (ImageError, FileNotFoundError) as e:  # both name the file
                 raise InputError(str(e)) from None
-            yield i, self._run(FEATURE_EXTRACTOR, images=pixels)
+            yield i, self.extract_features(pixels)
+
+    def extract_features(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed pictures (n, 3, size, size) float32 (runtime.images.preprocess) -> grid features
+        (n, grid*grid, img_dim) float32, through feature_extractor.onnx. InputError for another shape
+        or a value that is not finite."""
+        self.require_feature_extractor()
+        images = np.asarray(images)
+        expected = (3, self.feature_size, self.feature_size)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise InputError(f"images: expected (n, {', '.join(map(str, expected))}), got {images.shape}")
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if not np.isfinite(images).all():
+            raise InputError("images: NaN or Inf in the preprocessed pixels")
+        return self._run(FEATURE_EXTRACTOR, images=images)
 
     def image_features(self, paths: Sequence[str | os.PathLike],
                        progress: Callable[[int, int], None] | None = None) -> np.ndarray:

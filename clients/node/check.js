@@ -10,7 +10,11 @@
 // region and word embeddings, projections and scores a correct client computes, each with a
 // tolerance. Each graph stage is fed the EXPECTED arrays of the stages before it, so one wrong stage
 // does not fail the others; the pipeline stage scores the features against caption strings the way
-// score.js does (tokeniser, vocabulary, encoders, projections, matcher, tiling).
+// score.js does (tokeniser, vocabulary, encoders, projections, matcher, tiling). The global head's
+// stages (image_global, text_global: a search index's first-stage vectors) run when the folder has
+// those graphs. A stage that "requires" a capability this client lacks (CAPABILITIES) is printed as
+// skipped and fails nothing: this client takes no pictures, so the feature extractor's stage
+// ("requires": "pictures") is skipped.
 const fs = require('node:fs');
 const path = require('node:path');
 const ort = require('onnxruntime-node');
@@ -19,7 +23,10 @@ const tokenizer = require('./lib/tokenizer');
 const { printable, runCommand, UserError } = require('./score');
 
 const FORMAT = 'imram-min-conformance';
+const FORMAT_VERSIONS = [1, 2]; // 2: stages of the optional graphs, and "requires"
 const LABEL_WIDTH = 20;
+const CAPABILITIES = []; // what a stage's "requires" may name that this client can do ("pictures": it cannot)
+const MISSING = { pictures: 'this client does not take pictures' }; // why a stage is skipped, by capability
 
 /** conformance.json and its arrays ({name: {dtype, shape, data: Float32Array | BigInt64Array}}). */
 function loadVectors(modelDir, manifest) {
@@ -36,8 +43,9 @@ function loadVectors(modelDir, manifest) {
     throw new ModelDirError(`${file}: cannot read the conformance vectors (${e.message})`);
   }
   if (!doc || doc.format !== FORMAT) throw new ModelDirError(`${file}: not an ${FORMAT} file`);
-  if (doc.format_version !== 1) {
-    throw new ModelDirError(`${file}: format version ${JSON.stringify(doc.format_version)} is not supported (this client reads 1); update it`);
+  if (!FORMAT_VERSIONS.includes(doc.format_version)) {
+    throw new ModelDirError(`${file}: format version ${JSON.stringify(doc.format_version)} is not supported ` +
+      `(this client reads ${FORMAT_VERSIONS.join(', ')}); update it`);
   }
   const blob = fs.readFileSync(path.join(modelDir, entry.data));
   const arrays = {};
@@ -109,6 +117,16 @@ async function runGraph(model, stage, arrays) {
         proj('word_proj'), Array.from(input('lengths').data, Number), nWord);
       return [out, [nImg, nCap]];
     }
+    case 'image_global': {
+      const [n, nRegion] = input('region_embs').shape;
+      const out = await model.imageGlobal(input('region_embs').data, n, nRegion);
+      return [out, [n, out.length / n]];
+    }
+    case 'text_global': {
+      const [n, nWord] = input('word_embs').shape;
+      const out = await model.textGlobal(input('word_embs').data, Array.from(input('lengths').data, Number), nWord);
+      return [out, [n, out.length / n]];
+    }
     default:
       throw new ModelDirError(`stage ${stage.name}: graph ${JSON.stringify(stage.graph)} is unknown to this client; update it`);
   }
@@ -124,37 +142,58 @@ async function main(argv) {
   const { doc, arrays } = loadVectors(modelDir, model.manifest);
   const rules = tokenizer.load(modelDir, model.manifest);
   const vocab = JSON.parse(fs.readFileSync(path.join(modelDir, model.manifest.vocab.file), 'utf8')).word2idx;
-  const captions = doc.captions;
   const results = [];
   for (const stage of doc.stages) {
-    let result;
-    if (stage.kind === 'tokens') {
-      result = compareLists(captions, captions.map((c) => rules.tokenize(c.caption)), 'tokens');
-    } else if (stage.kind === 'ids') {
-      result = compareLists(captions, captions.map((c) => rules.encode(c.caption, vocab)), 'ids');
-    } else if (stage.kind === 'graph') {
-      result = model.sessions[stage.graph] ? compare(stage, ...(await runGraph(model, stage, arrays)), arrays[stage.output])
-        : [false, `the model folder has no ${stage.graph} graph`];
-    } else { // pipeline: caption strings x region features, all pairs, as score.js scores them
-      const feats = arrays[stage.inputs.region_feats];
-      const perImage = feats.shape[1] * feats.shape[2];
-      const features = { shape: feats.shape, rows: (a, b) => feats.data.subarray(a * perImage, b * perImage) };
-      const lists = doc[stage.inputs.captions].map((j) => rules.encode(captions[j].caption, vocab));
-      result = compare(stage, await model.score(features, lists), [feats.shape[0], lists.length], arrays[stage.output]);
-    }
-    results.push({ label: stage.label, ok: result[0] });
-    process.stdout.write(`${stage.label.padEnd(LABEL_WIDTH)}${(result[0] ? 'ok' : 'FAIL').padEnd(6)}${result[1]}\n`);
+    const [status, detail] = await runStage(model, stage, doc, arrays, rules, vocab);
+    results.push({ label: stage.label, status });
+    process.stdout.write(stageLine(stage.label, status, detail));
   }
-  const failed = results.filter((r) => !r.ok).map((r) => r.label);
+  const failed = results.filter((r) => r.status === 'FAIL').map((r) => r.label);
   if (failed.length) {
     process.stderr.write(`error: ${failed.length} of ${results.length} stages failed (${failed.join(', ')}): this client ` +
       `does not compute what ${modelDir} expects\n`);
     process.exitCode = 2;
     return;
   }
-  process.stdout.write(`ok: ${modelDir} conforms (onnxruntime-node ${ort.env.versions.node}, cpu)\n`);
+  const skipped = results.filter((r) => r.status === 'skipped').map((r) => r.label);
+  const note = skipped.length ? `; skipped: ${skipped.join(', ')}` : '';
+  process.stdout.write(`ok: ${modelDir} conforms (onnxruntime-node ${ort.env.versions.node}, cpu${note})\n`);
+}
+
+/** A stage's printed line: label, status (ok, FAIL, skipped), detail. */
+function stageLine(label, status, detail) {
+  return status === 'skipped' ? `${label.padEnd(LABEL_WIDTH)}skipped (${detail})\n`
+    : `${label.padEnd(LABEL_WIDTH)}${status.padEnd(6)}${detail}\n`;
+}
+
+/**
+ * One stage of conformance.json run by `model` (a lib/model.js Model, or anything with its methods):
+ * ['ok' | 'FAIL', detail] or, for a stage that requires a capability not in `capabilities`,
+ * ['skipped', why]. rules: the tokeniser (lib/tokenizer.js), vocab: word2idx.
+ */
+async function runStage(model, stage, doc, arrays, rules, vocab, capabilities = CAPABILITIES) {
+  if (stage.requires !== undefined && !capabilities.includes(stage.requires)) {
+    return ['skipped', MISSING[stage.requires] || `this client cannot ${stage.requires}`];
+  }
+  const captions = doc.captions;
+  let result;
+  if (stage.kind === 'tokens') {
+    result = compareLists(captions, captions.map((c) => rules.tokenize(c.caption)), 'tokens');
+  } else if (stage.kind === 'ids') {
+    result = compareLists(captions, captions.map((c) => rules.encode(c.caption, vocab)), 'ids');
+  } else if (stage.kind === 'graph') {
+    result = model.sessions[stage.graph] ? compare(stage, ...(await runGraph(model, stage, arrays)), arrays[stage.output])
+      : [false, `the model folder has no ${stage.graph} graph`];
+  } else { // pipeline: caption strings x region features, all pairs, as score.js scores them
+    const feats = arrays[stage.inputs.region_feats];
+    const perImage = feats.shape[1] * feats.shape[2];
+    const features = { shape: feats.shape, rows: (a, b) => feats.data.subarray(a * perImage, b * perImage) };
+    const lists = doc[stage.inputs.captions].map((j) => rules.encode(captions[j].caption, vocab));
+    result = compare(stage, await model.score(features, lists), [feats.shape[0], lists.length], arrays[stage.output]);
+  }
+  return [result[0] ? 'ok' : 'FAIL', result[1]];
 }
 
 if (require.main === module) runCommand(main, process.argv.slice(2));
 
-module.exports = { loadVectors, compare, compareLists, main };
+module.exports = { loadVectors, compare, compareLists, runStage, stageLine, main };

@@ -11,8 +11,13 @@
 //   region_projection  region_embs (n_img, n_region, d)                   -> region_proj (n_img, n_region, P)
 //   word_projection    word_embs (n_cap, n_word, d)                       -> word_proj (n_cap, n_word, P)
 //   matcher            region_embs, word_embs, lengths[, region_proj, word_proj] -> sims (n_img, n_cap)
+//   image_global       region_embs (n_img, n_region, d)                   -> image_global (n_img, G)
+//   text_global        word_embs (n_cap, n_word, d), lengths (n_cap)      -> text_global (n_cap, G)
 // The projection graphs exist only when the matcher takes region_proj and word_proj (the fast
 // matcher of a model that updates its memory); they are per-item parts of the matcher's work.
+// The global head graphs (both or neither) are optional: a search index's first-stage vectors,
+// l2-normalised (runtime/engine.py: first_stage_vectors). This client takes no pictures, so it
+// never loads feature_extractor.onnx.
 // A caption's tokens are [1 (<start>), word ids..., 2 (<end>)]; padding (0) never changes a score.
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -24,6 +29,7 @@ const ort = require('onnxruntime-node');
 const FORMAT = 'imram-min-onnx';
 const GRAPHS = ['image_encoder', 'text_encoder', 'matcher'];
 const PROJECTIONS = ['region_projection', 'word_projection'];
+const GLOBAL_GRAPHS = ['image_global', 'text_global']; // optional, both or neither
 const PAIR_BUDGET = 1 << 22; // values in the largest per-pair tensor of one matcher call (as runtime/engine.py)
 const MAX_SHARD = 256; // images = captions per matcher call, at most
 const GROUP_BYTES = 256 << 20; // one image group's features + embeddings + projections, at most
@@ -73,7 +79,8 @@ function readManifest(modelDir, supportedVersions) {
   const files = manifest.files;
   if (!files || typeof files !== 'object' || !Object.keys(files).length) throw bad('files must be an object of file name: {sha256: ...}');
   const projected = ((graphs.matcher || {}).inputs || []).some((i) => i.name === 'region_proj');
-  for (const g of GRAPHS.concat(projected ? PROJECTIONS : [])) {
+  const globalHead = GLOBAL_GRAPHS.some((g) => g in graphs);
+  for (const g of GRAPHS.concat(projected ? PROJECTIONS : [], globalHead ? GLOBAL_GRAPHS : [])) {
     if (!graphs[g] || typeof graphs[g].file !== 'string') throw bad(`graphs.${g}.file must be a file name`);
     if (!(graphs[g].file in files)) throw bad(`lists no hash for ${graphs[g].file}`);
   }
@@ -88,7 +95,7 @@ function readManifest(modelDir, supportedVersions) {
         `(${info.sha256.slice(0, 12)}...); the file was changed or damaged`);
     }
   }
-  return { manifest, projected };
+  return { manifest, projected, globalHead };
 }
 
 /** The shard size of runtime/engine.py's shard_size: images = captions per matcher call, so that its
@@ -180,6 +187,8 @@ class Model {
     this.sessions = sessions;
     this.imgDim = manifest.model_config.img_dim;
     this.embedSize = manifest.model_config.embed_size;
+    this.hasGlobalHead = Boolean(sessions.image_global); // the global head graphs were loaded
+    this.globalSize = this.hasGlobalHead ? manifest.graphs.image_global.outputs[0].shape.at(-1) : 0; // G
   }
 
   async run(graph, feeds) {
@@ -210,6 +219,29 @@ class Model {
     if (!this.projected) return null;
     const name = side === 'region' ? 'region_embs' : 'word_embs';
     return (await this.run(`${side}_projection`, { [name]: f32(embs, [n, nItem, this.embedSize]) })).data;
+  }
+
+  /** The global head's vector of each image: region_embs (n, n_region, d) Float32Array -> (n, G)
+   * Float32Array, l2-normalised (image_global.onnx; runtime/engine.py first_stage_vectors). */
+  async imageGlobal(regionEmbs, n, nRegion) {
+    this.requireGlobalHead();
+    return (await this.run('image_global', { region_embs: f32(regionEmbs, [n, nRegion, this.embedSize]) })).data;
+  }
+
+  /** The global head's vector of each caption: word_embs (n, n_word, d) Float32Array (zeros past each
+   * length) and lengths (one per caption) -> (n, G) Float32Array, l2-normalised (text_global.onnx). */
+  async textGlobal(wordEmbs, lengths, nWord) {
+    this.requireGlobalHead();
+    return (await this.run('text_global', {
+      word_embs: f32(wordEmbs, [lengths.length, nWord, this.embedSize]),
+      lengths: i64(lengths, [lengths.length]),
+    })).data;
+  }
+
+  requireGlobalHead() {
+    if (!this.hasGlobalHead) {
+      throw new ModelDirError(`${this.modelDir}: has no global head graphs (image_global.onnx, text_global.onnx)`);
+    }
   }
 
   /** One matcher call: nImg images (region_embs, region_proj) x the captions of `lengths` (word_embs,
@@ -318,9 +350,9 @@ class Model {
  * graphs on ONNX Runtime's default threads, which sleep when idle.
  */
 async function loadModel(modelDir, { supportedVersions = [3] } = {}) {
-  const { manifest, projected } = readManifest(modelDir, supportedVersions);
+  const { manifest, projected, globalHead } = readManifest(modelDir, supportedVersions);
   const sessions = {};
-  for (const g of GRAPHS.concat(projected ? PROJECTIONS : [])) {
+  for (const g of GRAPHS.concat(projected ? PROJECTIONS : [], globalHead ? GLOBAL_GRAPHS : [])) {
     const spec = manifest.graphs[g];
     const file = path.join(modelDir, spec.file);
     const threads = g === 'matcher' ? { intraOpNumThreads: 1 } : { extra: { session: { intra_op: { allow_spinning: '0' } } } };
