@@ -112,6 +112,34 @@ def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> pathlib.Path:
     return _once("model_dir", make)
 
 
+OPTIONAL_GRAPHS = dict(feature_size=96, grid=2, head_hidden=16, head_out=8)  # optional_graphs_model_dir's
+
+
+@pytest.fixture(scope="session")
+def optional_graphs_model_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny model folder with every optional graph and its conformance stages: a random TINY model
+    with img_dim 1280 exported with feature_extractor.onnx (the packaged EfficientNet-Lite0 weights,
+    96 px, grid 2: adaptive pooling of a 3 x 3 map), then a random global head's image_global.onnx
+    and text_global.onnx (export.global_head.add_global_head + export.conformance.add_global_head_vectors,
+    as python -m export adds them). Verified by runtime.check at export."""
+    def make():
+        from export.conformance import add_global_head_vectors
+        from export.global_head import add_global_head
+        from export.onnx_export import export_model
+        from imram_min.data.features import EfficientNetLite0
+        from imram_min.search.global_head import GlobalHead
+        out = tmp_path_factory.mktemp("optional_graphs_export") / "model"
+        export_model(tiny_model(seed=3, img_dim=1280), tiny_vocab(), out, feature_extractor=True,
+                     feature_size=OPTIONAL_GRAPHS["feature_size"], grid=OPTIONAL_GRAPHS["grid"],
+                     feature_network=EfficientNetLite0.pretrained())
+        torch.manual_seed(3)
+        head = GlobalHead(TINY["embed_size"], OPTIONAL_GRAPHS["head_hidden"], OPTIONAL_GRAPHS["head_out"]).eval()
+        add_global_head(out, head)
+        add_global_head_vectors(os.fspath(out), head)
+        return out
+    return _once("optional_graphs_model_dir", make)
+
+
 @pytest.fixture(scope="module")
 def split(tiny_data) -> tuple:
     """(test_ims.npy path, test_caps.txt path, features, captions) of the tiny data's test split."""

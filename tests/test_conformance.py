@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fixtures import assert_error_line, run_cli, tiny_checkpoint, tiny_data, tiny_model, tiny_model_dir  # noqa: F401
+from fixtures import (assert_error_line, optional_graphs_model_dir, run_cli, tiny_checkpoint, tiny_data,  # noqa: F401
+                      tiny_model, tiny_model_dir)
 
 from export import conformance
 from runtime import check
@@ -245,3 +246,81 @@ def test_an_array_shape_larger_than_the_file_is_one_error_line(model_copy, capsy
     alter_document(model_copy, lambda doc: doc["arrays"]["sims"].update(shape=[1 << 24] * 4))  # 2^96 values
     code, out, err = run_cli(check.main, [model_copy], capsys)
     assert_error_line(code, out, err, ["conformance.bin", "array sims ends at byte"])
+
+
+# --------------------------------------------------------------------------- the optional graphs' stages
+OPTIONAL_LABELS = ["tokens", "ids", "region embeddings", "word embeddings", "region projections", "word projections",
+                   "image global head", "text global head", "scores", "pipeline scores", "picture features"]
+
+
+@pytest.fixture
+def optional_copy(optional_graphs_model_dir, tmp_path):
+    """A copy of the folder with the global head and the feature extractor that a test may alter."""
+    return shutil.copytree(optional_graphs_model_dir, tmp_path / "model")
+
+
+def test_a_folder_with_the_global_head_and_the_feature_extractor_passes_runtime_check(optional_graphs_model_dir,
+                                                                                      capsys):
+    from fixtures import OPTIONAL_GRAPHS
+    code, out, err = run_cli(check.main, [optional_graphs_model_dir, "--device", "cpu"], capsys)
+    assert code == 0 and err == "", err
+    lines = out.splitlines()
+    assert [line[:check.LABEL_WIDTH].strip() for line in lines[:-1]] == OPTIONAL_LABELS
+    assert all(line[check.LABEL_WIDTH:].startswith("ok    max |diff| ") for line in lines[2:-1]), out
+    doc = read_json(optional_graphs_model_dir / "conformance.json")
+    manifest = read_json(optional_graphs_model_dir / "manifest.json")
+    assert doc["format_version"] == manifest["conformance"]["format_version"] == 2
+    assert {"image_global", "text_global", "picture_feats"} <= set(manifest["conformance"]["verified"]["max_abs_diff"])
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert stages["picture_feats"]["requires"] == "pictures" and "requires" not in stages["image_global"]
+    assert (stages["image_global"]["graph"], stages["image_global"]["inputs"]) == ("image_global",
+                                                                                   {"region_embs": "region_embs"})
+    assert stages["text_global"]["inputs"] == {"word_embs": "word_embs", "lengths": "lengths"}
+    shapes = {name: spec["shape"] for name, spec in doc["arrays"].items()}
+    size, grid, g = OPTIONAL_GRAPHS["feature_size"], OPTIONAL_GRAPHS["grid"], OPTIONAL_GRAPHS["head_out"]
+    assert shapes["images"] == [conformance.N_PICTURES, 3, size, size]
+    assert shapes["picture_feats"] == [conformance.N_PICTURES, grid * grid, 1280]
+    assert shapes["image_global"] == [conformance.N_IMG, g] and shapes["text_global"] == [shapes["tokens"][0], g]
+    _, arrays = check.load_vectors(os.fspath(optional_graphs_model_dir), manifest)
+    pixels = arrays["images"] * 128 + 127  # preprocessed uint8 pixels: (x - 127) / 128, exactly
+    assert np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0 and pixels.max() <= 255
+
+
+def test_a_folder_without_optional_graphs_stays_format_version_1(tiny_model_dir):
+    doc = read_json(tiny_model_dir / "conformance.json")
+    assert doc["format_version"] == 1 and conformance.document_version(doc["stages"]) == 1
+    assert conformance.document_version(doc["stages"] + [{"kind": "graph", "graph": "image_global"}]) == 2
+
+
+@pytest.mark.parametrize("array, label", [("image_global", "image global head"), ("text_global", "text global head"),
+                                          ("picture_feats", "picture features")])
+def test_a_changed_expected_value_of_an_optional_graph_fails_exactly_its_stage(optional_copy, capsys, array, label):
+    alter_array(optional_copy, array, lambda a: a.__setitem__(1, a[1] + 1e-2))
+    code, out, err = run_cli(check.main, [optional_copy, "--device", "cpu"], capsys)
+    assert code == 2
+    failed = [line for line in out.splitlines() if line[check.LABEL_WIDTH:].startswith("FAIL")]
+    assert [line[:check.LABEL_WIDTH].strip() for line in failed] == [label], out
+    assert "max |diff| 1.0e-02 > " in failed[0]
+    assert err == f"error: 1 of {len(OPTIONAL_LABELS)} stages failed ({label}): this runtime does not compute what " \
+                  f"{optional_copy} expects\n"
+
+
+def test_adding_a_head_again_replaces_its_stages(optional_copy):
+    from imram_min.search.global_head import GlobalHead
+    before = read_json(optional_copy / "conformance.json")
+    head = GlobalHead(32, 16, 8).eval()  # another random head: the folder's graphs no longer match the vectors
+    manifest = conformance.add_global_head_vectors(os.fspath(optional_copy), head, verify=False)
+    after = read_json(optional_copy / "conformance.json")
+    assert [s["name"] for s in after["stages"]] == [s["name"] for s in before["stages"]]
+    assert after["arrays"]["image_global"]["shape"] == before["arrays"]["image_global"]["shape"]
+    assert manifest["files"]["conformance.bin"]["sha256"] == sha256_file(optional_copy / "conformance.bin")
+    _, results = check.check_model_dir(os.fspath(optional_copy), "cpu")
+    assert {r.name for r in results if not r.ok} == {"image_global", "text_global"}
+
+
+def test_extract_features_refuses_pictures_of_another_size(optional_graphs_model_dir):
+    from runtime.engine import Engine
+    from runtime.inputs import InputError
+    engine = Engine(optional_graphs_model_dir, device="cpu", threads=1)
+    with pytest.raises(InputError, match=r"images: expected \(n, 3, 96, 96\), got \(1, 3, 32, 32\)"):
+        engine.extract_features(np.zeros((1, 3, 32, 32), np.float32))

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import IMG_DIM, ROOT, run_cli, tiny_checkpoint, tiny_data, tiny_model_dir  # noqa: F401
+from fixtures import (IMG_DIM, ROOT, optional_graphs_model_dir, run_cli, tiny_checkpoint, tiny_data,  # noqa: F401
+                      tiny_model_dir)
 from runtime.inputs import MAX_WORDS, read_captions
 from runtime.score import main as score_main, print_rankings
 from runtime.scorer import Scorer
@@ -249,10 +250,47 @@ def test_check_refuses_a_folder_without_vectors_in_one_line(tiny_model_dir, tmp_
     assert "no conformance vectors" in result.stderr and "python -m export" in result.stderr
 
 
+def test_check_runs_the_global_head_stages_and_skips_the_picture_stage(optional_graphs_model_dir, capsys):  # noqa: F811
+    """A folder with the global head and the feature extractor: the head's stages pass as in runtime.check;
+    the picture stage ("requires": "pictures") is printed as skipped and fails nothing."""
+    from runtime.check import main as check_main
+    result = node("check.js", optional_graphs_model_dir)
+    assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+    code, py_out, _ = run_cli(check_main, [optional_graphs_model_dir], capsys)
+    assert code == 0
+    lines, py_lines = result.stdout.splitlines(), py_out.splitlines()
+    assert [line[:26] for line in lines[:-2]] == [line[:26] for line in py_lines[:-2]]  # every stage but the last
+    assert [line[:20].strip() for line in lines[:-1]][6:8] == ["image global head", "text global head"]
+    assert lines[-2] == "picture features    skipped (this client does not take pictures)"
+    assert py_lines[-2].startswith("picture features    ok    max |diff| ")  # runtime.check never skips
+    assert lines[-1].startswith(f"ok: {optional_graphs_model_dir} conforms (onnxruntime-node ")
+    assert lines[-1].endswith("; skipped: picture features)")
+
+
+@pytest.mark.parametrize("array, label", [("image_global", "image global head"), ("text_global", "text global head")])
+def test_check_fails_exactly_a_global_head_stage_whose_vector_disagrees(optional_graphs_model_dir, tmp_path,  # noqa: F811
+                                                                        array, label):
+    model = Path(shutil.copytree(optional_graphs_model_dir, tmp_path / "model"))
+    doc = json.loads((model / "conformance.json").read_text(encoding="utf-8"))
+    offset = doc["arrays"][array]["offset"]
+    blob = bytearray((model / "conformance.bin").read_bytes())
+    blob[offset:offset + 4] = (np.frombuffer(blob[offset:offset + 4], "<f4") + 1e-2).astype("<f4").tobytes()
+    (model / "conformance.bin").write_bytes(blob)  # one expected value off by 1e-2, the manifest updated to match
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["files"]["conformance.bin"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    result = node("check.js", model)
+    assert result.returncode == 2
+    failed = [line for line in result.stdout.splitlines() if line[20:26].strip() == "FAIL"]
+    assert len(failed) == 1 and failed[0].startswith(f"{label} ") and "> " in failed[0], result.stdout
+    assert result.stderr.startswith(f"error: 1 of 11 stages failed ({label}): ") and len(result.stderr.splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- the client's own tests
-def test_node_test_suite_passes(tiny_model_dir):  # noqa: F811
+def test_node_test_suite_passes(tiny_model_dir, optional_graphs_model_dir):  # noqa: F811
     files = sorted(map(str, (NODE_DIR / "test").glob("*.test.js")))
     result = subprocess.run(["node", "--test", *files], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "IMRAM_NODE_MODEL_DIR": os.fspath(tiny_model_dir)})
+                            timeout=300, env={**os.environ, "IMRAM_NODE_MODEL_DIR": os.fspath(tiny_model_dir),
+                                              "IMRAM_NODE_OPTIONAL_MODEL_DIR": os.fspath(optional_graphs_model_dir)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "# fail 0" in result.stdout
