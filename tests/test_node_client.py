@@ -268,8 +268,8 @@ def test_check_runs_the_global_head_stages_and_skips_the_picture_stage(optional_
 
 
 @pytest.mark.parametrize("array, label", [("image_global", "image global head"), ("text_global", "text global head")])
-def test_check_fails_exactly_a_global_head_stage_whose_vector_disagrees(optional_graphs_model_dir, tmp_path,  # noqa: F811
-                                                                        array, label):
+def test_check_fails_exactly_a_global_head_stage_whose_vector_disagrees(optional_graphs_model_dir,  # noqa: F811
+                                                                        tmp_path, array, label):
     model = Path(shutil.copytree(optional_graphs_model_dir, tmp_path / "model"))
     doc = json.loads((model / "conformance.json").read_text(encoding="utf-8"))
     offset = doc["arrays"][array]["offset"]
@@ -283,7 +283,8 @@ def test_check_fails_exactly_a_global_head_stage_whose_vector_disagrees(optional
     assert result.returncode == 2
     failed = [line for line in result.stdout.splitlines() if line[20:26].strip() == "FAIL"]
     assert len(failed) == 1 and failed[0].startswith(f"{label} ") and "> " in failed[0], result.stdout
-    assert result.stderr.startswith(f"error: 1 of 11 stages failed ({label}): ") and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: 1 of 11 stages failed ({label}): ")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- the client's own tests
