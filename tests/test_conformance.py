@@ -324,3 +324,16 @@ def test_extract_features_refuses_pictures_of_another_size(optional_graphs_model
     engine = Engine(optional_graphs_model_dir, device="cpu", threads=1)
     with pytest.raises(InputError, match=r"images: expected \(n, 3, 96, 96\), got \(1, 3, 32, 32\)"):
         engine.extract_features(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_export_with_a_global_head_writes_and_verifies_its_stages(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+    from export.__main__ import main as export_main
+    from imram_min.search.global_head import GlobalHead, save_head
+    save_head(GlobalHead(32, 16, 8), tmp_path / "head.pt")
+    code, out, err = run_cli(export_main, [tiny_checkpoint, "--out", tmp_path / "m", "--global-head",
+                                           tmp_path / "head.pt"], capsys)
+    assert code == 0 and "conformance vectors pass (10 stages" in out, out + err
+    doc = read_json(tmp_path / "m" / "conformance.json")
+    assert [s["name"] for s in doc["stages"]][6:8] == ["image_global", "text_global"] and doc["format_version"] == 2
+    verified = read_json(tmp_path / "m" / "manifest.json")["conformance"]["verified"]["max_abs_diff"]
+    assert verified["image_global"] <= 1e-6 and verified["text_global"] <= 1e-6
