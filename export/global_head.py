@@ -4,11 +4,13 @@
     python -m export RUN/best.pt --out MODEL_DIR --global-head HEAD.pt   # this head
     python -m export RUN/best.pt --out MODEL_DIR --no-global-head        # none: the mean embeddings
 
-Which head export includes (``choose_global_head``), one rule: the one named by --global-head;
-else, unless --no-global-head, the head beside the checkpoint (RUN/global_head.pt, where
-``python -m imram_min.search.global_head`` writes it and scripts/run.sh makes it) when the checkpoint's
-SHA-256 is the one it was distilled from (a head of another checkpoint is left out, with a
-warning: it would shortlist from embeddings it was not trained on); else none.
+Which head export includes (``choose_global_head``): the rule of
+imram_min.search.global_head.choose_head, which ``python -m imram_min.evaluate --shortlist`` follows
+too: the one named by --global-head; else, unless --no-global-head, the head beside the checkpoint
+(RUN/global_head.pt, where ``python -m imram_min.search.global_head`` writes it and scripts/run.sh
+makes it) when the checkpoint's SHA-256 is the one it was distilled from (a head of another
+checkpoint is left out, with a warning: it would shortlist from embeddings it was not trained on);
+else none.
 
 MODEL_DIR/
     image_global.onnx   region_embs (n_img, n_region, d) f32 -> image_global (n_img, G) f32, l2-normalised
@@ -61,30 +63,13 @@ class TextGlobalGraph(nn.Module):
 
 
 def choose_global_head(checkpoint: str, given: str | None = None, disabled: bool = False,
-                       embed_size: int | None = None) -> tuple[object, str | None, str, list[str]]:
+                       embed_size: int | None = None):
     """The head ``python -m export`` includes: (GlobalHead or None, its path or None, what was done in
-    words, warnings). given: --global-head (included, with a warning if it was distilled from
-    another checkpoint); disabled: --no-global-head; else the head beside the checkpoint, included
-    only if it was distilled from this checkpoint. GlobalHeadError for a file that is not a head
-    or does not fit embed_size."""
-    from imram_min.search.global_head import default_head_path, load_head
-    if disabled:
-        return None, None, "no global head (--no-global-head)", []
-    path = given if given is not None else default_head_path(checkpoint)
-    if given is None and not os.path.isfile(path):
-        return None, None, f"no global head (no {path} beside the checkpoint)", []
-    head = load_head(path, embed_size)
-    made_from = head.meta.get("checkpoint_sha256")
-    if made_from == sha256_file(checkpoint):
-        return head, path, f"global head {path}", []
-    source = f"{path} was distilled from " + (f"a checkpoint other than {checkpoint}" if made_from
-                                              else "a checkpoint it does not record")
-    if given is not None:
-        return head, path, f"global head {path}", [f"{source}: its shortlists may miss this model's best matches"]
-    return None, None, f"no global head ({path} is of another checkpoint)", [
-        f"{source}: left out (runtime.index's first stage will be the mean embeddings); distil it again "
-        f"(python -m imram_min.search.global_head {checkpoint} --data DIR --overwrite), name one with --global-head, "
-        f"or add --no-global-head"]
+    words, warnings), by the one rule of imram_min.search.global_head.choose_head (--global-head,
+    --no-global-head, else the head beside the checkpoint if distilled from it)."""
+    from imram_min.search.global_head import choose_head
+    return choose_head(checkpoint, given, disabled, embed_size,
+                       without="runtime.index's first stage will be the mean embeddings")
 
 
 def global_signatures(embed_size: int, out_size: int) -> dict:

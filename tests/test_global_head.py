@@ -232,6 +232,58 @@ def test_the_command_does_not_replace_a_head_without_overwrite(run_with_head, ti
     assert result["out"] == os.fspath(path) and "error" not in err and path.read_bytes() != before
 
 
+# --------------------------------------------------------------------------- evaluate --shortlist: export's rule
+def evaluate_cli(args, capsys):
+    from imram_min.evaluate.__main__ import main as evaluate_main
+    return run_cli(evaluate_main, [*args, "--device", "cpu", "--shortlist", "50%"], capsys)
+
+
+def said_lines(err: str) -> list[str]:
+    """The note:, warning: and error: lines of a command's stderr (not its progress bars)."""
+    return [line for line in err.splitlines() if line.startswith(("note: ", "warning: ", "error: "))]
+
+
+def test_evaluate_shortlist_ranks_by_the_head_beside_the_checkpoint(run_with_head, tiny_data, capsys):  # noqa: F811
+    from imram_min.data import PrecompDataset
+    from imram_min.engineering.checkpoint import load_model
+    from imram_min.evaluate import encode_split, metrics_from_sims
+    from imram_min.search.global_head import head_vectors, load_head
+    result, out, err = evaluate_cli([run_with_head / "best.pt", "--data", tiny_data], capsys)
+    path = os.fspath(run_with_head / "global_head.pt")
+    assert result["first_stage_vectors"] == "global head" and result["global_head"] == path
+    assert f"first stage: global head {path}" in out and said_lines(err) == []
+    model, vocab, _ = load_model(run_with_head / "best.pt")
+    img, cap = head_vectors(load_head(path), *encode_split(model, PrecompDataset(tiny_data, "test", vocab)))
+    want = metrics_from_sims((img @ cap.T).numpy(), 5)
+    assert {k: result["first_stage"][k] for k in want} == want
+
+
+def test_evaluate_leaves_out_a_head_of_another_checkpoint_with_one_note(tmp_path, run_with_head, head, tiny_data,
+                                                                        capsys):  # noqa: F811
+    from imram_min.search.global_head import save_head
+    shutil.copy(run_with_head / "best.pt", tmp_path / "best.pt")
+    save_head(head[0], tmp_path / "global_head.pt", {"checkpoint_sha256": "0" * 64})
+    result, out, err = evaluate_cli([tmp_path / "best.pt", "--data", tiny_data], capsys)
+    assert result["first_stage_vectors"] == "mean embeddings" and result["global_head"] is None
+    (note,) = said_lines(err)
+    assert note.startswith(f"note: {tmp_path / 'global_head.pt'} was distilled from a checkpoint other than")
+    assert "left out (the first stage is the mean embeddings)" in note and "first stage: mean embeddings" in out
+
+
+def test_evaluate_no_global_head_ranks_by_the_mean_embeddings(run_with_head, tiny_data, capsys):  # noqa: F811
+    result, out, err = evaluate_cli([run_with_head / "best.pt", "--data", tiny_data, "--no-global-head"], capsys)
+    assert result["first_stage_vectors"] == "mean embeddings" and result["global_head"] is None
+    assert said_lines(err) == []
+
+
+def test_evaluate_global_head_and_no_global_head_together_is_one_error_line(tmp_path, run_with_head, tiny_data,
+                                                                            capsys):  # noqa: F811
+    code, out, err = evaluate_cli([run_with_head / "best.pt", "--data", tiny_data, "--json", tmp_path / "r.json",
+                                   "--global-head", run_with_head / "global_head.pt", "--no-global-head"], capsys)
+    assert code == 2 and out == "" and err == "error: --global-head and --no-global-head: give one of them\n"
+    assert not (tmp_path / "r.json").exists()
+
+
 def json_file(path):
     import json
     with open(path, encoding="utf-8") as f:

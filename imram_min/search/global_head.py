@@ -8,8 +8,9 @@ region (word) embeddings keeps too few of IMRAM's top matches in a small shortli
 trained after the model, with the IMRAM weights frozen (the matcher and its training objective
 are untouched: the head changes which items are shortlisted, never their scores). It is saved
 beside the checkpoint (HEAD_FILE, RUN/global_head.pt) by default; scripts/run.sh makes it, and
-``python -m export`` includes a head found there when it was distilled from that checkpoint
-(export.global_head.choose_global_head), so runtime.index uses it with no other step:
+``python -m export`` includes a head found there when it was distilled from that checkpoint, and
+``python -m imram_min.evaluate --shortlist`` ranks its first stage with it (one rule: ``choose_head``),
+so runtime.index and the two-stage evaluation use it with no other step:
 
     image: region_embs (n, n_region, d) -> per region MLP d -> hidden -> out -> max over the regions -> l2norm
     text:  word_embs (n, n_word, d), lengths (n,) -> the same (own weights) over the valid words -> l2norm
@@ -32,6 +33,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -123,6 +125,48 @@ def load_head(path: str | os.PathLike, embed_size: int | None = None) -> GlobalH
         raise GlobalHeadError(f"{path}: weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
     head.meta = dict(obj["meta"]) if isinstance(obj.get("meta"), dict) else {}
     return head.eval()
+
+
+class HeadChoice(NamedTuple):
+    """What ``choose_head`` decided: the head (None: the mean embeddings), its path, the choice in
+    words, and warnings (each one line, without its "warning: " prefix)."""
+    head: GlobalHead | None
+    path: str | None
+    said: str
+    warnings: list[str]
+
+
+def choose_head(checkpoint: str | os.PathLike, given: str | os.PathLike | None = None, disabled: bool = False,
+                embed_size: int | None = None, *, without: str) -> HeadChoice:
+    """The first-stage head of ``checkpoint``, one rule for every command that has --global-head and
+    --no-global-head (python -m export, python -m imram_min.evaluate --shortlist):
+
+    given (--global-head) is used, with a warning if it was distilled from another checkpoint;
+    disabled (--no-global-head): none; else the head beside the checkpoint (``default_head_path``),
+    used only if its recorded "checkpoint_sha256" is the checkpoint's SHA-256 (a head of another
+    checkpoint is left out, with a warning: it would shortlist from embeddings it was not trained on);
+    else none. ``without`` says what having no head means for the caller (export: "runtime.index's
+    first stage will be the mean embeddings"). GlobalHeadError for a file that is not a head or
+    does not fit embed_size."""
+    checkpoint = os.fspath(checkpoint)
+    if disabled:
+        return HeadChoice(None, None, "no global head (--no-global-head)", [])
+    path = os.fspath(given) if given is not None else default_head_path(checkpoint)
+    if given is None and not os.path.isfile(path):
+        return HeadChoice(None, None, f"no global head (no {path} beside the checkpoint)", [])
+    head = load_head(path, embed_size)
+    made_from = head.meta.get("checkpoint_sha256")
+    if made_from == sha256_file(checkpoint):
+        return HeadChoice(head, path, f"global head {path}", [])
+    source = f"{path} was distilled from " + (f"a checkpoint other than {checkpoint}" if made_from
+                                              else "a checkpoint it does not record")
+    if given is not None:
+        return HeadChoice(head, path, f"global head {path}",
+                          [f"{source}: its shortlists may miss this model's best matches"])
+    return HeadChoice(None, None, f"no global head ({path} is of another checkpoint)", [
+        f"{source}: left out ({without}); distil it again "
+        f"(python -m imram_min.search.global_head {checkpoint} --data DIR --overwrite), name one with --global-head, "
+        f"or add --no-global-head"])
 
 
 @torch.no_grad()

@@ -5,10 +5,12 @@
 
 The protocol, in both directions (t2i: each caption's images; i2t: each image's captions):
 
-1. First stage, over the whole split: every image and caption gets one global vector, the mean of
-   its own region (word) embeddings, l2-normalised (the vectors runtime.index stores; no training
-   change), or with ``--global-head HEAD.pt`` the vectors of that head (imram_min.search.global_head,
-   distilled from the model); candidates are ranked by cosine and the top K kept (ties by lower index).
+1. First stage, over the whole split: every image and caption gets one global vector: that of the
+   global head (imram_min.search.global_head, distilled from the model; by default RUN/global_head.pt
+   beside the checkpoint when it was distilled from it, or ``--global-head HEAD.pt``: the rule of
+   python -m export, global_head.choose_head), else (``--no-global-head``, or no such head) the mean of
+   its own region (word) embeddings, l2-normalised (what runtime.index stores for a model dir
+   without a head); candidates are ranked by cosine and the top K kept (ties by lower index).
 2. Re-ranking: the K candidates are scored by ``tiling.score_pairs``, the exact scorer of the
    exhaustive evaluation, and ranked by that score.
 
@@ -39,16 +41,6 @@ def mean_embedding_vectors(embs: torch.Tensor, lengths: torch.Tensor | None = No
     runtime.engine.mean_embedding_vectors)."""
     mean = embs.mean(1) if lengths is None else embs.sum(1) / lengths.to(embs.dtype)[:, None]
     return mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-
-def load_global_head(path: str, model: IMRAM):
-    """imram_min.search.global_head.load_head for ``model``; a file that is not one: cli.UserError."""
-    from imram_min.search.global_head import GlobalHeadError, load_head
-    from runtime import cli
-    try:
-        return load_head(path, model.cfg.embed_size)
-    except GlobalHeadError as e:
-        raise cli.UserError(str(e)) from None
 
 
 def first_stage_vectors(region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
@@ -158,10 +150,11 @@ def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
     return result
 
 
-def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=None) -> dict:
+def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=None,
+        head_path: str | None = None) -> dict:
     """The --shortlist path of ``python -m imram_min.evaluate``: encode once, the exhaustive protocol
-    (timed), then the two-stage protocol at every shortlist of ``spec`` (first stage: ``head``, or the
-    mean embeddings); prints the table."""
+    (timed), then the two-stage protocol at every shortlist of ``spec`` (first stage: ``head``, read
+    from ``head_path``, or the mean embeddings); prints the table."""
     cpi = dataset.caps_per_image  # None: a layout of DIR/{split}_cap2img.txt, ranked by its rows
     layout = cpi if cpi is not None else dataset.image_of_caption
     region_embs, word_embs, lengths = encode_split(model, dataset, device, batch_size, progress=True)
@@ -172,6 +165,7 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=No
     result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, layout,
                                                               shortlists, device, head),
               "first_stage_vectors": "global head" if head is not None else "mean embeddings",
+              "global_head": head_path if head is not None else None,
               "n_images": len(region_embs), "n_captions": len(word_embs), "caps_per_image": cpi}
     print(format_table(result))
     return result
@@ -185,7 +179,8 @@ def format_table(result: dict) -> str:
         return (f"{name:22s}" + "".join(f"{v:7.1f}" if n else f"{v:8.1f}" for n, v in
                                          zip((0, 1, 1, 0, 1, 1), r["i2t"][:3] + r["t2i"][:3]))
                 + f"{r['rsum']:8.1f}{hit[0]:>8s}{hit[1]:>8s}{r['seconds']:9.1f}")
-    lines = [f"{result['n_images']} images, {result['n_captions']} captions", head,
+    first = result["first_stage_vectors"] + (f" {result['global_head']}" if result["global_head"] else "")
+    lines = [f"{result['n_images']} images, {result['n_captions']} captions; first stage: {first}", head,
              row("exhaustive", result["exhaustive"]), row("first stage alone", result["first_stage"])]
     for s in result["shortlists"]:
         lines.append(row(f"shortlist {s['shortlist']} ({s['k_images']}/{s['k_captions']})", s,
