@@ -27,7 +27,7 @@ import time
 
 from runtime import cli
 
-from .conformance import FILES as CONFORMANCE_FILES, add_global_head_vectors
+from .conformance import FILES as CONFORMANCE_FILES
 from .global_head import GLOBAL_FILES, add_global_head, choose_global_head
 from .graphs import DEFAULT_MATCHER, MATCHER_FORMS
 from .onnx_export import (DEFAULT_OPSET, FEATURE_EXTRACTOR, FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MAX_OPSET,
@@ -108,10 +108,6 @@ def _main(argv: list[str] | None) -> int:
                                      feature_size=args.feature_size, grid=args.grid)
         if head is not None:
             manifest = add_global_head(args.out, head, head_path, opset, check=not args.no_verify)
-            try:  # the head's stages in the conformance vectors (export.conformance), checked by runtime.check
-                manifest = add_global_head_vectors(args.out, head, verify=not args.no_verify)
-            except ValueError as e:
-                raise ExportError(str(e)) from None
     except ExportError as e:  # the graphs came out wrong: a bug, not bad input
         print(f"error: export check failed: {cli.one_line(e)}", file=sys.stderr)
         return 1

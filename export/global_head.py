@@ -113,8 +113,11 @@ def verify(head, folder: str) -> dict:
 def add_global_head(model_dir: str | os.PathLike, head, head_path: str | os.PathLike | None = None,
                     opset: int = 17, check: bool = True) -> dict:
     """Write image_global.onnx and text_global.onnx of ``head`` (a GlobalHead of the model's
-    embed_size) into MODEL_DIR and list them in its manifest; returns the new manifest."""
-    from .onnx_export import _export_graph, check_graph
+    embed_size) into MODEL_DIR, list them in its manifest and add their stages to its conformance
+    vectors (export.conformance.add_global_head_vectors; with ``check``, runtime.check is run on
+    the folder: ExportError naming the failed stages); returns the new manifest."""
+    from .conformance import add_global_head_vectors
+    from .onnx_export import ExportError, _export_graph, check_graph
     model_dir = os.fspath(model_dir)
     with open(os.path.join(model_dir, MANIFEST_FILE), encoding="utf-8") as f:
         manifest = json.load(f)
@@ -146,4 +149,9 @@ def add_global_head(model_dir: str | os.PathLike, head, head_path: str | os.Path
         atomic.write_json(os.path.join(model_dir, MANIFEST_FILE), manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    if "conformance" not in manifest:  # a folder written before conformance vectors existed
+        return manifest
+    try:
+        return add_global_head_vectors(model_dir, head, verify=check)
+    except ValueError as e:
+        raise ExportError(str(e)) from None

@@ -120,10 +120,9 @@ def optional_graphs_model_dir(tmp_path_factory) -> pathlib.Path:
     """A tiny model folder with every optional graph and its conformance stages: a random TINY model
     with img_dim 1280 exported with feature_extractor.onnx (the packaged EfficientNet-Lite0 weights,
     96 px, grid 2: adaptive pooling of a 3 x 3 map), then a random global head's image_global.onnx
-    and text_global.onnx (export.global_head.add_global_head + export.conformance.add_global_head_vectors,
-    as python -m export adds them). Verified by runtime.check at export."""
+    and text_global.onnx with their conformance stages (export.global_head.add_global_head, as python -m
+    export adds them). Verified by runtime.check at export."""
     def make():
-        from export.conformance import add_global_head_vectors
         from export.global_head import add_global_head
         from export.onnx_export import export_model
         from imram_min.data.features import EfficientNetLite0
@@ -135,7 +134,6 @@ def optional_graphs_model_dir(tmp_path_factory) -> pathlib.Path:
         torch.manual_seed(3)
         head = GlobalHead(TINY["embed_size"], OPTIONAL_GRAPHS["head_hidden"], OPTIONAL_GRAPHS["head_out"]).eval()
         add_global_head(out, head)
-        add_global_head_vectors(os.fspath(out), head)
         return out
     return _once("optional_graphs_model_dir", make)
 

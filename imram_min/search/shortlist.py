@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from imram_min.engineering import tiling
 from imram_min.evaluate import encode_split, image_of_caption, metrics_from_sims, rank_metrics
@@ -80,13 +81,14 @@ def top_candidates(first: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
-def two_stage_ranks(rerank, first: np.ndarray, gt: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+def two_stage_ranks(rerank, first: np.ndarray, gt: list[np.ndarray], k: int,
+                    progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ranks of each query's best ground truth under the two-stage protocol, and whether any ground
     truth was in the shortlist. rerank(q, candidates) -> exact scores; first (n_query, n_items);
-    gt[q]: the ground-truth items of query q."""
+    gt[q]: the ground-truth items of query q; progress: a tqdm bar's label (None: no bar)."""
     cands = top_candidates(first, k)
     ranks, hit = np.empty(len(first), np.int64), np.zeros(len(first), bool)
-    for q in range(len(first)):
+    for q in tqdm(range(len(first)), desc=progress, disable=progress is None, leave=False):
         cand = cands[q]
         scores = rerank(q, cand)
         in_list = np.isin(cand, gt[q])
@@ -106,10 +108,10 @@ def two_stage_ranks(rerank, first: np.ndarray, gt: list[np.ndarray], k: int) -> 
 @torch.no_grad()
 def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torch.Tensor, lengths: torch.Tensor,
                         caps_per_image: int | np.ndarray, shortlists: list[tuple[str, int, int]],
-                        device: str | torch.device = "cpu", head=None) -> dict:
+                        device: str | torch.device = "cpu", head=None, progress: bool = False) -> dict:
     """{"first_stage": metrics, "shortlists": [{"shortlist", "k_images", "k_captions", "i2t", "t2i",
     "rsum", "hit_i2t", "hit_t2i", "seconds"}]} of the two-stage protocol on encoded embeddings;
-    head: a GlobalHead for the first stage (None: the mean embeddings)."""
+    head: a GlobalHead for the first stage (None: the mean embeddings); progress: tqdm bars."""
     model.eval()
     device = torch.device(device)
     n_img, n_cap = len(region_embs), len(word_embs)
@@ -139,8 +141,9 @@ def evaluate_shortlists(model: IMRAM, region_embs: torch.Tensor, word_embs: torc
     for label, k_img, k_cap in shortlists:
         t0 = time.perf_counter()
         first = (img_g @ cap_g.T).numpy()
-        r_t2i, hit_t2i = two_stage_ranks(rerank_t2i, np.ascontiguousarray(first.T), gt_t2i, k_img)
-        r_i2t, hit_i2t = two_stage_ranks(rerank_i2t, first, gt_i2t, k_cap)
+        bar = (lambda direction: f"shortlist {label} {direction}") if progress else (lambda direction: None)
+        r_t2i, hit_t2i = two_stage_ranks(rerank_t2i, np.ascontiguousarray(first.T), gt_t2i, k_img, bar("t2i"))
+        r_i2t, hit_i2t = two_stage_ranks(rerank_i2t, first, gt_i2t, k_cap, bar("i2t"))
         seconds = time.perf_counter() - t0
         a, b = rank_metrics(r_i2t), rank_metrics(r_t2i)
         result["shortlists"].append({"shortlist": label, "k_images": k_img, "k_captions": k_cap, "i2t": list(a),
@@ -163,7 +166,7 @@ def run(model: IMRAM, dataset, device, spec: str, batch_size: int = 128, head=No
     sims = tiling.similarity_matrix(model, region_embs, word_embs, lengths, device, progress=True)
     exhaustive = {**metrics_from_sims(sims, layout), "seconds": time.perf_counter() - t0}
     result = {"exhaustive": exhaustive, **evaluate_shortlists(model, region_embs, word_embs, lengths, layout,
-                                                              shortlists, device, head),
+                                                              shortlists, device, head, progress=True),
               "first_stage_vectors": "global head" if head is not None else "mean embeddings",
               "global_head": head_path if head is not None else None,
               "n_images": len(region_embs), "n_captions": len(word_embs), "caps_per_image": cpi}
