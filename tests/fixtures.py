@@ -182,6 +182,37 @@ def assert_one_error_line(code, stdout, err, out_path, words):
     assert [p for p in os.listdir(out_path.parent) if p.startswith(".")] == []  # no temporaries
 
 
+def rehash(model_dir, name) -> None:
+    """Put the SHA-256 of MODEL_DIR/name back into the manifest (as an edit made on purpose would)."""
+    import json
+
+    from runtime.modeldir import sha256_file
+    path = os.path.join(model_dir, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["files"][name]["sha256"] = sha256_file(os.path.join(model_dir, name))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+
+
+def alter_array(model_dir, name, change) -> None:
+    """Apply ``change`` to array ``name`` of MODEL_DIR's conformance.bin in place and re-hash the file."""
+    import json
+
+    from runtime.check import DTYPES
+    with open(os.path.join(model_dir, "conformance.json"), encoding="utf-8") as f:
+        spec = json.load(f)["arrays"][name]
+    path = os.path.join(model_dir, "conformance.bin")
+    with open(path, "rb") as f:
+        blob = bytearray(f.read())
+    array = np.frombuffer(bytes(blob), DTYPES[spec["dtype"]], int(np.prod(spec["shape"])), spec["offset"]).copy()
+    change(array)
+    blob[spec["offset"]:spec["offset"] + array.nbytes] = array.tobytes()
+    with open(path, "wb") as f:
+        f.write(bytes(blob))
+    rehash(model_dir, "conformance.bin")
+
+
 def write_picture(path, size=(40, 30), mode="RGB", seed=0, **save_args):
     """A random picture of ``size`` (w, h) in ``mode``, saved with Pillow (format from the suffix)."""
     from PIL import Image

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fixtures import (assert_error_line, optional_graphs_model_dir, run_cli, tiny_checkpoint, tiny_data,  # noqa: F401
-                      tiny_model, tiny_model_dir)
+from fixtures import (alter_array, assert_error_line, optional_graphs_model_dir, rehash, run_cli,  # noqa: F401
+                      tiny_checkpoint, tiny_data, tiny_model, tiny_model_dir)
 
 from export import conformance
 from runtime import check
@@ -22,32 +22,10 @@ def read_json(path):
         return json.load(f)
 
 
-def rehash(model_dir, name):
-    """Put the SHA-256 of MODEL_DIR/name back into the manifest (as an edit made on purpose would)."""
-    path = os.path.join(model_dir, "manifest.json")
-    manifest = read_json(path)
-    manifest["files"][name]["sha256"] = sha256_file(os.path.join(model_dir, name))
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
-
-
 @pytest.fixture
 def model_copy(tiny_model_dir, tmp_path):
     """A copy of the tiny model folder that a test may alter."""
     return shutil.copytree(tiny_model_dir, tmp_path / "model")
-
-
-def alter_array(model_dir, name, change):
-    """Apply ``change`` to array ``name`` of conformance.bin in place and re-hash the file."""
-    doc = read_json(os.path.join(model_dir, "conformance.json"))
-    spec = doc["arrays"][name]
-    path = os.path.join(model_dir, "conformance.bin")
-    blob = bytearray(open(path, "rb").read())
-    array = np.frombuffer(bytes(blob), check.DTYPES[spec["dtype"]], int(np.prod(spec["shape"])), spec["offset"]).copy()
-    change(array)
-    blob[spec["offset"]:spec["offset"] + array.nbytes] = array.tobytes()
-    open(path, "wb").write(bytes(blob))
-    rehash(model_dir, "conformance.bin")
 
 
 def alter_document(model_dir, change):

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import (IMG_DIM, ROOT, optional_graphs_model_dir, run_cli, tiny_checkpoint, tiny_data,  # noqa: F401
-                      tiny_model_dir)
+from fixtures import (IMG_DIM, ROOT, alter_array, optional_graphs_model_dir, run_cli, tiny_checkpoint,  # noqa: F401
+                      tiny_data, tiny_model_dir)
 from runtime.inputs import MAX_WORDS, read_captions
 from runtime.score import main as score_main, print_rankings
 from runtime.scorer import Scorer
@@ -224,14 +224,7 @@ def test_check_passes_every_stage_as_runtime_check_does(tiny_model_dir, capsys):
 
 def test_check_fails_a_stage_whose_vectors_disagree(tiny_model_dir, tmp_path):  # noqa: F811
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
-    doc = json.loads((model / "conformance.json").read_text(encoding="utf-8"))
-    offset = doc["arrays"]["sims"]["offset"]
-    blob = bytearray((model / "conformance.bin").read_bytes())
-    blob[offset:offset + 4] = (np.frombuffer(blob[offset:offset + 4], "<f4") + 1).astype("<f4").tobytes()
-    (model / "conformance.bin").write_bytes(blob)  # one expected score off by 1, and the manifest updated to match
-    manifest = json.loads((model / "manifest.json").read_text())
-    manifest["files"]["conformance.bin"]["sha256"] = hashlib.sha256(blob).hexdigest()
-    (model / "manifest.json").write_text(json.dumps(manifest))
+    alter_array(model, "sims", lambda a: a.__setitem__(0, a[0] + 1))  # one expected score off by 1, manifest re-hashed
     result = node("check.js", model)
     assert result.returncode == 2
     failed = [line for line in result.stdout.splitlines() if line[20:26].strip() == "FAIL"]
@@ -271,14 +264,7 @@ def test_check_runs_the_global_head_stages_and_skips_the_picture_stage(optional_
 def test_check_fails_exactly_a_global_head_stage_whose_vector_disagrees(optional_graphs_model_dir,  # noqa: F811
                                                                         tmp_path, array, label):
     model = Path(shutil.copytree(optional_graphs_model_dir, tmp_path / "model"))
-    doc = json.loads((model / "conformance.json").read_text(encoding="utf-8"))
-    offset = doc["arrays"][array]["offset"]
-    blob = bytearray((model / "conformance.bin").read_bytes())
-    blob[offset:offset + 4] = (np.frombuffer(blob[offset:offset + 4], "<f4") + 1e-2).astype("<f4").tobytes()
-    (model / "conformance.bin").write_bytes(blob)  # one expected value off by 1e-2, the manifest updated to match
-    manifest = json.loads((model / "manifest.json").read_text())
-    manifest["files"]["conformance.bin"]["sha256"] = hashlib.sha256(blob).hexdigest()
-    (model / "manifest.json").write_text(json.dumps(manifest))
+    alter_array(model, array, lambda a: a.__setitem__(0, a[0] + np.float32(1e-2)))  # one value off by 1e-2, re-hashed
     result = node("check.js", model)
     assert result.returncode == 2
     failed = [line for line in result.stdout.splitlines() if line[20:26].strip() == "FAIL"]
