@@ -28,7 +28,7 @@ import time
 from runtime import cli
 
 from .conformance import FILES as CONFORMANCE_FILES
-from .global_head import GLOBAL_FILES, add_global_head, choose_global_head
+from .global_head import GLOBAL_FILES, add_global_head
 from .graphs import DEFAULT_MATCHER, MATCHER_FORMS
 from .onnx_export import (DEFAULT_OPSET, FEATURE_EXTRACTOR, FEATURE_EXTRACTOR_FILE, FILES, MANIFEST_FILE, MAX_OPSET,
                           MIN_OPSET, PROJECTION_FILES, VOCAB_FILE, ExportError, ExportSettingsError, export_checkpoint)
@@ -85,7 +85,7 @@ def _main(argv: list[str] | None) -> int:
         raise cli.UserError(f"{args.checkpoint}: no such checkpoint file")
     written = [*FILES.values(), *PROJECTION_FILES.values(), FEATURE_EXTRACTOR_FILE, VOCAB_FILE, MANIFEST_FILE,
                *GLOBAL_FILES.values(), *CONFORMANCE_FILES]
-    from imram_min.search.global_head import default_head_path
+    from imram_min.search.global_head import choose_head, default_head_path
     cli.check_outputs_distinct([("--out", os.path.join(args.out, name)) for name in written],
                                [args.checkpoint, args.global_head, default_head_path(args.checkpoint)])
     cli.check_output_folder(args.out, "--out", overwrite=args.overwrite, outputs=written)  # after: an input first
@@ -97,8 +97,9 @@ def _main(argv: list[str] | None) -> int:
         message = str(e)
         raise CheckpointError(message if message.startswith(args.checkpoint) else f"{args.checkpoint}: {message}") \
             from None
-    head, head_path, head_said, head_warnings = choose_global_head(args.checkpoint, args.global_head,
-                                                                   args.no_global_head, model.cfg.embed_size)
+    head, head_path, head_said, head_warnings = choose_head(
+        args.checkpoint, args.global_head, args.no_global_head, model.cfg.embed_size,
+        without="runtime.index's first stage will be the mean embeddings")
     for warning in head_warnings:
         print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()

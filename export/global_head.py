@@ -4,9 +4,8 @@
     python -m export RUN/best.pt --out MODEL_DIR --global-head HEAD.pt   # this head
     python -m export RUN/best.pt --out MODEL_DIR --no-global-head        # none: the mean embeddings
 
-Which head export includes (``choose_global_head``): the rule of
-imram_min.search.global_head.choose_head, which ``python -m imram_min.evaluate --shortlist`` follows
-too: the one named by --global-head; else, unless --no-global-head, the head beside the checkpoint
+Which head export includes: the rule of imram_min.search.global_head.choose_head, which
+``python -m imram_min.evaluate --shortlist`` follows too: the one named by --global-head; else, unless --no-global-head, the head beside the checkpoint
 (RUN/global_head.pt, where ``python -m imram_min.search.global_head`` writes it and scripts/run.sh
 makes it) when the checkpoint's SHA-256 is the one it was distilled from (a head of another
 checkpoint is left out, with a warning: it would shortlist from embeddings it was not trained on);
@@ -60,16 +59,6 @@ class TextGlobalGraph(nn.Module):
 
     def forward(self, word_embs, lengths):
         return self.head(word_embs, lengths)
-
-
-def choose_global_head(checkpoint: str, given: str | None = None, disabled: bool = False,
-                       embed_size: int | None = None):
-    """The head ``python -m export`` includes: (GlobalHead or None, its path or None, what was done in
-    words, warnings), by the one rule of imram_min.search.global_head.choose_head (--global-head,
-    --no-global-head, else the head beside the checkpoint if distilled from it)."""
-    from imram_min.search.global_head import choose_head
-    return choose_head(checkpoint, given, disabled, embed_size,
-                       without="runtime.index's first stage will be the mean embeddings")
 
 
 def global_signatures(embed_size: int, out_size: int) -> dict:
