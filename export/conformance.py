@@ -389,8 +389,10 @@ def pack_arrays(arrays: dict) -> tuple[bytes, dict]:
     return bytes(blob), index
 
 
-def stages(arrays: dict, graphs: list[str], matcher_inputs: list[str]) -> list[dict]:
-    """The STAGES of conformance.json in order (see docs/deploy.md), each float stage with its tolerance."""
+def stages(arrays: dict, graphs: dict) -> list[dict]:
+    """The STAGES of conformance.json in order (see docs/deploy.md), each float stage with its tolerance;
+    graphs: the folder's graph signatures, as in the manifest (the matcher's inputs name its stage's)."""
+    matcher_inputs = [i["name"] for i in graphs["matcher"]["inputs"]]
     def graph_stage(name, graph, inputs):
         return {"name": name, "label": LABELS[name], "kind": "graph", "graph": graph, "inputs": inputs,
                 "output": name, "tolerance": tolerance(name, arrays[name])}
@@ -420,12 +422,12 @@ def document_version(stage_list: list[dict]) -> int:
 
 
 def write_conformance(model, vocab: Vocabulary, folder: str, signatures: dict, seed: int = SEED,
-                      feature_extractor=None, global_head=None) -> list[str]:
+                      feature_extractor=None) -> list[str]:
     """Write conformance.json and conformance.bin into ``folder`` (a model folder being written: its
     tokenizer.json, if any, already there); ``signatures``: the graphs' signatures as in the manifest.
     feature_extractor: the module of the folder's feature_extractor.onnx (its stage is added when the
-    signatures list that graph); global_head: the GlobalHead of its image_global / text_global graphs
-    (likewise). Returns the file names written."""
+    signatures list that graph; the global head's stages are added afterwards, by
+    ``add_global_head_vectors``). Returns the file names written."""
     tokenize, tokenizer_info = load_tokenizer(folder)
     entries = []
     for source, caption in conformance_captions(vocab, seed):
@@ -437,9 +439,7 @@ def write_conformance(model, vocab: Vocabulary, folder: str, signatures: dict, s
     arrays = reference_arrays(model, entries, embedding_captions, score_captions, projections, seed)
     if feature_extractor is not None and "feature_extractor" in signatures:
         arrays.update(picture_arrays(feature_extractor, seed))
-    if global_head is not None and "image_global" in signatures:
-        arrays.update(global_head_arrays(global_head, arrays))
-    stage_list = stages(arrays, list(signatures), [i["name"] for i in signatures["matcher"]["inputs"]])
+    stage_list = stages(arrays, signatures)
     blob, index = pack_arrays(arrays)
     document = {
         "format": FORMAT, "format_version": document_version(stage_list), "data": DATA_FILE,
@@ -522,8 +522,7 @@ def add_global_head_vectors(model_dir: str, head, verify: bool = True) -> dict:
     document, arrays = load_vectors(model_dir, manifest)
     arrays = {name: array for name, array in arrays.items() if name not in GLOBAL_ARRAYS}
     arrays.update(global_head_arrays(head, arrays))
-    graphs = manifest["graphs"]
-    document["stages"] = stages(arrays, list(graphs), [i["name"] for i in graphs["matcher"]["inputs"]])
+    document["stages"] = stages(arrays, manifest["graphs"])
     document["format_version"] = document_version(document["stages"])
     blob, document["arrays"] = pack_arrays(arrays)
     atomic.write_bytes(os.path.join(model_dir, DATA_FILE), blob)
